@@ -1,1 +1,48 @@
-int main() { return 0; }
+// kvgate: one binary, many roles. See `kvgate --help`.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: kvgate <command> [options]
+
+kvgate serves long-context LLM requests with compressed KV caches.
+
+commands:
+  generate   generate a completion for a prompt on this machine (CPU engine)
+  tokenize   print the token ids of a text as a JSON array
+  bench      benchmarks: 'kvgate bench engine' measures prefill and decode speed
+             against llama.cpp on the same model and machine
+
+Run 'kvgate <command> --help' for the options of a command.
+)";
+
+}  // namespace
+
+namespace kvgate::cli {
+void print_error(const std::string& message) {
+  std::fprintf(stderr, "kvgate: error: %s\n", message.c_str());
+}
+}  // namespace kvgate::cli
+
+int main(int argc, char** argv) {
+  using namespace kvgate::cli;
+  if (argc < 2) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  std::vector<std::string> args(argv + 2, argv + argc);
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (cmd == "generate") return run_generate(args);
+  if (cmd == "tokenize") return run_tokenize(args);
+  if (cmd == "bench") return run_bench(args);
+  print_error("unknown command '" + cmd + "' (see 'kvgate --help')");
+  return 2;
+}

@@ -1,1 +1,362 @@
-// placeholder: replaced by the real implementation
+#include "engine/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "engine/cpu/ops.h"
+#include "engine/cpu/quant.h"
+
+namespace kvgate::engine {
+
+namespace {
+
+Result<int64_t> required_int(const GgufFile& f, const std::string& key) {
+  auto v = f.get_uint(key);
+  if (!v.ok()) return v.status();
+  if (*v == 0 || *v > (1u << 30)) {
+    return invalid_argument("metadata key '" + key + "' = " + std::to_string(*v) + " is out of range");
+  }
+  return static_cast<int64_t>(*v);
+}
+
+}  // namespace
+
+Result<LlamaConfig> LlamaConfig::from_gguf(const GgufFile& f) {
+  LlamaConfig c;
+  KVGATE_ASSIGN_OR_RETURN(std::string_view arch, f.get_string("general.architecture"));
+  c.architecture = std::string(arch);
+  if (c.architecture != "llama") {
+    return unimplemented("unsupported model architecture '" + c.architecture +
+                         "' (supported: llama)");
+  }
+  const std::string p = c.architecture + ".";
+  KVGATE_ASSIGN_OR_RETURN(c.n_layers, required_int(f, p + "block_count"));
+  KVGATE_ASSIGN_OR_RETURN(c.n_embd, required_int(f, p + "embedding_length"));
+  KVGATE_ASSIGN_OR_RETURN(c.n_ff, required_int(f, p + "feed_forward_length"));
+  KVGATE_ASSIGN_OR_RETURN(c.n_heads, required_int(f, p + "attention.head_count"));
+  c.n_kv_heads = c.n_heads;
+  if (f.has(p + "attention.head_count_kv")) {
+    KVGATE_ASSIGN_OR_RETURN(c.n_kv_heads, required_int(f, p + "attention.head_count_kv"));
+  }
+  if (c.n_embd % c.n_heads != 0) {
+    return invalid_argument(p + "embedding_length is not a multiple of attention.head_count");
+  }
+  if (c.n_heads % c.n_kv_heads != 0) {
+    return invalid_argument(p + "attention.head_count is not a multiple of head_count_kv");
+  }
+  c.head_dim = c.n_embd / c.n_heads;
+  if (c.head_dim % 2 != 0) return invalid_argument("head dimension must be even for RoPE");
+  if (f.has(p + "rope.dimension_count")) {
+    KVGATE_ASSIGN_OR_RETURN(int64_t rope_dims, required_int(f, p + "rope.dimension_count"));
+    if (rope_dims != c.head_dim) {
+      return unimplemented("partial RoPE (" + p + "rope.dimension_count = " +
+                           std::to_string(rope_dims) + " != head dim) is not supported");
+    }
+  }
+  c.n_ctx_train = 2048;
+  if (f.has(p + "context_length")) {
+    KVGATE_ASSIGN_OR_RETURN(c.n_ctx_train, required_int(f, p + "context_length"));
+  }
+  if (f.has(p + "rope.freq_base")) {
+    KVGATE_ASSIGN_OR_RETURN(double base, f.get_float(p + "rope.freq_base"));
+    if (!(base > 1.0) || !std::isfinite(base)) {
+      return invalid_argument("metadata key '" + p + "rope.freq_base' must be > 1");
+    }
+    c.rope_freq_base = static_cast<float>(base);
+  }
+  if (f.has(p + "attention.layer_norm_rms_epsilon")) {
+    KVGATE_ASSIGN_OR_RETURN(double eps, f.get_float(p + "attention.layer_norm_rms_epsilon"));
+    if (!(eps > 0.0 && eps < 1.0)) {
+      return invalid_argument("metadata key '" + p + "attention.layer_norm_rms_epsilon' out of range");
+    }
+    c.rms_eps = static_cast<float>(eps);
+  }
+  if (f.has(p + "vocab_size")) {
+    KVGATE_ASSIGN_OR_RETURN(c.n_vocab, required_int(f, p + "vocab_size"));
+  } else {
+    KVGATE_ASSIGN_OR_RETURN(auto tokens, f.get_string_array("tokenizer.ggml.tokens"));
+    c.n_vocab = static_cast<int64_t>(tokens.size());
+  }
+  return c;
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::load(const std::string& path) {
+  KVGATE_ASSIGN_OR_RETURN(GgufFile file, GgufFile::open(path));
+  return from_gguf(std::move(file));
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::from_gguf(GgufFile file) {
+  std::unique_ptr<LlamaModel> m(new LlamaModel(std::move(file)));
+  KVGATE_RETURN_IF_ERROR(m->bind());
+  return m;
+}
+
+Result<cpu::WeightView> LlamaModel::matrix(const std::string& name, int64_t cols,
+                                           int64_t rows) const {
+  const GgufTensorInfo* t = file_.find_tensor(name);
+  if (t == nullptr) return not_found("model tensor '" + name + "' missing");
+  if (t->dims.size() != 2 || t->dims[0] != cols || t->dims[1] != rows) {
+    std::string got;
+    for (auto d : t->dims) got += (got.empty() ? "" : ",") + std::to_string(d);
+    return invalid_argument("model tensor '" + name + "' has shape {" + got + "}, expected {" +
+                            std::to_string(cols) + "," + std::to_string(rows) + "}");
+  }
+  switch (t->type) {
+    case GgmlType::kF32:
+    case GgmlType::kF16:
+    case GgmlType::kBF16:
+    case GgmlType::kQ4_0:
+    case GgmlType::kQ4_1:
+    case GgmlType::kQ8_0:
+      break;
+    default: {
+      auto traits = ggml_type_traits(static_cast<uint32_t>(t->type));
+      return unimplemented("model tensor '" + name + "' has type " +
+                           std::string(traits ? traits->name : "unknown") +
+                           ", which the CPU backend does not support yet");
+    }
+  }
+  return cpu::WeightView{t->type, t->data, rows, cols};
+}
+
+Result<const float*> LlamaModel::vector_f32(const std::string& name, int64_t n) {
+  const GgufTensorInfo* t = file_.find_tensor(name);
+  if (t == nullptr) return not_found("model tensor '" + name + "' missing");
+  if (t->dims.size() != 1 || t->dims[0] != n) {
+    return invalid_argument("model tensor '" + name + "' must be a vector of " +
+                            std::to_string(n) + " elements");
+  }
+  if (t->type == GgmlType::kF32) return reinterpret_cast<const float*>(t->data);
+  if (t->type != GgmlType::kF16 && t->type != GgmlType::kBF16) {
+    return unimplemented("model tensor '" + name + "' must be F32, F16 or BF16");
+  }
+  auto buf = std::make_unique<float[]>(n);
+  cpu::dequantize_row(t->type, t->data, buf.get(), n);
+  owned_.push_back(std::move(buf));
+  return owned_.back().get();
+}
+
+Status LlamaModel::bind() {
+  KVGATE_ASSIGN_OR_RETURN(config_, LlamaConfig::from_gguf(file_));
+  const LlamaConfig& c = config_;
+  KVGATE_ASSIGN_OR_RETURN(token_embd_, matrix("token_embd.weight", c.n_embd, c.n_vocab));
+  if (file_.find_tensor("output.weight") != nullptr) {
+    KVGATE_ASSIGN_OR_RETURN(output_, matrix("output.weight", c.n_embd, c.n_vocab));
+  } else {
+    output_ = token_embd_;  // tied embeddings
+  }
+  KVGATE_ASSIGN_OR_RETURN(output_norm_, vector_f32("output_norm.weight", c.n_embd));
+  layers_.resize(c.n_layers);
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const std::string b = "blk." + std::to_string(i) + ".";
+    LayerWeights& l = layers_[i];
+    KVGATE_ASSIGN_OR_RETURN(l.attn_norm, vector_f32(b + "attn_norm.weight", c.n_embd));
+    KVGATE_ASSIGN_OR_RETURN(l.ffn_norm, vector_f32(b + "ffn_norm.weight", c.n_embd));
+    KVGATE_ASSIGN_OR_RETURN(l.wq, matrix(b + "attn_q.weight", c.n_embd, c.q_dim()));
+    KVGATE_ASSIGN_OR_RETURN(l.wk, matrix(b + "attn_k.weight", c.n_embd, c.kv_dim()));
+    KVGATE_ASSIGN_OR_RETURN(l.wv, matrix(b + "attn_v.weight", c.n_embd, c.kv_dim()));
+    KVGATE_ASSIGN_OR_RETURN(l.wo, matrix(b + "attn_output.weight", c.q_dim(), c.n_embd));
+    KVGATE_ASSIGN_OR_RETURN(l.w_gate, matrix(b + "ffn_gate.weight", c.n_embd, c.n_ff));
+    KVGATE_ASSIGN_OR_RETURN(l.w_up, matrix(b + "ffn_up.weight", c.n_embd, c.n_ff));
+    KVGATE_ASSIGN_OR_RETURN(l.w_down, matrix(b + "ffn_down.weight", c.n_ff, c.n_embd));
+  }
+  return Status();
+}
+
+KvCache::KvCache(const LlamaConfig& c, int64_t capacity_tokens)
+    : n_layers_(c.n_layers),
+      n_kv_heads_(c.n_kv_heads),
+      head_dim_(c.head_dim),
+      capacity_(capacity_tokens),
+      data_(static_cast<size_t>(c.n_layers * 2 * c.n_kv_heads * capacity_tokens * c.head_dim)) {}
+
+int64_t KvCache::used_bytes() const {
+  return n_layers_ * 2 * n_kv_heads_ * n_tokens_ * head_dim_ * static_cast<int64_t>(sizeof(fp16_t));
+}
+
+const fp16_t* KvCache::k(int64_t layer, int64_t kv_head) const {
+  return data_.data() + (((layer * 2 + 0) * n_kv_heads_ + kv_head) * capacity_) * head_dim_;
+}
+const fp16_t* KvCache::v(int64_t layer, int64_t kv_head) const {
+  return data_.data() + (((layer * 2 + 1) * n_kv_heads_ + kv_head) * capacity_) * head_dim_;
+}
+
+CpuForward::CpuForward(const LlamaModel& model, const ForwardOptions& options)
+    : model_(model), options_(options), pool_(options.n_threads) {
+  options_.max_batch_tokens = std::max<int64_t>(1, options_.max_batch_tokens);
+}
+
+void CpuForward::ensure_scratch(int64_t n_tokens, int64_t max_context) {
+  const LlamaConfig& c = model_.config();
+  const size_t rows = static_cast<size_t>(std::max(n_tokens, options_.max_batch_tokens));
+  if (x_.size() < rows * c.n_embd) {
+    x_.resize(rows * c.n_embd);
+    xn_.resize(rows * c.n_embd);
+    q_.resize(rows * c.q_dim());
+    k_.resize(rows * c.kv_dim());
+    v_.resize(rows * c.kv_dim());
+    attn_.resize(rows * c.q_dim());
+    gate_.resize(rows * c.n_ff);
+    up_.resize(rows * c.n_ff);
+    row_pos_.resize(rows);
+    row_item_.resize(rows);
+  }
+  if (max_context > scratch_context_) {
+    scratch_context_ = max_context;
+    scores_.resize(static_cast<size_t>(pool_.size()) * max_context);
+  }
+}
+
+Status CpuForward::forward(std::span<const BatchItem> items, float* logits_out) {
+  const LlamaConfig& c = model_.config();
+  const cpu::Isa isa = options_.isa;
+  int64_t n = 0;
+  int64_t max_context = 0;
+  int64_t n_logits = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const BatchItem& it = items[i];
+    if (it.cache == nullptr) return invalid_argument("batch item " + std::to_string(i) + " has no cache");
+    if (it.tokens.empty()) return invalid_argument("batch item " + std::to_string(i) + " has no tokens");
+    const int64_t end = it.cache->n_tokens() + static_cast<int64_t>(it.tokens.size());
+    if (end > it.cache->capacity()) {
+      return out_of_range("sequence of " + std::to_string(end) + " tokens exceeds its KV cache of " +
+                          std::to_string(it.cache->capacity()) + " tokens");
+    }
+    for (int32_t t : it.tokens) {
+      if (t < 0 || t >= c.n_vocab) {
+        return invalid_argument("token id " + std::to_string(t) + " outside the vocabulary [0, " +
+                                std::to_string(c.n_vocab) + ")");
+      }
+    }
+    n += static_cast<int64_t>(it.tokens.size());
+    max_context = std::max(max_context, end);
+    n_logits += it.want_logits ? 1 : 0;
+  }
+  if (n == 0) return Status();
+  if (n > options_.max_batch_tokens) {
+    return invalid_argument("forward step of " + std::to_string(n) + " tokens exceeds max_batch_tokens " +
+                            std::to_string(options_.max_batch_tokens));
+  }
+  ensure_scratch(n, max_context);
+
+  // Embeddings and the position of every row.
+  int64_t row = 0;
+  const auto& emb = model_.token_embd();
+  const uint64_t emb_row_bytes = *ggml_row_bytes(emb.type, c.n_embd);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const int64_t base = items[i].cache->n_tokens();
+    for (size_t j = 0; j < items[i].tokens.size(); ++j, ++row) {
+      const auto* src = static_cast<const uint8_t*>(emb.data) + emb_row_bytes * items[i].tokens[j];
+      cpu::dequantize_row(emb.type, src, x_.data() + row * c.n_embd, c.n_embd);
+      row_pos_[row] = base + static_cast<int64_t>(j);
+      row_item_[row] = static_cast<int32_t>(i);
+    }
+  }
+
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& w = model_.layers()[l];
+    for (int64_t r = 0; r < n; ++r) {
+      cpu::rms_norm(x_.data() + r * c.n_embd, w.attn_norm, xn_.data() + r * c.n_embd, c.n_embd,
+                    c.rms_eps, isa);
+    }
+    cpu::matmul(w.wq, xn_.data(), n, q_.data(), pool_, ws_, isa);
+    cpu::matmul(w.wk, xn_.data(), n, k_.data(), pool_, ws_, isa);
+    cpu::matmul(w.wv, xn_.data(), n, v_.data(), pool_, ws_, isa);
+    for (int64_t r = 0; r < n; ++r) {
+      float* q = q_.data() + r * c.q_dim();
+      float* k = k_.data() + r * c.kv_dim();
+      cpu::rope_norm(q, c.n_heads, c.head_dim, row_pos_[r], c.rope_freq_base, isa);
+      cpu::rope_norm(k, c.n_kv_heads, c.head_dim, row_pos_[r], c.rope_freq_base, isa);
+      // The query meets fp16 keys; llama.cpp rounds it to fp16 for that dot
+      // product, and so do we (the products are then exact in fp32).
+      for (int64_t e = 0; e < c.q_dim(); ++e) q[e] = fp16_to_fp32(fp32_to_fp16(q[e]));
+      KvCache* cache = items[row_item_[r]].cache;
+      for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+        cpu::convert_f32_to_f16(k + h * c.head_dim, cache->k(l, h) + row_pos_[r] * c.head_dim,
+                                c.head_dim, isa);
+        cpu::convert_f32_to_f16(v_.data() + r * c.kv_dim() + h * c.head_dim,
+                                cache->v(l, h) + row_pos_[r] * c.head_dim, c.head_dim, isa);
+      }
+    }
+    attention(l, items, n);
+    cpu::matmul(w.wo, attn_.data(), n, xn_.data(), pool_, ws_, isa);
+    cpu::add_inplace(x_.data(), xn_.data(), n * c.n_embd, isa);
+
+    for (int64_t r = 0; r < n; ++r) {
+      cpu::rms_norm(x_.data() + r * c.n_embd, w.ffn_norm, xn_.data() + r * c.n_embd, c.n_embd,
+                    c.rms_eps, isa);
+    }
+    cpu::matmul(w.w_gate, xn_.data(), n, gate_.data(), pool_, ws_, isa);
+    cpu::matmul(w.w_up, xn_.data(), n, up_.data(), pool_, ws_, isa);
+    cpu::swiglu(gate_.data(), up_.data(), gate_.data(), n * c.n_ff, isa);
+    cpu::matmul(w.w_down, gate_.data(), n, xn_.data(), pool_, ws_, isa);
+    cpu::add_inplace(x_.data(), xn_.data(), n * c.n_embd, isa);
+  }
+
+  for (const BatchItem& it : items) {
+    it.cache->set_n_tokens(it.cache->n_tokens() + static_cast<int64_t>(it.tokens.size()));
+  }
+  if (n_logits == 0) return Status();
+  // Final norm of the last row of each item that wants logits, then the
+  // vocabulary projection for just those rows.
+  row = 0;
+  int64_t out_row = 0;
+  for (const BatchItem& it : items) {
+    row += static_cast<int64_t>(it.tokens.size());
+    if (!it.want_logits) continue;
+    cpu::rms_norm(x_.data() + (row - 1) * c.n_embd, model_.output_norm(),
+                  xn_.data() + out_row * c.n_embd, c.n_embd, c.rms_eps, isa);
+    ++out_row;
+  }
+  cpu::matmul(model_.output(), xn_.data(), n_logits, logits_out, pool_, ws_, isa);
+  return Status();
+}
+
+void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int64_t n) {
+  const LlamaConfig& c = model_.config();
+  const cpu::Isa isa = options_.isa;
+  const int64_t group = c.n_heads / c.n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const int64_t n_pairs = n * c.n_heads;
+  const int64_t ctx_stride = scratch_context_;
+  pool_.run([&](int tid, int nth) {
+    float* scores = scores_.data() + tid * ctx_stride;
+    // Interleaved assignment balances rows of different context lengths.
+    for (int64_t pair = tid; pair < n_pairs; pair += nth) {
+      const int64_t r = pair / c.n_heads;
+      const int64_t h = pair % c.n_heads;
+      const int64_t kvh = h / group;
+      const KvCache* cache = items[row_item_[r]].cache;
+      const int64_t len = row_pos_[r] + 1;  // causal: keys 0..pos
+      const float* q = q_.data() + r * c.q_dim() + h * c.head_dim;
+      const fp16_t* keys = cache->k(layer, kvh);
+      const fp16_t* vals = cache->v(layer, kvh);
+      for (int64_t j = 0; j < len; ++j) {
+        scores[j] = cpu::dot_f16_f32(keys + j * c.head_dim, q, c.head_dim, isa) * scale;
+      }
+      cpu::softmax_inplace(scores, len, isa);
+      float* out = attn_.data() + r * c.q_dim() + h * c.head_dim;
+      std::fill(out, out + c.head_dim, 0.0f);
+      for (int64_t j = 0; j < len; ++j) {
+        // Probabilities meet fp16 values: rounded to fp16 as llama.cpp does.
+        const float p = fp16_to_fp32(fp32_to_fp16(scores[j]));
+        cpu::axpy_f16(p, vals + j * c.head_dim, out, c.head_dim, isa);
+      }
+    }
+  });
+}
+
+Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out) {
+  if (tokens.empty()) return invalid_argument("prompt is empty");
+  const int64_t chunk = options_.max_batch_tokens;
+  for (size_t start = 0; start < tokens.size(); start += chunk) {
+    const size_t len = std::min<size_t>(chunk, tokens.size() - start);
+    const bool last = start + len == tokens.size();
+    BatchItem item{&cache, tokens.subspan(start, len), last};
+    KVGATE_RETURN_IF_ERROR(forward(std::span<const BatchItem>(&item, 1), last ? logits_out : nullptr));
+  }
+  return Status();
+}
+
+}  // namespace kvgate::engine

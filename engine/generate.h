@@ -1,0 +1,43 @@
+// Single-sequence text generation on top of CpuForward: prefill, then decode
+// with sampling, stop strings, EOS and a token limit. Used by
+// `kvgate generate` and by the reference tests.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "engine/tokenizer.h"
+
+namespace kvgate::engine {
+
+struct GenerateOptions {
+  int32_t max_tokens = 128;
+  SamplingParams sampling;
+  bool ignore_eos = false;
+  std::vector<std::string> stop;  // stop strings; not included in the text
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;   // generated ids (a stop string's tokens included)
+  std::string text;              // completion text (cut before a stop string)
+  int64_t prompt_tokens = 0;
+  std::string finish_reason;     // "stop" (EOS or stop string) or "length"
+  double prefill_seconds = 0.0;
+  double decode_seconds = 0.0;   // time for tokens after the first
+  int64_t kv_cache_bytes = 0;    // bytes of the dense KV cache used
+};
+
+// Streams text as it becomes safe to emit (complete UTF-8, not a possible
+// stop-string prefix). `on_text` may be empty.
+Result<GenerateResult> generate(CpuForward& forward, const Tokenizer& tokenizer,
+                                std::span<const int32_t> prompt, const GenerateOptions& options,
+                                const std::function<void(std::string_view)>& on_text = {});
+
+}  // namespace kvgate::engine

@@ -1,0 +1,156 @@
+// Llama-family decoder on the CPU backend: weights read in place from the
+// GGUF mapping, a dense per-sequence KV cache, and a forward pass that runs
+// chunked prefill and batched decode of several sequences in one step.
+//
+// Threads: a LlamaModel is immutable after load and may be shared. A
+// CpuForward owns its scratch buffers and thread pool and is driven by one
+// thread (the engine loop); forward() blocks until the step is done.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/cpu/isa.h"
+#include "engine/cpu/matmul.h"
+#include "engine/cpu/thread_pool.h"
+#include "engine/ggml_types.h"
+#include "engine/gguf.h"
+
+namespace kvgate::engine {
+
+struct LlamaConfig {
+  std::string architecture;
+  int64_t n_layers = 0;
+  int64_t n_embd = 0;
+  int64_t n_ff = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t n_vocab = 0;
+  int64_t n_ctx_train = 0;
+  float rope_freq_base = 10000.0f;
+  float rms_eps = 1e-5f;
+
+  // Reads and checks the hyper-parameters; UNIMPLEMENTED for an
+  // architecture other than llama, INVALID_ARGUMENT naming a bad key.
+  static Result<LlamaConfig> from_gguf(const GgufFile& file);
+  int64_t q_dim() const { return n_heads * head_dim; }
+  int64_t kv_dim() const { return n_kv_heads * head_dim; }
+};
+
+struct LayerWeights {
+  const float* attn_norm = nullptr;
+  const float* ffn_norm = nullptr;
+  cpu::WeightView wq, wk, wv, wo;
+  cpu::WeightView w_gate, w_up, w_down;
+};
+
+class LlamaModel {
+ public:
+  // Maps the file and binds every tensor; the error names a missing tensor,
+  // a wrong shape or an unsupported type.
+  static Result<std::unique_ptr<LlamaModel>> load(const std::string& path);
+  static Result<std::unique_ptr<LlamaModel>> from_gguf(GgufFile file);
+
+  const LlamaConfig& config() const { return config_; }
+  const GgufFile& gguf() const { return file_; }
+  const std::vector<LayerWeights>& layers() const { return layers_; }
+  const cpu::WeightView& token_embd() const { return token_embd_; }
+  const cpu::WeightView& output() const { return output_; }  // tied to token_embd when absent
+  const float* output_norm() const { return output_norm_; }
+  // Bytes of one token's K+V across all layers in the dense fp16 cache.
+  int64_t kv_bytes_per_token() const { return 2 * config_.n_layers * config_.kv_dim() * 2; }
+
+ private:
+  explicit LlamaModel(GgufFile file) : file_(std::move(file)) {}
+  Status bind();
+  Result<cpu::WeightView> matrix(const std::string& name, int64_t cols, int64_t rows) const;
+  Result<const float*> vector_f32(const std::string& name, int64_t n);
+
+  GgufFile file_;
+  LlamaConfig config_;
+  std::vector<LayerWeights> layers_;
+  cpu::WeightView token_embd_;
+  cpu::WeightView output_;
+  const float* output_norm_ = nullptr;
+  std::vector<std::unique_ptr<float[]>> owned_;  // norms stored as F16/BF16 in the file, widened
+};
+
+// Dense KV cache of one sequence: per layer and KV head, `capacity` rows of
+// head_dim fp16 keys (after RoPE) and values. Positions are token indices.
+class KvCache {
+ public:
+  KvCache(const LlamaConfig& config, int64_t capacity_tokens);
+  int64_t capacity() const { return capacity_; }
+  int64_t n_tokens() const { return n_tokens_; }
+  void set_n_tokens(int64_t n) { n_tokens_ = n; }
+  int64_t bytes() const { return static_cast<int64_t>(data_.size() * sizeof(fp16_t)); }
+  // Bytes holding n_tokens() tokens (what a dense cache of this length needs).
+  int64_t used_bytes() const;
+  fp16_t* k(int64_t layer, int64_t kv_head) { return base(layer, kv_head, 0); }
+  fp16_t* v(int64_t layer, int64_t kv_head) { return base(layer, kv_head, 1); }
+  const fp16_t* k(int64_t layer, int64_t kv_head) const;
+  const fp16_t* v(int64_t layer, int64_t kv_head) const;
+
+ private:
+  fp16_t* base(int64_t layer, int64_t kv_head, int kind) {
+    return data_.data() + (((layer * 2 + kind) * n_kv_heads_ + kv_head) * capacity_) * head_dim_;
+  }
+  int64_t n_layers_, n_kv_heads_, head_dim_, capacity_;
+  int64_t n_tokens_ = 0;
+  std::vector<fp16_t> data_;
+};
+
+// One sequence's share of a forward step: its new tokens are appended at
+// cache->n_tokens(). If want_logits, the next-token logits of its last token
+// are written to the next row of the logits output.
+struct BatchItem {
+  KvCache* cache = nullptr;
+  std::span<const int32_t> tokens;
+  bool want_logits = true;
+};
+
+struct ForwardOptions {
+  int n_threads = 0;               // 0 = all cores
+  cpu::Isa isa = cpu::best_isa();  // kScalar is the reference mode
+  int64_t max_batch_tokens = 512;  // tokens per forward step (prefill chunk)
+};
+
+class CpuForward {
+ public:
+  CpuForward(const LlamaModel& model, const ForwardOptions& options);
+
+  // One step over several sequences of different lengths. Total tokens must
+  // be <= max_batch_tokens; each cache must have room. logits_out receives
+  // one row of n_vocab floats per item with want_logits, in item order.
+  Status forward(std::span<const BatchItem> items, float* logits_out);
+
+  // Prefill of one sequence in chunks of max_batch_tokens; logits of the
+  // last prompt token go to logits_out (n_vocab floats).
+  Status prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out);
+
+  const LlamaModel& model() const { return model_; }
+  const ForwardOptions& options() const { return options_; }
+  int n_threads() const { return pool_.size(); }
+
+ private:
+  void ensure_scratch(int64_t n_tokens, int64_t max_context);
+  void attention(int64_t layer, std::span<const BatchItem> items, int64_t n_tokens);
+
+  const LlamaModel& model_;
+  ForwardOptions options_;
+  cpu::ThreadPool pool_;
+  cpu::MatmulWorkspace ws_;
+  // Scratch, sized for max_batch_tokens rows; grown once, reused every step.
+  std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, out_rows_;
+  std::vector<float> scores_;                  // per thread: max_context
+  std::vector<int64_t> row_pos_;               // position of each row
+  std::vector<int32_t> row_item_;              // item of each row
+  int64_t scratch_context_ = 0;
+};
+
+}  // namespace kvgate::engine

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One-command set-up for a fresh Debian 12 machine: installs the missing
+# Debian packages, fetches the model, builds kvgate, then runs the main job.
+# Safe to run again: it installs only what is missing and builds
+# incrementally.
+#
+#   scripts/setup.sh            install, build, run the main job
+#   scripts/setup.sh --no-run   install and build only (the test script uses this)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${KVGATE_BUILD_DIR:-${root}/build}"
+jobs="${KVGATE_JOBS:-2}"
+run_main=1
+for arg in "$@"; do
+  case "${arg}" in
+    --no-run) run_main=0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "setup: unknown option '${arg}'" >&2; exit 2 ;;
+  esac
+done
+
+packages=(
+  build-essential cmake ninja-build pkg-config git ca-certificates
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libyaml-cpp-dev libboost-dev libboost-system-dev nlohmann-json3-dev
+  libpcre2-dev prometheus-cpp-dev libucx-dev ucx-utils
+)
+if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+  packages+=(python3 python3-pip)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "${p}" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("${p}")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [[ "$(id -u)" -ne 0 ]] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "setup: Debian packages present"
+fi
+
+"${root}/scripts/fetch-model.sh"
+
+echo "setup: building in ${build}"
+if [[ ! -f "${build}/build.ninja" ]]; then
+  cmake -S "${root}" -B "${build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
+fi
+cmake --build "${build}" -j "${jobs}"
+
+if ((run_main)); then
+  "${root}/scripts/run-main.sh"
+fi
