@@ -118,7 +118,7 @@ int run_generate(const std::vector<std::string>& args) {
     prompt = *rendered;
   }
   // Chat prompts carry control tokens; plain prompts are text only.
-  std::vector<int32_t> ids = tok->encode(prompt, tok->add_bos(), p.flag("chat"));
+  std::vector<int32_t> ids = tok->encode(prompt, /*add_special=*/true, p.flag("chat"));
 
   engine::ForwardOptions fopt;
   fopt.n_threads = static_cast<int>(*threads);

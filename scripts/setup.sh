@@ -24,7 +24,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libgtest-dev libgmock-dev libbenchmark-dev
   libyaml-cpp-dev libboost-dev libboost-system-dev nlohmann-json3-dev
-  libpcre2-dev prometheus-cpp-dev libucx-dev ucx-utils
+  prometheus-cpp-dev libucx-dev ucx-utils
 )
 if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
   packages+=(python3 python3-pip)
