@@ -1,0 +1,372 @@
+#include "kvstore/compressed_cache.h"
+
+#include <cassert>
+#include <cstring>
+#include <string>
+#include <utility>
+
+namespace kvgate::kvstore {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+}  // namespace
+
+CompressedKvCache::CompressedKvCache(const KvLayout& layout, PagePool* pool, int64_t page_tokens)
+    : layout_(layout),
+      pool_(pool),
+      page_tokens_(page_tokens),
+      positions_per_page_(pool->page_bytes() / kPositionBytes) {
+  const BlockMap& map = layout_.blocks;
+  distant_.resize(map.n_slots());
+  for (int64_t s = 0; s < map.n_slots(); ++s) {
+    distant_[s].v_pages.resize(map.slot_block(s).n_layers);
+  }
+  pending_flags_.assign(layout_.n_window_tokens * map.n_slots(), 0);
+}
+
+Result<CompressedKvCache> CompressedKvCache::create(const KvLayout& layout, PagePool* pool) {
+  KVGATE_RETURN_IF_ERROR(validate_layout(layout));
+  if (pool == nullptr) return invalid_argument("compressed cache: no page pool");
+  const int64_t row_bytes = kKvElementBytes * layout.head_dim;
+  if (pool->page_bytes() % row_bytes != 0) {
+    return invalid_argument("compressed cache: page of " + std::to_string(pool->page_bytes()) +
+                            " bytes is not a whole number of " + std::to_string(row_bytes) +
+                            "-byte K/V rows");
+  }
+  if (layout.gate_state_bytes_per_token != 0) {
+    return unimplemented("compressed cache: gate state is not stored in kvstore yet");
+  }
+  return CompressedKvCache(layout, pool, pool->page_bytes() / row_bytes);
+}
+
+CompressedKvCache::CompressedKvCache(CompressedKvCache&& other) noexcept {
+  *this = std::move(other);
+}
+
+CompressedKvCache& CompressedKvCache::operator=(CompressedKvCache&& other) noexcept {
+  if (this == &other) return *this;
+  release();
+  layout_ = std::move(other.layout_);
+  pool_ = std::exchange(other.pool_, nullptr);
+  page_tokens_ = other.page_tokens_;
+  positions_per_page_ = other.positions_per_page_;
+  n_tokens_ = std::exchange(other.n_tokens_, 0);
+  n_pages_held_ = std::exchange(other.n_pages_held_, 0);
+  n_ring_pages_ = std::exchange(other.n_ring_pages_, 0);
+  ring_k_pages_ = std::move(other.ring_k_pages_);
+  ring_v_pages_ = std::move(other.ring_v_pages_);
+  distant_ = std::move(other.distant_);
+  pending_flags_ = std::move(other.pending_flags_);
+  return *this;
+}
+
+CompressedKvCache::~CompressedKvCache() {
+  release();
+}
+
+void CompressedKvCache::release() {
+  if (pool_ == nullptr) return;
+  auto give_back = [this](const std::vector<PageId>& pages) {
+    for (PageId p : pages) {
+      [[maybe_unused]] const Status st = pool_->free(p);
+      assert(st.ok() && "compressed cache freed a page it did not hold");
+    }
+  };
+  give_back(ring_k_pages_);
+  give_back(ring_v_pages_);
+  for (const DistantList& d : distant_) {
+    give_back(d.k_pages);
+    for (const auto& v : d.v_pages) give_back(v);
+    give_back(d.pos_pages);
+  }
+  ring_k_pages_.clear();
+  ring_v_pages_.clear();
+  distant_.clear();
+  n_pages_held_ = 0;
+  n_ring_pages_ = 0;
+  n_tokens_ = 0;
+}
+
+PageId CompressedKvCache::take_page() {
+  Result<PageId> page = pool_->allocate();
+  // Callers check free_pages() first and the pool has one owner thread.
+  assert(page.ok() && "page pool ran dry after the free-page check");
+  ++n_pages_held_;
+  return *page;
+}
+
+Status CompressedKvCache::validate_flags(std::span<const uint8_t> flags, int64_t n_tokens) const {
+  const int64_t n_slots = layout_.blocks.n_slots();
+  if (static_cast<int64_t>(flags.size()) != n_slots * n_tokens) {
+    return invalid_argument("compressed cache: " + std::to_string(flags.size()) +
+                            " flags given, expected " + std::to_string(n_slots * n_tokens) + " (" +
+                            std::to_string(n_slots) + " (block, head) slots x " +
+                            std::to_string(n_tokens) + " tokens)");
+  }
+  for (size_t i = 0; i < flags.size(); ++i) {
+    if (flags[i] > 1) {
+      return invalid_argument("compressed cache: flag of slot " + std::to_string(i / n_tokens) +
+                              ", token " + std::to_string(i % n_tokens) + " is " +
+                              std::to_string(flags[i]) + ", expected 0 or 1");
+    }
+  }
+  return Status();
+}
+
+int64_t CompressedKvCache::ring_row(int64_t position) const {
+  const int64_t s = layout_.n_sink_tokens;
+  return position < s ? position : s + (position - s) % layout_.n_window_tokens;
+}
+
+int64_t CompressedKvCache::retain_pages_needed(int64_t slot) const {
+  const int64_t r = distant_[slot].n_tokens;
+  const int64_t g = layout_.blocks.slot_block(slot).n_layers;
+  return (r % page_tokens_ == 0 ? 1 + g : 0) + (r % positions_per_page_ == 0 ? 1 : 0);
+}
+
+void CompressedKvCache::grow_ring() {
+  const int64_t lh = layout_.n_layers() * layout_.n_kv_heads();
+  for (int64_t i = 0; i < lh; ++i) ring_k_pages_.push_back(take_page());
+  for (int64_t i = 0; i < lh; ++i) ring_v_pages_.push_back(take_page());
+  ++n_ring_pages_;
+}
+
+fp16_t* CompressedKvCache::ring_row_ptr(std::vector<PageId>& pages, int64_t layer, int64_t head,
+                                        int64_t row) {
+  const int64_t lh = layout_.n_layers() * layout_.n_kv_heads();
+  const PageId id = pages[(row / page_tokens_) * lh + layer * layout_.n_kv_heads() + head];
+  return reinterpret_cast<fp16_t*>(pool_->data(id)) + (row % page_tokens_) * layout_.head_dim;
+}
+
+template <typename KRowFn, typename VRowFn>
+void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, int64_t position) {
+  DistantList& d = distant_[slot];
+  const int64_t r = d.n_tokens;
+  if (r % page_tokens_ == 0) {
+    d.k_pages.push_back(take_page());
+    for (auto& v : d.v_pages) v.push_back(take_page());
+  }
+  if (r % positions_per_page_ == 0) d.pos_pages.push_back(take_page());
+  const int64_t row_bytes = kKvElementBytes * layout_.head_dim;
+  const int64_t offset = (r % page_tokens_) * row_bytes;
+  std::memcpy(pool_->data(d.k_pages[r / page_tokens_]) + offset, k_base(), row_bytes);
+  for (size_t i = 0; i < d.v_pages.size(); ++i) {
+    std::memcpy(pool_->data(d.v_pages[i][r / page_tokens_]) + offset,
+                v_of_layer(static_cast<int64_t>(i)), row_bytes);
+  }
+  const int32_t pos = static_cast<int32_t>(position);
+  std::memcpy(pool_->data(d.pos_pages[r / positions_per_page_]) +
+                  (r % positions_per_page_) * kPositionBytes,
+              &pos, sizeof(pos));
+  ++d.n_tokens;
+}
+
+Status CompressedKvCache::append(int64_t position, const TokenKv& kv,
+                                 std::span<const uint8_t> flags) {
+  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  if (position != n_tokens_) {
+    return invalid_argument("compressed cache: append at position " + std::to_string(position) +
+                            ", expected the next position " + std::to_string(n_tokens_));
+  }
+  if (n_tokens_ >= kMaxTokens) {
+    return out_of_range("compressed cache: positions past 2^31 cannot be stored");
+  }
+  if (kv.k == nullptr || kv.v == nullptr) {
+    return invalid_argument("compressed cache: append without K or V rows");
+  }
+  KVGATE_RETURN_IF_ERROR(validate_flags(flags, 1));
+
+  const BlockMap& map = layout_.blocks;
+  const int64_t n_slots = map.n_slots();
+  const int64_t n_sink = layout_.n_sink_tokens;
+  const int64_t row = ring_row(position);
+  // The token `n_window` back leaves the window now; it sat in the row the
+  // new token takes, so it is moved out first.
+  const int64_t leaving = position - layout_.n_window_tokens;
+  const uint8_t* leaving_flags =
+      leaving >= n_sink ? pending_flags_.data() + (row - n_sink) * n_slots : nullptr;
+
+  // Count the pages first so a full pool leaves the cache unchanged.
+  const bool grow = row >= n_ring_pages_ * page_tokens_;
+  int64_t need = grow ? 2 * layout_.n_layers() * layout_.n_kv_heads() : 0;
+  if (leaving_flags != nullptr) {
+    for (int64_t s = 0; s < n_slots; ++s) {
+      if (leaving_flags[s]) need += retain_pages_needed(s);
+    }
+  }
+  if (need > pool_->free_pages()) {
+    return resource_exhausted("compressed cache: token " + std::to_string(position) + " needs " +
+                              std::to_string(need) + " pages, pool has " +
+                              std::to_string(pool_->free_pages()) + " free");
+  }
+
+  if (grow) grow_ring();
+  if (leaving_flags != nullptr) {
+    for (int64_t s = 0; s < n_slots; ++s) {
+      if (!leaving_flags[s]) continue;  // flag 0: K and V dropped everywhere
+      const int64_t h = map.slot_head(s);
+      const int64_t first = map.slot_block(s).first_layer;
+      retain(
+          s, [&] { return ring_row_ptr(ring_k_pages_, first, h, row); },
+          [&](int64_t i) { return ring_row_ptr(ring_v_pages_, first + i, h, row); }, leaving);
+    }
+  }
+  const int64_t row_bytes = kKvElementBytes * layout_.head_dim;
+  for (int64_t l = 0; l < layout_.n_layers(); ++l) {
+    for (int64_t h = 0; h < layout_.n_kv_heads(); ++h) {
+      const int64_t off = l * kv.layer_stride + h * kv.head_stride;
+      std::memcpy(ring_row_ptr(ring_k_pages_, l, h, row), kv.k + off, row_bytes);
+      std::memcpy(ring_row_ptr(ring_v_pages_, l, h, row), kv.v + off, row_bytes);
+    }
+  }
+  if (position >= n_sink) {
+    std::memcpy(pending_flags_.data() + (row - n_sink) * n_slots, flags.data(), n_slots);
+  }
+  ++n_tokens_;
+  return Status();
+}
+
+Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& layout,
+                                                              PagePool* pool, int64_t n_tokens,
+                                                              const DenseKv& kv,
+                                                              std::span<const uint8_t> flags) {
+  KVGATE_ASSIGN_OR_RETURN(CompressedKvCache cache, create(layout, pool));
+  if (n_tokens < 0 || n_tokens > kMaxTokens) {
+    return invalid_argument("compressed cache: n_tokens " + std::to_string(n_tokens) +
+                            " not in [0, 2^31]");
+  }
+  if (n_tokens > 0 && (kv.k == nullptr || kv.v == nullptr)) {
+    return invalid_argument("compressed cache: build without K or V rows");
+  }
+  KVGATE_RETURN_IF_ERROR(cache.validate_flags(flags, n_tokens));
+
+  const BlockMap& map = cache.layout_.blocks;
+  const int64_t n_slots = map.n_slots();
+  const int64_t n_sink = layout.n_sink_tokens;
+  const int64_t window_begin = std::max(n_sink, n_tokens - layout.n_window_tokens);
+  const int64_t pt = cache.page_tokens_;
+  const int64_t ppp = cache.positions_per_page_;
+
+  // Pages of the final state, checked up front (as append() does per token).
+  const int64_t ring_pages = ceil_div(layout.proximal_tokens(n_tokens), pt);
+  int64_t need = ring_pages * 2 * layout.n_layers() * layout.n_kv_heads();
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const uint8_t* f = flags.data() + s * n_tokens;
+    int64_t r = 0;
+    for (int64_t j = n_sink; j < window_begin; ++j) r += f[j];
+    need += ceil_div(r, pt) * (1 + map.slot_block(s).n_layers) + ceil_div(r, ppp);
+  }
+  if (need > pool->free_pages()) {
+    return resource_exhausted("compressed cache: " + std::to_string(n_tokens) + " tokens need " +
+                              std::to_string(need) + " pages, pool has " +
+                              std::to_string(pool->free_pages()) + " free");
+  }
+
+  for (int64_t i = 0; i < ring_pages; ++i) cache.grow_ring();
+  const int64_t row_bytes = kKvElementBytes * layout.head_dim;
+  auto copy_proximal = [&](int64_t j) {
+    const int64_t row = cache.ring_row(j);
+    for (int64_t l = 0; l < layout.n_layers(); ++l) {
+      for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
+        const int64_t off = j * kv.token_stride + l * kv.layer_stride + h * kv.head_stride;
+        std::memcpy(cache.ring_row_ptr(cache.ring_k_pages_, l, h, row), kv.k + off, row_bytes);
+        std::memcpy(cache.ring_row_ptr(cache.ring_v_pages_, l, h, row), kv.v + off, row_bytes);
+      }
+    }
+  };
+  for (int64_t j = 0; j < std::min(n_sink, n_tokens); ++j) copy_proximal(j);
+  for (int64_t j = window_begin; j < n_tokens; ++j) {
+    copy_proximal(j);
+    uint8_t* pending = cache.pending_flags_.data() + (cache.ring_row(j) - n_sink) * n_slots;
+    for (int64_t s = 0; s < n_slots; ++s) pending[s] = flags[s * n_tokens + j];
+  }
+  // Distant tokens with flag 1, in position order, as append() retains them.
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const int64_t h = map.slot_head(s);
+    const int64_t first = map.slot_block(s).first_layer;
+    for (int64_t j = n_sink; j < window_begin; ++j) {
+      if (!flags[s * n_tokens + j]) continue;
+      const int64_t off = j * kv.token_stride + h * kv.head_stride;
+      cache.retain(
+          s, [&] { return kv.k + off + first * kv.layer_stride; },
+          [&](int64_t i) { return kv.v + off + (first + i) * kv.layer_stride; }, j);
+    }
+  }
+  cache.n_tokens_ = n_tokens;
+  return cache;
+}
+
+Result<SegmentView> CompressedKvCache::proximal(int64_t layer, int64_t head) const {
+  KVGATE_RETURN_IF_ERROR(check_layer_head(layer, head));
+  const int64_t idx = layer * layout_.n_kv_heads() + head;
+  const bool any = !ring_k_pages_.empty();
+  return SegmentView(
+      pool_, any ? ring_k_pages_.data() + idx : nullptr, any ? ring_v_pages_.data() + idx : nullptr,
+      layout_.n_layers() * layout_.n_kv_heads(), proximal_tokens(), page_tokens_, layout_.head_dim);
+}
+
+Result<SegmentView> CompressedKvCache::distant(int64_t layer, int64_t head) const {
+  KVGATE_RETURN_IF_ERROR(check_layer_head(layer, head));
+  const BlockMap& map = layout_.blocks;
+  const int64_t slot = map.slot_of_layer(layer, head);
+  const DistantList& d = distant_[slot];
+  const int64_t i = layer - map.slot_block(slot).first_layer;
+  return SegmentView(pool_, d.k_pages.data(), d.v_pages[i].data(), 1, d.n_tokens, page_tokens_,
+                     layout_.head_dim);
+}
+
+Status CompressedKvCache::check_layer_head(int64_t layer, int64_t head) const {
+  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  if (layer < 0 || layer >= layout_.n_layers()) {
+    return out_of_range("compressed cache: layer " + std::to_string(layer) + " not in [0, " +
+                        std::to_string(layout_.n_layers()) + ")");
+  }
+  if (head < 0 || head >= layout_.n_kv_heads()) {
+    return out_of_range("compressed cache: KV head " + std::to_string(head) + " not in [0, " +
+                        std::to_string(layout_.n_kv_heads()) + ")");
+  }
+  return Status();
+}
+
+int64_t CompressedKvCache::proximal_row_position(int64_t row) const {
+  const int64_t n_sink = layout_.n_sink_tokens;
+  const int64_t w = layout_.n_window_tokens;
+  if (row < n_sink || n_tokens_ <= n_sink + w) return row;
+  // The window holds positions [t - w, t); the one in this row is
+  // congruent to row's first occupant, n_sink + (row - n_sink), mod w.
+  const int64_t begin = n_tokens_ - w;
+  return begin + ((row - begin) % w + w) % w;
+}
+
+int32_t CompressedKvCache::retained_position(int64_t slot, int64_t i) const {
+  const DistantList& d = distant_[slot];
+  int32_t pos;
+  std::memcpy(&pos,
+              pool_->data(d.pos_pages[i / positions_per_page_]) +
+                  (i % positions_per_page_) * kPositionBytes,
+              sizeof(pos));
+  return pos;
+}
+
+Footprint CompressedKvCache::footprint() const {
+  const BlockMap& map = layout_.blocks;
+  const int64_t p = proximal_tokens();
+  int64_t rows = 0;
+  int64_t retained = 0;
+  for (int64_t s = 0; s < map.n_slots(); ++s) {
+    const int64_t g = map.slot_block(s).n_layers;
+    const int64_t r = distant_[s].n_tokens;
+    rows += 2 * g * p + (g + 1) * r;
+    retained += r;
+  }
+  Footprint f;
+  f.kv_bytes = layout_.elem_bytes * layout_.head_dim * rows;
+  f.position_bytes = kPositionBytes * retained;
+  f.gate_bytes = 0;  // create() rejects layouts with gate state
+  return f;
+}
+
+}  // namespace kvgate::kvstore

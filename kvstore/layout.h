@@ -1,0 +1,56 @@
+// KvLayout: the parameters of the compressed KV layout of one model
+// (DESIGN.md §4): which tokens are proximal (the first n_sink and the last
+// n_window), how layers are grouped into blocks per KV head, and the shape
+// and element size of a K/V row. Shared by the footprint formula, the
+// per-request cache and (later) the wire descriptor.
+//
+// A plain value; immutable once validated; safe to share between threads.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/status.h"
+#include "kvstore/block_map.h"
+
+namespace kvgate::kvstore {
+
+// K and V are stored as fp16 on every backend (the wire image is
+// backend-neutral), so the element size is fixed.
+inline constexpr int64_t kKvElementBytes = 2;
+// Bytes of one retained token's position (int32).
+inline constexpr int64_t kPositionBytes = 4;
+// Largest head_dim the kernels take (stack scratch, no allocation per call);
+// every Llama-family model is well below it.
+inline constexpr int64_t kMaxHeadDim = 256;
+// Positions are stored as int32 and never re-indexed.
+inline constexpr int64_t kMaxTokens = int64_t{1} << 31;
+
+struct KvLayout {
+  BlockMap blocks;                       // defines n_layers and n_kv_heads
+  int64_t head_dim = 0;                  // d
+  int64_t n_sink_tokens = 0;             // attention sinks: tokens [0, n_sink) never leave
+  int64_t n_window_tokens = 1;           // the last n_window tokens are proximal
+  int64_t elem_bytes = kKvElementBytes;  // b
+  // Bytes of gate state per (block, head) per proximal or retained token
+  // (the gate keeps its own K/V only for those, DESIGN.md §4). 0 until gates
+  // with state exist; counted by the footprint formula and the predictor.
+  int64_t gate_state_bytes_per_token = 0;
+
+  int64_t n_layers() const { return blocks.n_layers(); }
+  int64_t n_kv_heads() const { return blocks.n_kv_heads(); }
+  int64_t n_proximal_capacity() const { return n_sink_tokens + n_window_tokens; }
+  // Proximal (sink or window) tokens at length t: min(t, n_sink + n_window).
+  int64_t proximal_tokens(int64_t n_tokens) const {
+    return std::min(n_tokens, n_proximal_capacity());
+  }
+  // Distant tokens at length t: those neither sink nor in the window.
+  int64_t distant_tokens(int64_t n_tokens) const { return n_tokens - proximal_tokens(n_tokens); }
+};
+
+// head_dim in [1, kMaxHeadDim], n_sink >= 0, n_window >= 1 (the newest token
+// must meet its own key at every layer), elem_bytes == 2, gate bytes >= 0.
+// The error names the field.
+Status validate_layout(const KvLayout& layout);
+
+}  // namespace kvgate::kvstore

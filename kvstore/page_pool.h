@@ -1,0 +1,74 @@
+// PagePool: fixed-size pages carved from one arena allocated at start-up,
+// so the arena can be registered with the transport once (DESIGN.md §5) and
+// the per-token path never calls the system allocator.
+//
+// The pool never hands out more than its capacity: allocate() returns
+// RESOURCE_EXHAUSTED when no page is free. Accounting is in bytes.
+//
+// Threading: not synchronized. One owner thread (the engine loop that owns
+// the caches drawing from it) calls every method.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "common/status.h"
+
+namespace kvgate::kvstore {
+
+// Index of a page within its pool.
+struct PageId {
+  int32_t value = -1;
+  bool operator==(const PageId&) const = default;
+};
+
+class PagePool {
+ public:
+  // Pages are 64-byte aligned, so page_bytes must be a multiple of 64.
+  // capacity_bytes is rounded down to whole pages and must hold at least one.
+  // Allocates the arena (uninitialized); RESOURCE_EXHAUSTED if the system
+  // has no memory for it.
+  static Result<std::unique_ptr<PagePool>> create(int64_t page_bytes, int64_t capacity_bytes);
+
+  PagePool(const PagePool&) = delete;
+  PagePool& operator=(const PagePool&) = delete;
+
+  // A free page, or RESOURCE_EXHAUSTED. O(1).
+  Result<PageId> allocate();
+  // Returns a page. INVALID_ARGUMENT for an id not from this pool or a page
+  // already free (the pool is unchanged then). O(1).
+  Status free(PageId page);
+
+  // Unchecked: `page` must be allocated from this pool.
+  std::byte* data(PageId page) { return arena_.get() + page.value * page_bytes_; }
+  const std::byte* data(PageId page) const { return arena_.get() + page.value * page_bytes_; }
+
+  // The arena, for registering with a transport.
+  std::byte* arena() { return arena_.get(); }
+
+  int64_t page_bytes() const { return page_bytes_; }
+  int64_t n_pages() const { return n_pages_; }
+  int64_t capacity_bytes() const { return n_pages_ * page_bytes_; }
+  int64_t used_pages() const { return n_pages_ - static_cast<int64_t>(free_list_.size()); }
+  int64_t free_pages() const { return static_cast<int64_t>(free_list_.size()); }
+  int64_t used_bytes() const { return used_pages() * page_bytes_; }
+  int64_t free_bytes() const { return free_pages() * page_bytes_; }
+
+ private:
+  struct AlignedDelete {
+    void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{64}); }
+  };
+
+  PagePool(int64_t page_bytes, int64_t n_pages, std::byte* arena);
+
+  int64_t page_bytes_;
+  int64_t n_pages_;
+  std::unique_ptr<std::byte[], AlignedDelete> arena_;
+  std::vector<int32_t> free_list_;  // stack of free page indices
+  std::vector<uint8_t> in_use_;     // by page index: catches double frees
+};
+
+}  // namespace kvgate::kvstore

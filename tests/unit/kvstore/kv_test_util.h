@@ -1,0 +1,175 @@
+// Helpers shared by the kvstore tests: random ragged block maps, random K/V
+// histories, and the rule table of DESIGN.md §4 applied directly to a full
+// history (independently of CompressedKvCache's data structures).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "engine/ggml_types.h"
+#include "kvstore/block_map.h"
+#include "kvstore/compressed_cache.h"
+#include "kvstore/layout.h"
+
+namespace kvgate::kvstore::testing {
+
+using engine::fp16_t;
+using engine::fp16_to_fp32;
+using engine::fp32_to_fp16;
+
+// Every head cut into blocks at random points (each boundary with p = 0.4).
+inline BlockMap random_block_map(int64_t n_layers, int64_t n_heads, std::mt19937& rng) {
+  std::bernoulli_distribution cut(0.4);
+  std::vector<std::vector<LayerBlock>> per_head(n_heads);
+  for (auto& blocks : per_head) {
+    int32_t first = 0;
+    for (int32_t l = 1; l <= n_layers; ++l) {
+      if (l == n_layers || cut(rng)) {
+        blocks.push_back({first, l - first});
+        first = l;
+      }
+    }
+  }
+  return *BlockMap::create(n_layers, per_head);
+}
+
+inline KvLayout make_layout(BlockMap map, int64_t head_dim, int64_t n_sink, int64_t n_window) {
+  KvLayout layout;
+  layout.blocks = std::move(map);
+  layout.head_dim = head_dim;
+  layout.n_sink_tokens = n_sink;
+  layout.n_window_tokens = n_window;
+  return layout;
+}
+
+// Full K/V of every token, layer and head: [token][layer][head][d], fp16
+// values uniform in [-1, 1]; and gate flags [slot][token].
+struct History {
+  int64_t n_layers, n_heads, head_dim, n_tokens;
+  std::vector<fp16_t> k, v;
+  std::vector<uint8_t> flags;
+  int64_t n_slots;
+
+  History(const KvLayout& layout, int64_t tokens, double keep_p, std::mt19937& rng)
+      : n_layers(layout.n_layers()),
+        n_heads(layout.n_kv_heads()),
+        head_dim(layout.head_dim),
+        n_tokens(tokens),
+        n_slots(layout.blocks.n_slots()) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    k.resize(tokens * n_layers * n_heads * head_dim);
+    v.resize(k.size());
+    for (auto& x : k) x = fp32_to_fp16(u(rng));
+    for (auto& x : v) x = fp32_to_fp16(u(rng));
+    std::bernoulli_distribution keep(keep_p);
+    flags.resize(n_slots * tokens);
+    for (auto& f : flags) f = keep(rng) ? 1 : 0;
+  }
+
+  const fp16_t* k_row(int64_t j, int64_t l, int64_t h) const {
+    return k.data() + ((j * n_layers + l) * n_heads + h) * head_dim;
+  }
+  const fp16_t* v_row(int64_t j, int64_t l, int64_t h) const {
+    return v.data() + ((j * n_layers + l) * n_heads + h) * head_dim;
+  }
+  uint8_t flag(int64_t slot, int64_t j) const { return flags[slot * n_tokens + j]; }
+  std::vector<uint8_t> token_flags(int64_t j) const {
+    std::vector<uint8_t> f(n_slots);
+    for (int64_t s = 0; s < n_slots; ++s) f[s] = flag(s, j);
+    return f;
+  }
+  TokenKv token(int64_t j) const {
+    return {k_row(j, 0, 0), v_row(j, 0, 0), n_heads * head_dim, head_dim};
+  }
+  DenseKv dense() const {
+    return {k.data(), v.data(), n_layers * n_heads * head_dim, n_heads * head_dim, head_dim};
+  }
+  // Flags of the first t tokens only, [slot][t], for build_from_dense.
+  std::vector<uint8_t> prefix_flags(int64_t t) const {
+    std::vector<uint8_t> f(n_slots * t);
+    for (int64_t s = 0; s < n_slots; ++s) {
+      for (int64_t j = 0; j < t; ++j) f[s * t + j] = flag(s, j);
+    }
+    return f;
+  }
+};
+
+// One (position, K row, V row) of the set a query attends to.
+using Entry = std::tuple<int64_t, std::vector<fp16_t>, std::vector<fp16_t>>;
+
+// DESIGN.md §4's table at length t for (layer, head): sinks and window with
+// own-layer K/V; distant flag-1 tokens with the base layer's K and own V.
+inline std::vector<Entry> rule_table_set(const KvLayout& layout, const History& hist, int64_t t,
+                                         int64_t layer, int64_t head) {
+  const int64_t d = layout.head_dim;
+  const int64_t block = layout.blocks.block_index(layer, head);
+  const int64_t slot = layout.blocks.slot(head, block);
+  const int64_t base = layout.blocks.block(head, block).first_layer;
+  std::vector<Entry> out;
+  for (int64_t j = 0; j < t; ++j) {
+    const bool proximal = j < layout.n_sink_tokens || j >= t - layout.n_window_tokens;
+    int64_t key_layer;
+    if (proximal) {
+      key_layer = layer;
+    } else if (hist.flag(slot, j)) {
+      key_layer = base;
+    } else {
+      continue;
+    }
+    const fp16_t* kr = hist.k_row(j, key_layer, head);
+    const fp16_t* vr = hist.v_row(j, layer, head);
+    out.emplace_back(j, std::vector<fp16_t>(kr, kr + d), std::vector<fp16_t>(vr, vr + d));
+  }
+  return out;
+}
+
+// The same set read back from a cache (through its views and positions),
+// sorted by position.
+inline std::vector<Entry> cache_set(const CompressedKvCache& cache, int64_t layer, int64_t head) {
+  const KvLayout& layout = cache.layout();
+  const int64_t d = layout.head_dim;
+  std::vector<Entry> out;
+  const SegmentView near = *cache.proximal(layer, head);
+  for (int64_t r = 0; r < near.n_tokens(); ++r) {
+    out.emplace_back(cache.proximal_row_position(r),
+                     std::vector<fp16_t>(near.k_row(r), near.k_row(r) + d),
+                     std::vector<fp16_t>(near.v_row(r), near.v_row(r) + d));
+  }
+  const SegmentView far = *cache.distant(layer, head);
+  const int64_t slot = layout.blocks.slot_of_layer(layer, head);
+  for (int64_t i = 0; i < far.n_tokens(); ++i) {
+    out.emplace_back(cache.retained_position(slot, i),
+                     std::vector<fp16_t>(far.k_row(i), far.k_row(i) + d),
+                     std::vector<fp16_t>(far.v_row(i), far.v_row(i) + d));
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Footprint formula written out again from DESIGN.md §4, counting R from the
+// flags of the tokens that have left the window.
+inline int64_t formula_bytes(const KvLayout& layout, const History& hist, int64_t t) {
+  const int64_t b = 2, d = layout.head_dim;
+  const int64_t p = std::min(t, layout.n_sink_tokens + layout.n_window_tokens);
+  int64_t kv = 0, pos = 0;
+  for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
+    for (int64_t blk = 0; blk < layout.blocks.n_blocks(h); ++blk) {
+      const int64_t g = layout.blocks.block(h, blk).n_layers;
+      const int64_t slot = layout.blocks.slot(h, blk);
+      int64_t r = 0;
+      for (int64_t j = layout.n_sink_tokens; j < t - layout.n_window_tokens; ++j) {
+        r += hist.flag(slot, j);
+      }
+      kv += b * d * (2 * g * p + (g + 1) * r);
+      pos += 4 * r;
+    }
+  }
+  return kv + pos;
+}
+
+}  // namespace kvgate::kvstore::testing
