@@ -7,6 +7,7 @@ object on stdout; progress on stderr.
         --decode-tokens 64 --batch 8 --reps 3
 """
 import argparse
+import ctypes
 import json
 import sys
 import time
@@ -32,6 +33,11 @@ def main():
     decode_prompt = spec["decode_prompt"]
     n_ctx = max(len(prefill_ids), len(decode_prompt) + args.decode_tokens) + 16
 
+    # llama.cpp logs every graph node at load; keep stderr for our progress.
+    @llama_cpp.llama_log_callback
+    def quiet(level, text, user_data):
+        pass
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(args.model.encode(), mparams)
