@@ -56,6 +56,13 @@ int run_generate(const std::vector<std::string>& args) {
   p.add_option("system", "TEXT", "system message for --chat (default: the template's own)");
   p.add_flag("ignore-eos", "keep generating past end-of-sequence tokens");
   p.add_flag("json", "print one JSON object with tokens, text, counts and timings");
+  p.add_option("policy", "P",
+               "KV cache policy after prefill: dense, window, pod (h2o, snapkv, gate, gate+pod "
+               "need calibration and are not available yet)",
+               "dense");
+  p.add_option("n-sink", "N", "attention-sink tokens kept by compressed policies", "4");
+  p.add_option("n-window", "N", "recent-window tokens kept by compressed policies", "256");
+  p.add_option("pod-group", "G", "layers per block sharing keys for the pod policy", "2");
   p.add_option("threads", "N", "CPU threads; 0 = all cores", "0");
   p.add_option("isa", "NAME", "kernel instruction set: auto, scalar (reference), avx2, avx512", "auto");
   if (Status s = p.parse(args); !s.ok()) return usage_error(p, s);
@@ -88,6 +95,20 @@ int run_generate(const std::vector<std::string>& args) {
   opt.sampling.repetition_penalty = static_cast<float>(*rep);
   opt.sampling.seed = static_cast<uint64_t>(*seed);
   opt.ignore_eos = p.flag("ignore-eos");
+  {
+    auto policy = engine::parse_kv_policy(p.get("policy"));
+    if (!policy.ok()) return usage_error(p, invalid_argument("option '--policy': " + policy.status().message()));
+    auto n_sink = p.get_int("n-sink", 0, 1 << 20);
+    auto n_window = p.get_int("n-window", 1, 1 << 20);
+    auto pod_group = p.get_int("pod-group", 1, 1024);
+    for (const Status* s : {&n_sink.status(), &n_window.status(), &pod_group.status()}) {
+      if (!s->ok()) return usage_error(p, *s);
+    }
+    opt.kv_policy.policy = *policy;
+    opt.kv_policy.n_sink_tokens = *n_sink;
+    opt.kv_policy.n_window_tokens = *n_window;
+    opt.kv_policy.pod_group_layers = *pod_group;
+  }
   if (p.has("stop")) opt.stop.push_back(p.get("stop"));
 
   auto model = engine::LlamaModel::load(p.get("model"));
@@ -150,8 +171,12 @@ int run_generate(const std::vector<std::string>& args) {
         res->prefill_seconds > 0 ? res->prompt_tokens / res->prefill_seconds : 0.0;
     const double decoded = res->tokens.size() > 1 ? static_cast<double>(res->tokens.size() - 1) : 0.0;
     j["decode_tokens_per_s"] = res->decode_seconds > 0 ? decoded / res->decode_seconds : 0.0;
-    j["kv_dense_bytes"] = res->kv_cache_bytes;
-    j["kv_bytes"] = res->kv_cache_bytes;
+    j["policy"] = engine::kv_policy_name(opt.kv_policy.policy);
+    j["kv_dense_bytes"] = res->kv_dense_bytes;
+    j["kv_bytes"] = res->kv_bytes;
+    j["kv_saving"] = res->kv_dense_bytes > 0
+                         ? 1.0 - static_cast<double>(res->kv_bytes) / res->kv_dense_bytes
+                         : 0.0;
     j["threads"] = forward.n_threads();
     j["isa"] = engine::cpu::isa_name(fopt.isa);
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());

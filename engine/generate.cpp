@@ -1,6 +1,11 @@
 #include "engine/generate.h"
 
 #include <chrono>
+#include <memory>
+#include <optional>
+
+#include "kvstore/footprint.h"
+#include "kvstore/page_pool.h"
 
 namespace kvgate::engine {
 
@@ -38,12 +43,46 @@ Result<GenerateResult> generate(CpuForward& forward, const Tokenizer& tokenizer,
     res.text += s;
     if (on_text) on_text(s);
   };
+
+  // Compressed decode: the prompt's dense cache becomes the policy's layout.
+  const bool compressed = options.kv_policy.policy != KvPolicy::kDense;
+  kvstore::KvLayout layout;
+  std::unique_ptr<kvstore::PagePool> pool;
+  std::optional<kvstore::CompressedKvCache> ccache;
+  std::vector<uint8_t> flags;
+  if (compressed) {
+    KVGATE_ASSIGN_OR_RETURN(layout, make_kv_layout(c, options.kv_policy));
+    const int64_t page_tokens = 16;
+    const int64_t page_bytes = page_tokens * c.head_dim * 2;
+    // Room for a dense cache of the final length plus one partly filled
+    // page per list: never the limit here; the decode node sizes its pool.
+    const int64_t lists = 2 * c.n_layers * c.n_kv_heads + 2 * layout.blocks.n_slots() +
+                          c.n_layers * c.n_kv_heads;
+    const int64_t pool_bytes =
+        kvstore::dense_bytes(layout, capacity) * 2 + 2 * lists * page_bytes + page_bytes;
+    KVGATE_ASSIGN_OR_RETURN(pool, kvstore::PagePool::create(page_bytes, pool_bytes));
+    KVGATE_RETURN_IF_ERROR(policy_flags(options.kv_policy, layout, 0, res.prompt_tokens, flags));
+    const int64_t plane = c.n_kv_heads * cache.capacity() * c.head_dim;
+    kvstore::DenseKv kv{cache.k(0, 0), cache.k(0, 0) + plane, c.head_dim, 2 * plane,
+                        cache.capacity() * c.head_dim};
+    KVGATE_ASSIGN_OR_RETURN(auto built, kvstore::CompressedKvCache::build_from_dense(
+                                            layout, pool.get(), res.prompt_tokens, kv, flags));
+    ccache.emplace(std::move(built));
+  }
+
   res.finish_reason = "length";
   for (int32_t i = 0; i < options.max_tokens; ++i) {
     if (i > 0) {
       const int32_t last = res.tokens.back();
-      BatchItem item{&cache, std::span<const int32_t>(&last, 1), true};
-      KVGATE_RETURN_IF_ERROR(forward.forward(std::span<const BatchItem>(&item, 1), logits.data()));
+      if (compressed) {
+        KVGATE_RETURN_IF_ERROR(policy_flags(options.kv_policy, layout, ccache->n_tokens(), 1, flags));
+        CompressedItem item{&*ccache, last, flags, true};
+        KVGATE_RETURN_IF_ERROR(
+            forward.forward_compressed(std::span<const CompressedItem>(&item, 1), logits.data()));
+      } else {
+        BatchItem item{&cache, std::span<const int32_t>(&last, 1), true};
+        KVGATE_RETURN_IF_ERROR(forward.forward(std::span<const BatchItem>(&item, 1), logits.data()));
+      }
     }
     const int32_t tok = sampler.sample(logits, history);
     if (!options.ignore_eos && tokenizer.is_eog(tok)) {
@@ -63,7 +102,11 @@ Result<GenerateResult> generate(CpuForward& forward, const Tokenizer& tokenizer,
     emit(stops.flush());
   }
   res.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
-  res.kv_cache_bytes = cache.used_bytes();
+  // The cache holds every token fed back: the prompt and all but the last
+  // generated token.
+  const int64_t n_cached = compressed ? ccache->n_tokens() : cache.n_tokens();
+  res.kv_dense_bytes = forward.model().kv_bytes_per_token() * n_cached;
+  res.kv_bytes = compressed ? ccache->bytes() : res.kv_dense_bytes;
   return res;
 }
 

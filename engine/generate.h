@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "engine/kv_policy.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
@@ -22,6 +23,9 @@ struct GenerateOptions {
   SamplingParams sampling;
   bool ignore_eos = false;
   std::vector<std::string> stop;  // stop strings; not included in the text
+  // KV cache policy: prefill always runs full attention; other policies
+  // than dense then compress the cache and decode over the compressed one.
+  KvPolicyConfig kv_policy;
 };
 
 struct GenerateResult {
@@ -31,7 +35,8 @@ struct GenerateResult {
   std::string finish_reason;     // "stop" (EOS or stop string) or "length"
   double prefill_seconds = 0.0;
   double decode_seconds = 0.0;   // time for tokens after the first
-  int64_t kv_cache_bytes = 0;    // bytes of the dense KV cache used
+  int64_t kv_dense_bytes = 0;    // what a dense fp16 cache of the final length holds
+  int64_t kv_bytes = 0;          // what the policy's cache holds (DESIGN.md §4 formula)
 };
 
 // Streams text as it becomes safe to emit (complete UTF-8, not a possible

@@ -6,6 +6,7 @@
 
 #include "engine/cpu/ops.h"
 #include "engine/cpu/quant.h"
+#include "kvstore/attention.h"
 
 namespace kvgate::engine {
 
@@ -210,7 +211,6 @@ void CpuForward::ensure_scratch(int64_t n_tokens, int64_t max_context) {
 
 Status CpuForward::forward(std::span<const BatchItem> items, float* logits_out) {
   const LlamaConfig& c = model_.config();
-  const cpu::Isa isa = options_.isa;
   int64_t n = 0;
   int64_t max_context = 0;
   int64_t n_logits = 0;
@@ -254,6 +254,38 @@ Status CpuForward::forward(std::span<const BatchItem> items, float* logits_out) 
     }
   }
 
+  run_layers(n, items, {});
+  for (const BatchItem& it : items) {
+    it.cache->set_n_tokens(it.cache->n_tokens() + static_cast<int64_t>(it.tokens.size()));
+  }
+  if (n_logits == 0) return Status();
+  std::vector<int64_t> rows;
+  rows.reserve(n_logits);
+  row = 0;
+  for (const BatchItem& it : items) {
+    row += static_cast<int64_t>(it.tokens.size());
+    if (it.want_logits) rows.push_back(row - 1);
+  }
+  compute_logits(rows, logits_out);
+  return Status();
+}
+
+void CpuForward::compute_logits(const std::vector<int64_t>& rows, float* logits_out) {
+  const LlamaConfig& c = model_.config();
+  // Final norm of the rows that want logits, then the vocabulary projection
+  // for just those rows.
+  for (size_t i = 0; i < rows.size(); ++i) {
+    cpu::rms_norm(x_.data() + rows[i] * c.n_embd, model_.output_norm(), xn_.data() + i * c.n_embd,
+                  c.n_embd, c.rms_eps, options_.isa);
+  }
+  cpu::matmul(model_.output(), xn_.data(), static_cast<int64_t>(rows.size()), logits_out, pool_, ws_,
+              options_.isa);
+}
+
+void CpuForward::run_layers(int64_t n, std::span<const BatchItem> dense,
+                            std::span<const CompressedItem> compressed) {
+  const LlamaConfig& c = model_.config();
+  const cpu::Isa isa = options_.isa;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& w = model_.layers()[l];
     for (int64_t r = 0; r < n; ++r) {
@@ -271,15 +303,27 @@ Status CpuForward::forward(std::span<const BatchItem> items, float* logits_out) 
       // The query meets fp16 keys; llama.cpp rounds it to fp16 for that dot
       // product, and so do we (the products are then exact in fp32).
       for (int64_t e = 0; e < c.q_dim(); ++e) q[e] = fp16_to_fp32(fp32_to_fp16(q[e]));
-      KvCache* cache = items[row_item_[r]].cache;
       for (int64_t h = 0; h < c.n_kv_heads; ++h) {
-        cpu::convert_f32_to_f16(k + h * c.head_dim, cache->k(l, h) + row_pos_[r] * c.head_dim,
-                                c.head_dim, isa);
-        cpu::convert_f32_to_f16(v_.data() + r * c.kv_dim() + h * c.head_dim,
-                                cache->v(l, h) + row_pos_[r] * c.head_dim, c.head_dim, isa);
+        fp16_t* k_dst;
+        fp16_t* v_dst;
+        if (!dense.empty()) {
+          KvCache* cache = dense[row_item_[r]].cache;
+          k_dst = cache->k(l, h) + row_pos_[r] * c.head_dim;
+          v_dst = cache->v(l, h) + row_pos_[r] * c.head_dim;
+        } else {
+          kvstore::CompressedKvCache* cache = compressed[row_item_[r]].cache;
+          k_dst = cache->new_k_row(l, h);
+          v_dst = cache->new_v_row(l, h);
+        }
+        cpu::convert_f32_to_f16(k + h * c.head_dim, k_dst, c.head_dim, isa);
+        cpu::convert_f32_to_f16(v_.data() + r * c.kv_dim() + h * c.head_dim, v_dst, c.head_dim, isa);
       }
     }
-    attention(l, items, n);
+    if (!dense.empty()) {
+      attention(l, dense, n);
+    } else {
+      attention_compressed(l, compressed);
+    }
     cpu::matmul(w.wo, attn_.data(), n, xn_.data(), pool_, ws_, isa);
     cpu::add_inplace(x_.data(), xn_.data(), n * c.n_embd, isa);
 
@@ -293,24 +337,64 @@ Status CpuForward::forward(std::span<const BatchItem> items, float* logits_out) 
     cpu::matmul(w.w_down, gate_.data(), n, xn_.data(), pool_, ws_, isa);
     cpu::add_inplace(x_.data(), xn_.data(), n * c.n_embd, isa);
   }
+}
 
-  for (const BatchItem& it : items) {
-    it.cache->set_n_tokens(it.cache->n_tokens() + static_cast<int64_t>(it.tokens.size()));
+Status CpuForward::forward_compressed(std::span<const CompressedItem> items, float* logits_out) {
+  const LlamaConfig& c = model_.config();
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (n == 0) return Status();
+  if (n > options_.max_batch_tokens) {
+    return invalid_argument("decode batch of " + std::to_string(n) + " exceeds max_batch_tokens " +
+                            std::to_string(options_.max_batch_tokens));
   }
-  if (n_logits == 0) return Status();
-  // Final norm of the last row of each item that wants logits, then the
-  // vocabulary projection for just those rows.
-  row = 0;
-  int64_t out_row = 0;
-  for (const BatchItem& it : items) {
-    row += static_cast<int64_t>(it.tokens.size());
-    if (!it.want_logits) continue;
-    cpu::rms_norm(x_.data() + (row - 1) * c.n_embd, model_.output_norm(),
-                  xn_.data() + out_row * c.n_embd, c.n_embd, c.rms_eps, isa);
-    ++out_row;
+  for (int64_t i = 0; i < n; ++i) {
+    const CompressedItem& it = items[i];
+    if (it.cache == nullptr) return invalid_argument("batch item " + std::to_string(i) + " has no cache");
+    if (it.token < 0 || it.token >= c.n_vocab) {
+      return invalid_argument("token id " + std::to_string(it.token) + " outside the vocabulary [0, " +
+                              std::to_string(c.n_vocab) + ")");
+    }
+    if (it.cache->layout().n_layers() != c.n_layers || it.cache->layout().n_kv_heads() != c.n_kv_heads ||
+        it.cache->layout().head_dim != c.head_dim) {
+      return invalid_argument("batch item " + std::to_string(i) + ": cache layout does not match the model");
+    }
   }
-  cpu::matmul(model_.output(), xn_.data(), n_logits, logits_out, pool_, ws_, isa);
+  ensure_scratch(n, 1);
+  // Claim every sequence's new row first: a full pool fails before any
+  // compute, and attention at layer l sees this token's own K/V.
+  for (int64_t i = 0; i < n; ++i) {
+    KVGATE_RETURN_IF_ERROR(items[i].cache->begin_append(items[i].cache->n_tokens(), items[i].flags));
+  }
+  const auto& emb = model_.token_embd();
+  const uint64_t emb_row_bytes = *ggml_row_bytes(emb.type, c.n_embd);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto* src = static_cast<const uint8_t*>(emb.data) + emb_row_bytes * items[i].token;
+    cpu::dequantize_row(emb.type, src, x_.data() + i * c.n_embd, c.n_embd);
+    row_pos_[i] = items[i].cache->n_tokens() - 1;
+    row_item_[i] = static_cast<int32_t>(i);
+  }
+  run_layers(n, {}, items);
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < n; ++i) {
+    if (items[i].want_logits) rows.push_back(i);
+  }
+  if (!rows.empty()) compute_logits(rows, logits_out);
   return Status();
+}
+
+void CpuForward::attention_compressed(int64_t layer, std::span<const CompressedItem> items) {
+  const LlamaConfig& c = model_.config();
+  const int64_t n_pairs = static_cast<int64_t>(items.size()) * c.n_heads;
+  pool_.run([&](int tid, int nth) {
+    for (int64_t pair = tid; pair < n_pairs; pair += nth) {
+      const int64_t r = pair / c.n_heads;
+      const int64_t h = pair % c.n_heads;
+      // Cannot fail: layer, head and the cache were validated by the caller.
+      (void)kvstore::attend(*items[r].cache, layer, h, c.n_heads,
+                            q_.data() + r * c.q_dim() + h * c.head_dim,
+                            attn_.data() + r * c.q_dim() + h * c.head_dim, options_.isa);
+    }
+  });
 }
 
 void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int64_t n) {

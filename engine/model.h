@@ -19,6 +19,7 @@
 #include "engine/cpu/thread_pool.h"
 #include "engine/ggml_types.h"
 #include "engine/gguf.h"
+#include "kvstore/compressed_cache.h"
 
 namespace kvgate::engine {
 
@@ -114,6 +115,15 @@ struct BatchItem {
   bool want_logits = true;
 };
 
+// One sequence's decode step over a compressed cache: `token` is appended at
+// cache->n_tokens() with its keep flags (one per (block, head) slot).
+struct CompressedItem {
+  kvstore::CompressedKvCache* cache = nullptr;
+  int32_t token = 0;
+  std::span<const uint8_t> flags;
+  bool want_logits = true;
+};
+
 struct ForwardOptions {
   int n_threads = 0;               // 0 = all cores
   cpu::Isa isa = cpu::best_isa();  // kScalar is the reference mode
@@ -129,6 +139,13 @@ class CpuForward {
   // one row of n_vocab floats per item with want_logits, in item order.
   Status forward(std::span<const BatchItem> items, float* logits_out);
 
+  // One decode step of several sequences whose caches are compressed
+  // (DESIGN.md §4): attention over own-layer keys of sinks and window and
+  // base-layer keys of retained distant tokens. RESOURCE_EXHAUSTED if a
+  // cache's pool lacks pages (that cache is unchanged; earlier items of the
+  // batch may have been advanced, so the caller fails the whole step).
+  Status forward_compressed(std::span<const CompressedItem> items, float* logits_out);
+
   // Prefill of one sequence in chunks of max_batch_tokens; logits of the
   // last prompt token go to logits_out (n_vocab floats).
   Status prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out);
@@ -140,6 +157,12 @@ class CpuForward {
  private:
   void ensure_scratch(int64_t n_tokens, int64_t max_context);
   void attention(int64_t layer, std::span<const BatchItem> items, int64_t n_tokens);
+  void attention_compressed(int64_t layer, std::span<const CompressedItem> items);
+  // The layer stack over rows already embedded in x_; exactly one of the
+  // item lists is non-empty. Then the logits of the rows that want them.
+  void run_layers(int64_t n, std::span<const BatchItem> dense,
+                  std::span<const CompressedItem> compressed);
+  void compute_logits(const std::vector<int64_t>& rows, float* logits_out);
 
   const LlamaModel& model_;
   ForwardOptions options_;

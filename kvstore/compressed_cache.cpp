@@ -166,6 +166,30 @@ void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, i
 
 Status CompressedKvCache::append(int64_t position, const TokenKv& kv,
                                  std::span<const uint8_t> flags) {
+  if (kv.k == nullptr || kv.v == nullptr) {
+    return invalid_argument("compressed cache: append without K or V rows");
+  }
+  KVGATE_RETURN_IF_ERROR(begin_append(position, flags));
+  const int64_t row_bytes = kKvElementBytes * layout_.head_dim;
+  for (int64_t l = 0; l < layout_.n_layers(); ++l) {
+    for (int64_t h = 0; h < layout_.n_kv_heads(); ++h) {
+      const int64_t off = l * kv.layer_stride + h * kv.head_stride;
+      std::memcpy(new_k_row(l, h), kv.k + off, row_bytes);
+      std::memcpy(new_v_row(l, h), kv.v + off, row_bytes);
+    }
+  }
+  return Status();
+}
+
+fp16_t* CompressedKvCache::new_k_row(int64_t layer, int64_t head) {
+  return ring_row_ptr(ring_k_pages_, layer, head, ring_row(n_tokens_ - 1));
+}
+
+fp16_t* CompressedKvCache::new_v_row(int64_t layer, int64_t head) {
+  return ring_row_ptr(ring_v_pages_, layer, head, ring_row(n_tokens_ - 1));
+}
+
+Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t> flags) {
   if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
   if (position != n_tokens_) {
     return invalid_argument("compressed cache: append at position " + std::to_string(position) +
@@ -173,9 +197,6 @@ Status CompressedKvCache::append(int64_t position, const TokenKv& kv,
   }
   if (n_tokens_ >= kMaxTokens) {
     return out_of_range("compressed cache: positions past 2^31 cannot be stored");
-  }
-  if (kv.k == nullptr || kv.v == nullptr) {
-    return invalid_argument("compressed cache: append without K or V rows");
   }
   KVGATE_RETURN_IF_ERROR(validate_flags(flags, 1));
 
@@ -212,14 +233,6 @@ Status CompressedKvCache::append(int64_t position, const TokenKv& kv,
       retain(
           s, [&] { return ring_row_ptr(ring_k_pages_, first, h, row); },
           [&](int64_t i) { return ring_row_ptr(ring_v_pages_, first + i, h, row); }, leaving);
-    }
-  }
-  const int64_t row_bytes = kKvElementBytes * layout_.head_dim;
-  for (int64_t l = 0; l < layout_.n_layers(); ++l) {
-    for (int64_t h = 0; h < layout_.n_kv_heads(); ++h) {
-      const int64_t off = l * kv.layer_stride + h * kv.head_stride;
-      std::memcpy(ring_row_ptr(ring_k_pages_, l, h, row), kv.k + off, row_bytes);
-      std::memcpy(ring_row_ptr(ring_v_pages_, l, h, row), kv.v + off, row_bytes);
     }
   }
   if (position >= n_sink) {

@@ -141,6 +141,16 @@ class CompressedKvCache {
   // pool lacks the pages: the cache is unchanged). Does not block.
   Status append(int64_t position, const TokenKv& kv, std::span<const uint8_t> flags);
 
+  // Two-phase append for a forward pass that computes K/V layer by layer:
+  // begin_append() applies the leaving token's flags and claims the new
+  // token's ring row (same checks and errors as append(); on error nothing
+  // changes); then new_k_row()/new_v_row() give that row of each (layer,
+  // head) to write. Until a layer's rows are written its content is stale,
+  // so attention at layer l must come after writing layer l.
+  Status begin_append(int64_t position, std::span<const uint8_t> flags);
+  fp16_t* new_k_row(int64_t layer, int64_t head);
+  fp16_t* new_v_row(int64_t layer, int64_t head);
+
   // Proximal segment of (layer, head): own-layer K and V of the sinks and
   // the window, in ring-row order. OUT_OF_RANGE for a bad layer or head.
   Result<SegmentView> proximal(int64_t layer, int64_t head) const;
