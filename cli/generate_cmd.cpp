@@ -57,12 +57,13 @@ int run_generate(const std::vector<std::string>& args) {
   p.add_flag("ignore-eos", "keep generating past end-of-sequence tokens");
   p.add_flag("json", "print one JSON object with tokens, text, counts and timings");
   p.add_option("policy", "P",
-               "KV cache policy after prefill: dense, window, pod (h2o, snapkv, gate, gate+pod "
-               "need calibration and are not available yet)",
+               "KV cache policy after prefill: dense, window, pod, h2o, snapkv (gate and gate+pod "
+               "need a calibrated gate file and are not available yet)",
                "dense");
   p.add_option("n-sink", "N", "attention-sink tokens kept by compressed policies", "4");
   p.add_option("n-window", "N", "recent-window tokens kept by compressed policies", "256");
   p.add_option("pod-group", "G", "layers per block sharing keys for the pod policy", "2");
+  p.add_option("keep-rate", "R", "share of distant prompt tokens h2o and snapkv keep", "0.3");
   p.add_option("threads", "N", "CPU threads; 0 = all cores", "0");
   p.add_option("isa", "NAME", "kernel instruction set: auto, scalar (reference), avx2, avx512", "auto");
   if (Status s = p.parse(args); !s.ok()) return usage_error(p, s);
@@ -101,13 +102,15 @@ int run_generate(const std::vector<std::string>& args) {
     auto n_sink = p.get_int("n-sink", 0, 1 << 20);
     auto n_window = p.get_int("n-window", 1, 1 << 20);
     auto pod_group = p.get_int("pod-group", 1, 1024);
-    for (const Status* s : {&n_sink.status(), &n_window.status(), &pod_group.status()}) {
+    auto keep_rate = p.get_double("keep-rate", 0, 1);
+    for (const Status* s : {&n_sink.status(), &n_window.status(), &pod_group.status(), &keep_rate.status()}) {
       if (!s->ok()) return usage_error(p, *s);
     }
     opt.kv_policy.policy = *policy;
     opt.kv_policy.n_sink_tokens = *n_sink;
     opt.kv_policy.n_window_tokens = *n_window;
     opt.kv_policy.pod_group_layers = *pod_group;
+    opt.kv_policy.keep_rate = *keep_rate;
   }
   if (p.has("stop")) opt.stop.push_back(p.get("stop"));
 

@@ -16,6 +16,7 @@ commands:
   tokenize   print the token ids of a text as a JSON array
   bench      benchmarks: 'kvgate bench engine' measures prefill and decode speed
              against llama.cpp on the same model and machine
+  eval       quality of a KV policy: perplexity of real text and passkey retrieval
 
 Run 'kvgate <command> --help' for the options of a command.
 )";
@@ -43,6 +44,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return run_generate(args);
   if (cmd == "tokenize") return run_tokenize(args);
   if (cmd == "bench") return run_bench(args);
+  if (cmd == "eval") return run_eval(args);
   print_error("unknown command '" + cmd + "' (see 'kvgate --help')");
   return 2;
 }

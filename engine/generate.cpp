@@ -31,7 +31,13 @@ Result<GenerateResult> generate(CpuForward& forward, const Tokenizer& tokenizer,
   history.reserve(capacity);
 
   const auto t0 = Clock::now();
-  KVGATE_RETURN_IF_ERROR(forward.prefill(cache, prompt, logits.data()));
+  AttentionStats stats;
+  const bool want_stats = policy_needs_stats(options.kv_policy);
+  if (want_stats) {
+    stats.reset(c.n_layers, c.n_kv_heads, res.prompt_tokens,
+                res.prompt_tokens - options.kv_policy.snapkv_observe_tokens);
+  }
+  KVGATE_RETURN_IF_ERROR(forward.prefill(cache, prompt, logits.data(), want_stats ? &stats : nullptr));
   const auto t1 = Clock::now();
   res.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
@@ -61,7 +67,8 @@ Result<GenerateResult> generate(CpuForward& forward, const Tokenizer& tokenizer,
     const int64_t pool_bytes =
         kvstore::dense_bytes(layout, capacity) * 2 + 2 * lists * page_bytes + page_bytes;
     KVGATE_ASSIGN_OR_RETURN(pool, kvstore::PagePool::create(page_bytes, pool_bytes));
-    KVGATE_RETURN_IF_ERROR(policy_flags(options.kv_policy, layout, 0, res.prompt_tokens, flags));
+    KVGATE_RETURN_IF_ERROR(policy_flags(options.kv_policy, layout, 0, res.prompt_tokens, flags,
+                                        want_stats ? &stats : nullptr));
     const int64_t plane = c.n_kv_heads * cache.capacity() * c.head_dim;
     kvstore::DenseKv kv{cache.k(0, 0), cache.k(0, 0) + plane, c.head_dim, 2 * plane,
                         cache.capacity() * c.head_dim};
@@ -75,7 +82,8 @@ Result<GenerateResult> generate(CpuForward& forward, const Tokenizer& tokenizer,
     if (i > 0) {
       const int32_t last = res.tokens.back();
       if (compressed) {
-        KVGATE_RETURN_IF_ERROR(policy_flags(options.kv_policy, layout, ccache->n_tokens(), 1, flags));
+        KVGATE_RETURN_IF_ERROR(policy_flags(options.kv_policy, layout, ccache->n_tokens(), 1, flags,
+                                            want_stats ? &stats : nullptr));
         CompressedItem item{&*ccache, last, flags, true};
         KVGATE_RETURN_IF_ERROR(
             forward.forward_compressed(std::span<const CompressedItem>(&item, 1), logits.data()));

@@ -6,8 +6,14 @@
 //   window  sinks + window only, every distant token dropped (StreamingLLM)
 //   pod     layers grouped into blocks sharing the base layer's key, every
 //           distant token kept (no eviction)
-//   h2o, snapkv, gate, gate+pod: need attention statistics or a calibrated
-//           gate side file; not available yet (UNIMPLEMENTED).
+//   h2o     keeps the distant prompt tokens that received the most attention
+//           from all prompt queries (heavy hitters), keep_rate of them per
+//           (layer, head); tokens generated later are kept (flags are decided
+//           once, when a token is created, so the dynamic re-ranking of the
+//           original H2O is not possible in this layout)
+//   snapkv  the same ranking from the attention of the last
+//           snapkv_observe_tokens prompt queries, max-pooled over 7 tokens
+//   gate, gate+pod: need a calibrated gate side file; not available yet.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +37,8 @@ struct KvPolicyConfig {
   int64_t n_sink_tokens = 4;
   int64_t n_window_tokens = 256;
   int64_t pod_group_layers = 2;  // layers per block for `pod` without a calibrated map
+  double keep_rate = 0.3;        // h2o, snapkv: share of distant prompt tokens kept
+  int64_t snapkv_observe_tokens = 32;
 
   // The error names the field.
   Status validate() const;
@@ -39,9 +47,14 @@ struct KvPolicyConfig {
 // The cache layout a policy gives a request of this model.
 Result<kvstore::KvLayout> make_kv_layout(const LlamaConfig& config, const KvPolicyConfig& policy);
 
+// True if the policy ranks prompt tokens by attention (needs AttentionStats
+// from the prefill).
+bool policy_needs_stats(const KvPolicyConfig& policy);
+
 // Keep flags for tokens [first, first + n) of a request, one per (block,
-// head) slot: flags[slot * n + j]. Token-local policies need nothing else.
+// head) slot: flags[slot * n + j]. Policies that rank by attention need the
+// prefill's `stats` for prompt tokens (positions < stats->n_tokens).
 Status policy_flags(const KvPolicyConfig& policy, const kvstore::KvLayout& layout, int64_t first,
-                    int64_t n, std::vector<uint8_t>& flags);
+                    int64_t n, std::vector<uint8_t>& flags, const AttentionStats* stats = nullptr);
 
 }  // namespace kvgate::engine

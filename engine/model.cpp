@@ -420,6 +420,16 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
         scores[j] = cpu::dot_f16_f32(keys + j * c.head_dim, q, c.head_dim, isa) * scale;
       }
       cpu::softmax_inplace(scores, len, isa);
+      if (stats_ != nullptr) {
+        // Per-share partial sums; reduced into stats_ after the region.
+        const int64_t nt = stats_->n_tokens;
+        float* recv = stats_scratch_.data() + (tid * 2 * c.n_kv_heads + kvh) * nt;
+        for (int64_t j = 0; j < len; ++j) recv[j] += scores[j];
+        if (row_pos_[r] >= stats_->observe_from) {
+          float* obs = recv + c.n_kv_heads * nt;
+          for (int64_t j = 0; j < len; ++j) obs[j] += scores[j];
+        }
+      }
       float* out = attn_.data() + r * c.q_dim() + h * c.head_dim;
       std::fill(out, out + c.head_dim, 0.0f);
       for (int64_t j = 0; j < len; ++j) {
@@ -429,10 +439,48 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
       }
     }
   });
+  if (stats_ != nullptr) {
+    const int64_t nt = stats_->n_tokens;
+    for (int t = 0; t < pool_.size(); ++t) {
+      float* part = stats_scratch_.data() + t * 2 * c.n_kv_heads * nt;
+      for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+        float* recv = stats_->received_row(layer, h);
+        float* obs = stats_->observed_row(layer, h);
+        for (int64_t j = 0; j < nt; ++j) {
+          recv[j] += part[h * nt + j];
+          obs[j] += part[(c.n_kv_heads + h) * nt + j];
+        }
+      }
+      std::fill(part, part + 2 * c.n_kv_heads * nt, 0.0f);
+    }
+  }
 }
 
-Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out) {
+void AttentionStats::reset(int64_t layers, int64_t kv_heads, int64_t tokens, int64_t observe_from_pos) {
+  n_layers = layers;
+  n_kv_heads = kv_heads;
+  n_tokens = tokens;
+  observe_from = observe_from_pos;
+  received.assign(static_cast<size_t>(layers * kv_heads * tokens), 0.0f);
+  observed.assign(static_cast<size_t>(layers * kv_heads * tokens), 0.0f);
+}
+
+Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out,
+                           AttentionStats* stats) {
   if (tokens.empty()) return invalid_argument("prompt is empty");
+  const LlamaConfig& c = model_.config();
+  if (stats != nullptr) {
+    if (stats->n_layers != c.n_layers || stats->n_kv_heads != c.n_kv_heads ||
+        stats->n_tokens < cache.n_tokens() + static_cast<int64_t>(tokens.size())) {
+      return invalid_argument("attention stats are not sized for this model and prompt");
+    }
+    stats_ = stats;
+    stats_scratch_.assign(static_cast<size_t>(pool_.size()) * 2 * c.n_kv_heads * stats->n_tokens, 0.0f);
+  }
+  struct Reset {
+    AttentionStats** p;
+    ~Reset() { *p = nullptr; }
+  } reset{&stats_};
   const int64_t chunk = options_.max_batch_tokens;
   for (size_t start = 0; start < tokens.size(); start += chunk) {
     const size_t len = std::min<size_t>(chunk, tokens.size() - start);

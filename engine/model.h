@@ -124,6 +124,34 @@ struct CompressedItem {
   bool want_logits = true;
 };
 
+// Attention statistics gathered during a prefill, for eviction policies
+// that rank prompt tokens by the attention they receive (H2O: from every
+// query; SnapKV: from the queries of an observation window at the end of the
+// prompt). Indexed [layer][kv_head][key token], summed over the query heads
+// of each KV head's group.
+struct AttentionStats {
+  int64_t n_layers = 0;
+  int64_t n_kv_heads = 0;
+  int64_t n_tokens = 0;      // key tokens tracked (the prompt length)
+  int64_t observe_from = 0;  // queries at positions >= this also add to `observed`
+  std::vector<float> received;
+  std::vector<float> observed;
+
+  void reset(int64_t layers, int64_t kv_heads, int64_t tokens, int64_t observe_from_pos);
+  float* received_row(int64_t layer, int64_t kv_head) {
+    return received.data() + (layer * n_kv_heads + kv_head) * n_tokens;
+  }
+  float* observed_row(int64_t layer, int64_t kv_head) {
+    return observed.data() + (layer * n_kv_heads + kv_head) * n_tokens;
+  }
+  const float* received_row(int64_t layer, int64_t kv_head) const {
+    return received.data() + (layer * n_kv_heads + kv_head) * n_tokens;
+  }
+  const float* observed_row(int64_t layer, int64_t kv_head) const {
+    return observed.data() + (layer * n_kv_heads + kv_head) * n_tokens;
+  }
+};
+
 struct ForwardOptions {
   int n_threads = 0;               // 0 = all cores
   cpu::Isa isa = cpu::best_isa();  // kScalar is the reference mode
@@ -148,7 +176,10 @@ class CpuForward {
 
   // Prefill of one sequence in chunks of max_batch_tokens; logits of the
   // last prompt token go to logits_out (n_vocab floats).
-  Status prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out);
+  // With `stats`, the attention every prompt token receives is recorded
+  // (stats must have been reset() for this model and prompt length).
+  Status prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out,
+                 AttentionStats* stats = nullptr);
 
   const LlamaModel& model() const { return model_; }
   const ForwardOptions& options() const { return options_; }
@@ -171,6 +202,8 @@ class CpuForward {
   // Scratch, sized for max_batch_tokens rows; grown once, reused every step.
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, out_rows_;
   std::vector<float> scores_;                  // per thread: max_context
+  AttentionStats* stats_ = nullptr;            // set during a prefill that records stats
+  std::vector<float> stats_scratch_;           // per share: 2 x kv_heads x stats tokens
   std::vector<int64_t> row_pos_;               // position of each row
   std::vector<int32_t> row_item_;              // item of each row
   int64_t scratch_context_ = 0;

@@ -178,6 +178,87 @@ TEST(CompressedForward, WindowAndPodCompressAndStayClose) {
   std::printf("KL(dense || pod, uniform blocks of 2, uncalibrated) %.3f nats\n", pod_gap.kl);
 }
 
+// Every query's attention sums to 1, so the attention a layer's keys
+// receive sums to (queries x query heads per KV head); chunked prefill
+// records the same statistics as one pass.
+TEST(AttentionStats, SumToQueriesTimesGroupAndSurviveChunking) {
+  REQUIRE_MODEL();
+  const auto& c = L->model->config();
+  const auto prompt = L->tokenizer->encode(
+      "The quick brown fox jumps over the lazy dog while the cat watches from the window.", false, false);
+  const int64_t t = static_cast<int64_t>(prompt.size());
+  const int64_t group = c.n_heads / c.n_kv_heads;
+  auto record = [&](int64_t chunk) {
+    ForwardOptions fo;
+    fo.max_batch_tokens = chunk;
+    CpuForward fwd(*L->model, fo);
+    KvCache cache(c, t);
+    AttentionStats st;
+    st.reset(c.n_layers, c.n_kv_heads, t, t - 5);
+    std::vector<float> logits(c.n_vocab);
+    EXPECT_TRUE(fwd.prefill(cache, prompt, logits.data(), &st).ok());
+    return st;
+  };
+  const AttentionStats whole = record(512);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+      double recv = 0, obs = 0;
+      for (int64_t j = 0; j < t; ++j) {
+        recv += whole.received_row(l, h)[j];
+        obs += whole.observed_row(l, h)[j];
+      }
+      EXPECT_NEAR(recv, static_cast<double>(t * group), 1e-3 * t * group);
+      EXPECT_NEAR(obs, static_cast<double>(5 * group), 1e-3 * 5 * group);
+    }
+  }
+  // The first key receives attention from every query; the last only from itself.
+  EXPECT_GT(whole.received_row(0, 0)[0], whole.received_row(0, 0)[t - 1]);
+  const AttentionStats chunked = record(4);
+  double worst = 0;
+  for (size_t i = 0; i < whole.received.size(); ++i) {
+    worst = std::max(worst, std::fabs(static_cast<double>(whole.received[i] - chunked.received[i])));
+  }
+  // Different kernels (decode vs prefill matmul) feed the two runs: the
+  // probabilities agree to the same noise as the logits, far below the
+  // O(1) values being compared.
+  EXPECT_LT(worst, 0.5);
+}
+
+// Ranking policies keep exactly ceil(keep_rate x distant) prompt tokens per
+// slot, the highest-scoring ones; sinks, the final window and generated
+// tokens are kept.
+TEST(KvPolicy, H2oKeepsTheHeaviestDistantTokens) {
+  LlamaConfig c;
+  c.n_layers = 2;
+  c.n_kv_heads = 1;
+  c.head_dim = 64;
+  KvPolicyConfig p;
+  p.policy = KvPolicy::kH2o;
+  p.n_sink_tokens = 2;
+  p.n_window_tokens = 3;
+  p.keep_rate = 0.4;
+  auto layout = make_kv_layout(c, p);
+  ASSERT_TRUE(layout.ok()) << layout.status().to_string();
+  AttentionStats st;
+  st.reset(2, 1, 12, 9);
+  // Distant tokens are 2..8 (7 of them): keep ceil(0.4 * 7) = 3.
+  const float layer0[12] = {9, 9, 0.1f, 5, 0.2f, 4, 0.3f, 6, 0.4f, 0, 0, 0};
+  const float layer1[12] = {9, 9, 7, 0.1f, 0.2f, 0.3f, 3, 0.4f, 8, 0, 0, 0};
+  std::copy(layer0, layer0 + 12, st.received_row(0, 0));
+  std::copy(layer1, layer1 + 12, st.received_row(1, 0));
+  std::vector<uint8_t> flags;
+  ASSERT_TRUE(policy_flags(p, *layout, 0, 12, flags, &st).ok());
+  const std::vector<uint8_t> want0 = {1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1};
+  const std::vector<uint8_t> want1 = {1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 1};
+  EXPECT_EQ(std::vector<uint8_t>(flags.begin(), flags.begin() + 12), want0);
+  EXPECT_EQ(std::vector<uint8_t>(flags.begin() + 12, flags.end()), want1);
+  // A generated token (position 12) is kept in every slot.
+  ASSERT_TRUE(policy_flags(p, *layout, 12, 1, flags, &st).ok());
+  EXPECT_EQ(flags, (std::vector<uint8_t>{1, 1}));
+  // Without statistics the prompt cannot be ranked: a clear error.
+  EXPECT_EQ(policy_flags(p, *layout, 0, 12, flags, nullptr).code(), StatusCode::kFailedPrecondition);
+}
+
 TEST(CompressedForward, GenerateReportsCompressedBytes) {
   REQUIRE_MODEL();
   CpuForward fwd(*L->model, ForwardOptions{});
