@@ -1,0 +1,114 @@
+#include "common/crc32c.h"
+
+#include <array>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <nmmintrin.h>
+#define KVGATE_CRC32C_X86 1
+#else
+#define KVGATE_CRC32C_X86 0
+#endif
+
+namespace kvgate {
+namespace {
+
+constexpr uint32_t kPolynomial = 0x82F63B78u;  // Castagnoli, bit-reversed
+
+// kTables[0] is the classic byte-at-a-time table; kTables[k][b] is the CRC
+// of byte b followed by k zero bytes, which lets the loop fold 8 bytes per
+// step (slicing-by-8).
+constexpr std::array<std::array<uint32_t, 256>, 8> make_tables() {
+  std::array<std::array<uint32_t, 256>, 8> t{};
+  for (uint32_t b = 0; b < 256; ++b) {
+    uint32_t crc = b;
+    for (int i = 0; i < 8; ++i) crc = (crc >> 1) ^ ((crc & 1u) ? kPolynomial : 0u);
+    t[0][b] = crc;
+  }
+  for (size_t k = 1; k < 8; ++k) {
+    for (uint32_t b = 0; b < 256; ++b) t[k][b] = (t[k - 1][b] >> 8) ^ t[0][t[k - 1][b] & 0xFFu];
+  }
+  return t;
+}
+
+constexpr auto kTables = make_tables();
+
+inline uint64_t load_le64(const unsigned char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];  // compiles to one load on little-endian
+  return v;
+}
+
+uint32_t crc32c_table(const unsigned char* p, size_t n, uint32_t crc) {
+  while (n >= 8) {
+    const uint64_t v = load_le64(p) ^ crc;
+    crc = kTables[7][v & 0xFF] ^ kTables[6][(v >> 8) & 0xFF] ^ kTables[5][(v >> 16) & 0xFF] ^
+          kTables[4][(v >> 24) & 0xFF] ^ kTables[3][(v >> 32) & 0xFF] ^
+          kTables[2][(v >> 40) & 0xFF] ^ kTables[1][(v >> 48) & 0xFF] ^ kTables[0][v >> 56];
+    p += 8;
+    n -= 8;
+  }
+  while (n-- > 0) crc = (crc >> 8) ^ kTables[0][(crc ^ *p++) & 0xFFu];
+  return crc;
+}
+
+#if KVGATE_CRC32C_X86
+// One instruction per 8 bytes. A single dependency chain runs at roughly
+// 8 bytes per 3 cycles; interleaving three streams would triple that if
+// KV segment checksums ever show up in profiles.
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(const unsigned char* p, size_t n,
+                                                        uint32_t crc) {
+#if defined(__x86_64__)
+  uint64_t c = crc;
+  while (n >= 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    c = _mm_crc32_u64(c, v);
+    p += 8;
+    n -= 8;
+  }
+  crc = static_cast<uint32_t>(c);
+#endif
+  while (n >= 4) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    crc = _mm_crc32_u32(crc, v);
+    p += 4;
+    n -= 4;
+  }
+  while (n-- > 0) crc = _mm_crc32_u8(crc, *p++);
+  return crc;
+}
+#endif
+
+using Impl = uint32_t (*)(const unsigned char*, size_t, uint32_t);
+
+Impl choose_impl() {
+#if KVGATE_CRC32C_X86
+  if (__builtin_cpu_supports("sse4.2")) return crc32c_sse42;
+#endif
+  return crc32c_table;
+}
+
+}  // namespace
+
+uint32_t crc32c(const void* data, size_t size, uint32_t seed) {
+  static const Impl impl = choose_impl();
+  if (size == 0) return seed;
+  return ~impl(static_cast<const unsigned char*>(data), size, ~seed);
+}
+
+uint32_t crc32c_portable(const void* data, size_t size, uint32_t seed) {
+  if (size == 0) return seed;
+  return ~crc32c_table(static_cast<const unsigned char*>(data), size, ~seed);
+}
+
+bool crc32c_hardware_available() {
+#if KVGATE_CRC32C_X86
+  return __builtin_cpu_supports("sse4.2");
+#else
+  return false;
+#endif
+}
+
+}  // namespace kvgate
