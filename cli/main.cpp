@@ -17,6 +17,7 @@ commands:
   bench      benchmarks: 'kvgate bench engine' measures prefill and decode speed
              against llama.cpp on the same model and machine
   eval       quality of a KV policy: perplexity of real text and passkey retrieval
+  config     the configuration schema: --print-defaults, or check FILE
 
 Run 'kvgate <command> --help' for the options of a command.
 )";
@@ -45,6 +46,7 @@ int main(int argc, char** argv) {
   if (cmd == "tokenize") return run_tokenize(args);
   if (cmd == "bench") return run_bench(args);
   if (cmd == "eval") return run_eval(args);
+  if (cmd == "config") return run_config(args);
   print_error("unknown command '" + cmd + "' (see 'kvgate --help')");
   return 2;
 }
