@@ -15,6 +15,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/model_loading.h"
 #include "engine/gguf.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
@@ -185,21 +186,13 @@ int run_bench(const std::vector<std::string>& args) {
     }
   }
   progress("loading " + p.get("model"));
-  auto model = engine::LlamaModel::load(p.get("model"));
-  if (!model.ok()) {
-    print_error(p.get("model") + ": " + model.status().message());
+  auto loaded = load_model_and_tokenizer(p.get("model"));
+  if (!loaded.ok()) {
+    print_error(loaded.status().message());
     return 1;
   }
-  auto spec = engine::tokenizer_spec_from_gguf((*model)->gguf());
-  if (!spec.ok()) {
-    print_error(spec.status().message());
-    return 1;
-  }
-  auto tok = engine::Tokenizer::create(std::move(*spec));
-  if (!tok.ok()) {
-    print_error(tok.status().message());
-    return 1;
-  }
+  const engine::LlamaModel& model = *loaded->model;
+  const engine::Tokenizer* tok = loaded->tokenizer.get();
   std::string text;
   std::vector<int32_t> ids;
   while (static_cast<int64_t>(ids.size()) < *prompt_tokens) {
@@ -211,7 +204,7 @@ int run_bench(const std::vector<std::string>& args) {
   const int n_threads = *threads > 0 ? static_cast<int>(*threads)
                                       : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 
-  auto mine = bench_kvgate(**model, ids, decode_prompt, n_threads, static_cast<int>(*batch),
+  auto mine = bench_kvgate(model, ids, decode_prompt, n_threads, static_cast<int>(*batch),
                            static_cast<int>(*decode_tokens), static_cast<int>(*reps));
   if (!mine.ok()) {
     print_error(mine.status().message());

@@ -6,6 +6,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/model_loading.h"
 #include "engine/chat_template.h"
 #include "engine/generate.h"
 #include "engine/gguf.h"
@@ -114,27 +115,19 @@ int run_generate(const std::vector<std::string>& args) {
   }
   if (p.has("stop")) opt.stop.push_back(p.get("stop"));
 
-  auto model = engine::LlamaModel::load(p.get("model"));
-  if (!model.ok()) {
-    print_error(p.get("model") + ": " + model.status().message());
+  auto loaded = load_model_and_tokenizer(p.get("model"));
+  if (!loaded.ok()) {
+    print_error(loaded.status().message());
     return 1;
   }
-  auto spec = engine::tokenizer_spec_from_gguf((*model)->gguf());
-  if (!spec.ok()) {
-    print_error(p.get("model") + ": " + spec.status().message());
-    return 1;
-  }
-  auto tok = engine::Tokenizer::create(std::move(*spec));
-  if (!tok.ok()) {
-    print_error(p.get("model") + ": " + tok.status().message());
-    return 1;
-  }
+  const engine::LlamaModel& model = *loaded->model;
+  const engine::Tokenizer& tok = *loaded->tokenizer;
   std::string prompt = p.get("prompt");
   if (p.flag("chat")) {
     std::vector<engine::ChatMessage> msgs;
     if (p.has("system")) msgs.push_back({"system", p.get("system")});
     msgs.push_back({"user", prompt});
-    auto rendered = engine::apply_chat_template(*tok, msgs, true);
+    auto rendered = engine::apply_chat_template(tok, msgs, true);
     if (!rendered.ok()) {
       print_error(rendered.status().message());
       return 1;
@@ -142,14 +135,14 @@ int run_generate(const std::vector<std::string>& args) {
     prompt = *rendered;
   }
   // Chat prompts carry control tokens; plain prompts are text only.
-  std::vector<int32_t> ids = tok->encode(prompt, /*add_special=*/true, p.flag("chat"));
+  std::vector<int32_t> ids = tok.encode(prompt, /*add_special=*/true, p.flag("chat"));
 
   engine::ForwardOptions fopt;
   fopt.n_threads = static_cast<int>(*threads);
   fopt.isa = *isa;
-  engine::CpuForward forward(**model, fopt);
+  engine::CpuForward forward(model, fopt);
   const bool json = p.flag("json");
-  auto res = engine::generate(forward, *tok, ids, opt, [&](std::string_view text) {
+  auto res = engine::generate(forward, tok, ids, opt, [&](std::string_view text) {
     if (!json) {
       std::fwrite(text.data(), 1, text.size(), stdout);
       std::fflush(stdout);
