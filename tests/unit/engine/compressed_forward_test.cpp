@@ -1,6 +1,8 @@
 // Decode over the compressed layout (DESIGN.md §4) against dense decode.
 #include <gtest/gtest.h>
 
+#include "tests/unit/engine/test_model.h"
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -17,30 +19,8 @@
 namespace kvgate::engine {
 namespace {
 
-struct Loaded {
-  std::unique_ptr<LlamaModel> model;
-  std::unique_ptr<Tokenizer> tokenizer;
-};
-
-const Loaded* loaded() {
-  static Loaded* l = [] {
-    auto* out = new Loaded;
-    if (!std::filesystem::exists(KVGATE_TEST_MODEL)) return out;
-    auto m = LlamaModel::load(KVGATE_TEST_MODEL);
-    if (!m.ok()) return out;
-    out->model = std::move(*m);
-    auto spec = tokenizer_spec_from_gguf(out->model->gguf());
-    auto t = Tokenizer::create(std::move(*spec));
-    out->tokenizer = std::make_unique<Tokenizer>(std::move(*t));
-    return out;
-  }();
-  return l;
-}
-
-#define REQUIRE_MODEL()                                                                  \
-  const Loaded* L = loaded();                                                            \
-  if (!L->model) GTEST_SKIP() << "model not found at " KVGATE_TEST_MODEL;               \
-  ASSERT_NE(L->tokenizer, nullptr)
+using Loaded = testing::TestModel;
+#define REQUIRE_MODEL() KVGATE_REQUIRE_MODEL()
 
 // How far two next-token distributions are: KL divergence, and whether the
 // greedy choice differs where it is decided (top-2 margin of the dense

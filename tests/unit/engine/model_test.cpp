@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/unit/engine/test_model.h"
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -37,42 +39,8 @@ namespace {
 constexpr float kLogitTolerance = 1.2f;
 constexpr float kTieMargin = 0.5f;
 
-struct Loaded {
-  std::unique_ptr<LlamaModel> model;
-  std::unique_ptr<Tokenizer> tokenizer;
-};
-
-const Loaded* loaded() {
-  static Loaded* l = [] {
-    auto* out = new Loaded;
-    if (!std::filesystem::exists(KVGATE_TEST_MODEL)) return out;
-    auto m = LlamaModel::load(KVGATE_TEST_MODEL);
-    if (!m.ok()) {
-      ADD_FAILURE() << m.status().to_string();
-      return out;
-    }
-    out->model = std::move(*m);
-    auto spec = tokenizer_spec_from_gguf(out->model->gguf());
-    if (!spec.ok()) {
-      ADD_FAILURE() << spec.status().to_string();
-      return out;
-    }
-    auto t = Tokenizer::create(std::move(*spec));
-    if (!t.ok()) {
-      ADD_FAILURE() << t.status().to_string();
-      return out;
-    }
-    out->tokenizer = std::make_unique<Tokenizer>(std::move(*t));
-    return out;
-  }();
-  return l;
-}
-
-#define REQUIRE_MODEL()                                                       \
-  const Loaded* L = loaded();                                                 \
-  if (!L->model) GTEST_SKIP() << "model not found at " KVGATE_TEST_MODEL      \
-                                 " (run scripts/fetch-model.sh)";             \
-  ASSERT_NE(L->tokenizer, nullptr)
+using Loaded = testing::TestModel;
+#define REQUIRE_MODEL() KVGATE_REQUIRE_MODEL()
 
 nlohmann::json golden() {
   std::ifstream in(std::string(KVGATE_TEST_DATA) + "/golden_generate.json");
