@@ -46,8 +46,9 @@ Result<std::vector<int64_t>> parse_int_list(const std::string& name, const std::
     char* end = nullptr;
     const long long x = std::strtoll(item.c_str(), &end, 10);
     if (item.empty() || *end != '\0' || errno == ERANGE || x < min || x > max) {
-      return invalid_argument("option '--" + name + "' must be a comma-separated list of integers in [" +
-                              std::to_string(min) + ", " + std::to_string(max) + "], got '" + s + "'");
+      return invalid_argument(
+          "option '--" + name + "' must be a comma-separated list of integers in [" +
+          std::to_string(min) + ", " + std::to_string(max) + "], got '" + s + "'");
     }
     out.push_back(x);
   }
@@ -64,8 +65,8 @@ Result<std::vector<double>> parse_depths(const std::string& s) {
     char* end = nullptr;
     const double x = std::strtod(item.c_str(), &end);
     if (item.empty() || *end != '\0' || errno == ERANGE || !(x >= 0.0 && x <= 1.0)) {
-      return invalid_argument("option '--depths' must be a comma-separated list of numbers in [0, 1], got '" +
-                              s + "'");
+      return invalid_argument(
+          "option '--depths' must be a comma-separated list of numbers in [0, 1], got '" + s + "'");
     }
     out.push_back(x);
   }
@@ -93,7 +94,8 @@ class ProgressBar {
                     static_cast<long long>(p.length_tokens), std::string(p.what).c_str(),
                     static_cast<long long>(p.done), static_cast<long long>(p.total));
     }
-    const auto elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    const auto elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
     if (tty_) {
       std::fprintf(stderr, "\r%s  (%.0f s)\033[K", line, elapsed);
       open_ = true;
@@ -187,13 +189,17 @@ int run_eval(const std::vector<std::string>& args) {
   p.add_option("data", "DIR", "evaluation corpus: every *.txt in DIR", "eval-data/eval");
   p.add_option("context", "N", "tokens prefilled before scoring (perplexity)");
   p.add_option("score", "M", "tokens scored through the decode path (perplexity)", "256");
-  p.add_option("windows", "W", "windows of the corpus to average (perplexity over --data)", "8");
+  p.add_option("windows", "W",
+               "windows of the corpus to average (perplexity over --data; the same scored tokens "
+               "at every --context)",
+               "8");
   p.add_option("lengths", "L,...", "passkey prompt lengths in tokens", "1024,2048,4096,8192");
-  p.add_option("depths", "D,...", "passkey depths: fraction of the filler before the key", "0,0.25,0.5,0.75,1");
+  p.add_option("depths", "D,...", "passkey depths: key position as a fraction of the prompt length",
+               "0,0.25,0.5,0.75,1");
   p.add_option("trials", "K", "passkey prompts per (length, depth)", "2");
   p.add_option("seed", "S", "passkey random seed", "0");
   p.add_option("format", "F", "passkey prompt: chat (the model's chat template) or plain", "chat");
-  p.add_option("max-answer-tokens", "N", "passkey answer length cap", "12");
+  p.add_option("max-answer-tokens", "N", "passkey answer length cap", "16");
   p.add_flag("json", "print one JSON object");
   p.add_flag("no-progress", "no progress on stderr");
   p.add_option("threads", "N", "CPU threads; 0 = all cores", "0");
@@ -204,7 +210,8 @@ int run_eval(const std::vector<std::string>& args) {
   }
   const std::string task = p.get("task");
   if (task != "perplexity" && task != "passkey") {
-    return usage(invalid_argument("option '--task' must be perplexity or passkey, got '" + task + "'"));
+    return usage(
+        invalid_argument("option '--task' must be perplexity or passkey, got '" + task + "'"));
   }
   const std::string policy = p.get("policy");
   if (std::find(engine::eval_policies().begin(), engine::eval_policies().end(), policy) ==
@@ -225,7 +232,8 @@ int run_eval(const std::vector<std::string>& args) {
   kopt.policy = policy;
   int64_t n_windows = 0;
   if (task == "perplexity") {
-    if (!p.has("context")) return usage(invalid_argument("option '--context' is required for perplexity"));
+    if (!p.has("context"))
+      return usage(invalid_argument("option '--context' is required for perplexity"));
     auto context = p.get_int("context", 1, 1 << 20);
     auto score = p.get_int("score", 1, 1 << 20);
     auto windows = p.get_int("windows", 1, 100000);
@@ -233,14 +241,16 @@ int run_eval(const std::vector<std::string>& args) {
       if (!s->ok()) return usage(*s);
     }
     if (p.has("text") && p.has("windows")) {
-      return usage(invalid_argument("option '--windows' applies to the corpus (--data), not to --text"));
+      return usage(
+          invalid_argument("option '--windows' applies to the corpus (--data), not to --text"));
     }
     popt.context_tokens = *context;
     popt.score_tokens = *score;
     n_windows = *windows;
   } else {
     if (p.has("text") || p.has("context")) {
-      return usage(invalid_argument("options '--text' and '--context' apply to perplexity, not passkey"));
+      return usage(
+          invalid_argument("options '--text' and '--context' apply to perplexity, not passkey"));
     }
     auto lengths = parse_int_list("lengths", p.get("lengths"), 1, 1 << 20);
     auto depths = parse_depths(p.get("depths"));
@@ -286,10 +296,9 @@ int run_eval(const std::vector<std::string>& args) {
   if (!tok.ok()) return fail(invalid_argument(p.get("model") + ": " + tok.status().message()));
   const int64_t n_ctx = (*model)->config().n_ctx_train;
   if (task == "perplexity" && popt.context_tokens + popt.score_tokens > n_ctx) {
-    return fail(out_of_range("context + score (" +
-                             std::to_string(popt.context_tokens + popt.score_tokens) +
-                             " tokens) exceeds the model context of " + std::to_string(n_ctx) +
-                             " tokens"));
+    return fail(
+        out_of_range("context + score (" + std::to_string(popt.context_tokens + popt.score_tokens) +
+                     " tokens) exceeds the model context of " + std::to_string(n_ctx) + " tokens"));
   }
 
   engine::ForwardOptions fopt;
@@ -314,7 +323,8 @@ int run_eval(const std::vector<std::string>& args) {
       docs.push_back(tok->encode(t, true, false));
       corpus_tokens += static_cast<int64_t>(docs.back().size());
     }
-    auto r = engine::score_corpus_perplexity(forward, docs, popt, n_windows, progress);
+    auto r = engine::score_corpus_perplexity(forward, docs, popt, n_windows,
+                                             /*slot_tokens=*/n_ctx, progress);
     bar.finish();
     if (!r.ok()) return fail(invalid_argument(p.get("data") + ": " + r.status().message()));
     j = perplexity_json(r->total);
@@ -324,8 +334,10 @@ int run_eval(const std::vector<std::string>& args) {
     j["windows"] = n_windows;
     j["window_perplexity"] = r->window_perplexity;
     json starts = json::array();
-    for (const auto& w : r->windows) starts.push_back({{"document", w.document}, {"start", w.start}});
+    for (const auto& w : r->windows)
+      starts.push_back({{"document", w.document}, {"start", w.start}});
     j["window_starts"] = starts;
+    j["slot_tokens"] = n_ctx;
   } else {
     auto r = engine::run_passkey(forward, *tok, kopt, progress);
     bar.finish();
@@ -341,8 +353,11 @@ int run_eval(const std::vector<std::string>& args) {
     std::vector<engine::KvMeasure> kv_all;
     int64_t correct = 0, trials = 0;
     for (const auto& c : r->cells) {
-      json cj{{"length", c.length_tokens}, {"depth", c.depth}, {"trials", c.trials},
-              {"correct", c.correct}, {"accuracy", c.accuracy()}};
+      json cj{{"length", c.length_tokens},
+              {"depth", c.depth},
+              {"trials", c.trials},
+              {"correct", c.correct},
+              {"accuracy", c.accuracy()}};
       put_kv(cj, c.kv);
       cells.push_back(cj);
       by_length[c.length_tokens].first += c.correct;
@@ -354,7 +369,9 @@ int run_eval(const std::vector<std::string>& args) {
     }
     json lengths = json::array();
     for (const auto& [len, ct] : by_length) {
-      json lj{{"length", len}, {"trials", ct.second}, {"correct", ct.first},
+      json lj{{"length", len},
+              {"trials", ct.second},
+              {"correct", ct.first},
               {"accuracy", static_cast<double>(ct.first) / ct.second}};
       double saving = 0, keep = 0;
       for (const auto& kv : kv_by_length[len]) {
@@ -377,8 +394,11 @@ int run_eval(const std::vector<std::string>& args) {
     j["cells"] = cells;
     json samples = json::array();
     for (const auto& s : r->samples) {
-      samples.push_back({{"length", s.length_tokens}, {"depth", s.depth}, {"passkey", s.passkey},
-                         {"answer", s.answer}, {"correct", s.correct}});
+      samples.push_back({{"length", s.length_tokens},
+                         {"depth", s.depth},
+                         {"passkey", s.passkey},
+                         {"answer", s.answer},
+                         {"correct", s.correct}});
     }
     j["samples"] = samples;
     j["prefill_seconds"] = r->prefill_seconds;
@@ -406,8 +426,8 @@ int run_eval(const std::vector<std::string>& args) {
                   l["kv_saving"].get<double>());
     }
   } else {
-    std::printf("policy %s  context %lld  scored %lld  perplexity %.4f  nll %.4f\n",
-                policy.c_str(), static_cast<long long>(popt.context_tokens),
+    std::printf("policy %s  context %lld  scored %lld  perplexity %.4f  nll %.4f\n", policy.c_str(),
+                static_cast<long long>(popt.context_tokens),
                 static_cast<long long>(popt.score_tokens), j["perplexity"].get<double>(),
                 j["nll_mean"].get<double>());
     std::printf("kv bytes %lld of dense %lld  saving %.3f  keep rate %.3f\n",

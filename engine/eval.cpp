@@ -29,7 +29,8 @@ class DenseEvalSequence final : public EvalSequence {
 
   Status prefill(std::span<const int32_t> tokens, std::span<float> logits) override {
     KVGATE_RETURN_IF_ERROR(check(static_cast<int64_t>(tokens.size()), logits));
-    if (cache_.n_tokens() != 0) return failed_precondition("prefill of a sequence that is not empty");
+    if (cache_.n_tokens() != 0)
+      return failed_precondition("prefill of a sequence that is not empty");
     return forward_.prefill(cache_, tokens, logits.data());
   }
 
@@ -116,11 +117,15 @@ double token_nll(std::span<const float> logits, int32_t target) {
   return std::log(sum) - (static_cast<double>(logits[target]) - max_logit);
 }
 
-double perplexity_from_nll(double nll_mean) { return std::exp(nll_mean); }
+double perplexity_from_nll(double nll_mean) {
+  return std::exp(nll_mean);
+}
 
 // ------------------------------------------------------------ policy hook
 
-std::span<const std::string_view> eval_policies() { return kEvalPolicies; }
+std::span<const std::string_view> eval_policies() {
+  return kEvalPolicies;
+}
 
 Result<std::unique_ptr<EvalSequence>> make_eval_sequence(CpuForward& forward,
                                                          std::string_view policy,
@@ -218,12 +223,19 @@ Result<std::vector<EvalWindow>> plan_windows(std::span<const int64_t> document_t
 
 Result<CorpusPerplexityResult> score_corpus_perplexity(
     CpuForward& forward, std::span<const std::vector<int32_t>> documents,
-    const PerplexityOptions& options, int64_t n_windows, const EvalProgressFn& progress) {
+    const PerplexityOptions& options, int64_t n_windows, int64_t slot_tokens,
+    const EvalProgressFn& progress) {
   std::vector<int64_t> sizes;
   for (const auto& d : documents) sizes.push_back(static_cast<int64_t>(d.size()));
   const int64_t window = options.context_tokens + options.score_tokens;
   KVGATE_RETURN_IF_ERROR(check_context(forward.model().config(), window, "context + score"));
-  KVGATE_ASSIGN_OR_RETURN(auto windows, plan_windows(sizes, window, n_windows));
+  if (window > slot_tokens) {
+    return invalid_argument("context + score (" + std::to_string(window) +
+                            " tokens) exceeds the window slot of " + std::to_string(slot_tokens) +
+                            " tokens");
+  }
+  KVGATE_ASSIGN_OR_RETURN(auto windows, plan_windows(sizes, slot_tokens, n_windows));
+  for (EvalWindow& w : windows) w.start += slot_tokens - window;  // end where the slot ends
 
   CorpusPerplexityResult out;
   PerplexityResult& total = out.total;
@@ -243,7 +255,8 @@ Result<CorpusPerplexityResult> score_corpus_perplexity(
     total.decode_seconds += r.decode_seconds;
     out.window_perplexity.push_back(r.perplexity);
     kv.push_back(r.kv);
-    if (progress) progress({"window", options.context_tokens, static_cast<int64_t>(i + 1), n_windows});
+    if (progress)
+      progress({"window", options.context_tokens, static_cast<int64_t>(i + 1), n_windows});
   }
   total.nll_mean = sum / static_cast<double>(total.token_nll.size());
   total.perplexity = perplexity_from_nll(total.nll_mean);
@@ -256,19 +269,25 @@ Result<CorpusPerplexityResult> score_corpus_perplexity(
 
 namespace {
 
-constexpr std::string_view kInstruction =
-    "A pass key is hidden somewhere in the long text below. Find it and remember it; "
-    "you will be asked for it at the end.\n";
+constexpr std::string_view kInstruction = "A pass key is hidden in the text below. Remember it.\n";
 constexpr std::string_view kQuestion = "What is the pass key?";
 constexpr std::string_view kAnswerOpening = "The pass key is";
 // Neutral, repetitive filler: the key is the only information in the text.
-constexpr std::array<std::string_view, 5> kFiller{
-    " The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
-    " There and back again."};
+constexpr std::array<std::string_view, 5> kFiller{" The grass is green.", " The sky is blue.",
+                                                  " The sun is yellow.", " Here we go.",
+                                                  " There and back again."};
 constexpr std::string_view kPlaceholder = "<<kvgate-passkey-task>>";
 
+// Set apart by blank lines: in the repetitive filler the small model finds a
+// key in its own paragraph far more reliably (2k tokens, depths 0.25 and
+// 0.5: 4/4 against 2/4 inline).
+std::string key_sentence(const std::string& passkey) {
+  return "\n\nThe pass key is " + passkey + ". Remember it. " + passkey + " is the pass key.\n\n";
+}
+
 bool is_digits(std::string_view s, size_t n) {
-  return s.size() == n && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  return s.size() == n &&
+         std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
 }  // namespace
@@ -296,7 +315,8 @@ Result<PasskeyGenerator> PasskeyGenerator::create(const Tokenizer& tokenizer,
                             apply_chat_template(tokenizer, std::span(&user, 1), true));
     const size_t at = rendered.find(kPlaceholder);
     if (at == std::string::npos) return internal_error("chat template dropped the user message");
-    g.head_ = tokenizer.encode(rendered.substr(0, at), /*add_special=*/true, /*parse_special=*/true);
+    g.head_ =
+        tokenizer.encode(rendered.substr(0, at), /*add_special=*/true, /*parse_special=*/true);
     auto instr = tokenizer.encode(kInstruction, false, false);
     g.head_.insert(g.head_.end(), instr.begin(), instr.end());
     g.tail_ = tokenizer.encode("\n\n" + std::string(kQuestion), false, false);
@@ -318,11 +338,7 @@ int64_t PasskeyGenerator::fixed_tokens() const {
   // numbers into digits, so every 5-digit key takes the same tokens).
   const std::string probe = "00000";
   return static_cast<int64_t>(head_.size() + tail_.size()) +
-         static_cast<int64_t>(
-             tokenizer_->encode(" The pass key is " + probe + ". Remember it. " + probe +
-                                    " is the pass key.",
-                                false, false)
-                 .size());
+         static_cast<int64_t>(tokenizer_->encode(key_sentence(probe), false, false).size());
 }
 
 Result<PasskeyPrompt> PasskeyGenerator::make(int64_t length_tokens, double depth,
@@ -330,10 +346,9 @@ Result<PasskeyPrompt> PasskeyGenerator::make(int64_t length_tokens, double depth
   if (!(depth >= 0.0 && depth <= 1.0)) {
     return invalid_argument("depth must be in [0, 1], got " + std::to_string(depth));
   }
-  if (!is_digits(passkey, 5)) return invalid_argument("passkey must be 5 digits, got '" + passkey + "'");
-  const auto key = tokenizer_->encode(
-      " The pass key is " + passkey + ". Remember it. " + passkey + " is the pass key.", false,
-      false);
+  if (!is_digits(passkey, 5))
+    return invalid_argument("passkey must be 5 digits, got '" + passkey + "'");
+  const auto key = tokenizer_->encode(key_sentence(passkey), false, false);
   const auto head = static_cast<int64_t>(head_.size());
   const auto fixed = head + static_cast<int64_t>(key.size() + tail_.size());
   if (length_tokens < fixed + 1) {
@@ -342,7 +357,9 @@ Result<PasskeyPrompt> PasskeyGenerator::make(int64_t length_tokens, double depth
                             " tokens");
   }
   const int64_t filler = length_tokens - fixed;
-  const auto want_before = static_cast<int64_t>(std::llround(depth * static_cast<double>(filler)));
+  // Key at depth · length, kept between the instruction and the question.
+  const int64_t want_before = std::clamp<int64_t>(
+      std::llround(depth * static_cast<double>(length_tokens)) - head, 0, filler);
 
   PasskeyPrompt p;
   p.passkey = passkey;
@@ -354,24 +371,32 @@ Result<PasskeyPrompt> PasskeyGenerator::make(int64_t length_tokens, double depth
   int64_t before = 0;
   while (true) {
     const auto len = static_cast<int64_t>(filler_[next].size());
-    if (before + len > filler || std::llabs(before + len - want_before) >= std::llabs(before - want_before)) {
+    if (before + len > filler ||
+        std::llabs(before + len - want_before) >= std::llabs(before - want_before)) {
       break;
     }
     p.tokens.insert(p.tokens.end(), filler_[next].begin(), filler_[next].end());
     before += len;
     next = (next + 1) % filler_.size();
   }
+  // The rest of the filler, its last sentence cut to make the length exact:
+  // after the key, or all before it when the key goes right before the question.
+  auto add_filler = [&](int64_t n_tokens) {
+    while (n_tokens > 0) {
+      const auto& s = filler_[next];
+      const auto take = std::min<int64_t>(n_tokens, static_cast<int64_t>(s.size()));
+      p.tokens.insert(p.tokens.end(), s.begin(), s.begin() + take);
+      n_tokens -= take;
+      next = (next + 1) % filler_.size();
+    }
+  };
+  if (want_before == filler) {
+    add_filler(filler - before);
+    before = filler;
+  }
   p.key_position = static_cast<int64_t>(p.tokens.size());
   p.tokens.insert(p.tokens.end(), key.begin(), key.end());
-  // The rest of the filler; the last sentence is cut to make the length exact.
-  int64_t left = filler - before;
-  while (left > 0) {
-    const auto& s = filler_[next];
-    const auto take = std::min<int64_t>(left, static_cast<int64_t>(s.size()));
-    p.tokens.insert(p.tokens.end(), s.begin(), s.begin() + take);
-    left -= take;
-    next = (next + 1) % filler_.size();
-  }
+  add_filler(filler - before);
   p.tokens.insert(p.tokens.end(), tail_.begin(), tail_.end());
   assert(static_cast<int64_t>(p.tokens.size()) == length_tokens);
   return p;
@@ -409,7 +434,8 @@ Result<PasskeyResult> run_passkey(CpuForward& forward, const Tokenizer& tokenize
   for (int64_t len : options.lengths_tokens) {
     KVGATE_RETURN_IF_ERROR(check_context(config, len, "passkey length"));
     if (len <= gen.fixed_tokens()) {
-      return invalid_argument("passkey length " + std::to_string(len) + " is too short: the task takes " +
+      return invalid_argument("passkey length " + std::to_string(len) +
+                              " is too short: the task takes " +
                               std::to_string(gen.fixed_tokens()) + " tokens");
     }
   }
@@ -429,11 +455,12 @@ Result<PasskeyResult> run_passkey(CpuForward& forward, const Tokenizer& tokenize
       cell.depth = depth;
       std::vector<KvMeasure> kv;
       for (int64_t t = 0; t < options.trials; ++t) {
-        KVGATE_ASSIGN_OR_RETURN(auto prompt, gen.make(len, depth, PasskeyGenerator::random_passkey(rng)));
+        KVGATE_ASSIGN_OR_RETURN(auto prompt,
+                                gen.make(len, depth, PasskeyGenerator::random_passkey(rng)));
         // The answer's few positions may run past the training context by
         // at most max_answer_tokens; RoPE has no hard limit there.
-        KVGATE_ASSIGN_OR_RETURN(auto seq, make_eval_sequence(forward, options.policy,
-                                                             len + options.max_answer_tokens));
+        KVGATE_ASSIGN_OR_RETURN(
+            auto seq, make_eval_sequence(forward, options.policy, len + options.max_answer_tokens));
         const auto t0 = Clock::now();
         KVGATE_RETURN_IF_ERROR(seq->prefill(prompt.tokens, logits));
         res.prefill_seconds += seconds_since(t0);

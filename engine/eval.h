@@ -82,8 +82,8 @@ using EvalProgressFn = std::function<void(const EvalProgress&)>;
 
 struct PerplexityOptions {
   std::string policy = "dense";
-  int64_t context_tokens = 0;   // N: prefilled with full attention, then compressed
-  int64_t score_tokens = 256;   // M: scored one decode step at a time
+  int64_t context_tokens = 0;  // N: prefilled with full attention, then compressed
+  int64_t score_tokens = 256;  // M: scored one decode step at a time
 };
 
 // KV measured when the last scored token's logits were computed: the cache
@@ -105,8 +105,8 @@ struct PerplexityResult {
   double perplexity = 0.0;
   KvMeasure kv;
   double prefill_seconds = 0.0;
-  double decode_seconds = 0.0;     // the M - 1 decode steps
-  std::vector<double> token_nll;   // NLL of each scored token, in order
+  double decode_seconds = 0.0;    // the M - 1 decode steps
+  std::vector<double> token_nll;  // NLL of each scored token, in order
 };
 
 // Prefills tokens[0, N), then scores tokens[N, N + M) teacher-forced: the
@@ -139,11 +139,20 @@ struct CorpusPerplexityResult {
   std::vector<EvalWindow> windows;
 };
 
-// score_perplexity over plan_windows(...) of `documents`; the NLL is averaged
-// over all scored tokens, the KV measure over windows.
+// score_perplexity over n_windows windows of `documents`; the NLL is
+// averaged over all scored tokens, the KV measure over windows.
+//
+// The windows are aligned so that every context length scores the same
+// text: plan_windows() cuts the corpus into slots of slot_tokens (>= N + M;
+// the model's context, 8192, in kvgate eval), and each window ends where its
+// slot ends: tokens [slot_end - M, slot_end) are scored after a context of
+// the N tokens before them. So runs with different N (or policies) with the
+// same M, slot and W score identical tokens, and only the context differs.
+// `windows` in the result holds each window's own start (slot_end - N - M).
 Result<CorpusPerplexityResult> score_corpus_perplexity(
     CpuForward& forward, std::span<const std::vector<int32_t>> documents,
-    const PerplexityOptions& options, int64_t n_windows, const EvalProgressFn& progress = {});
+    const PerplexityOptions& options, int64_t n_windows, int64_t slot_tokens,
+    const EvalProgressFn& progress = {});
 
 // ---------------------------------------------------------------- passkey
 
@@ -163,22 +172,25 @@ struct PasskeyPrompt {
 };
 
 // Builds passkey prompts: an instruction, filler sentences, the key sentence
-// at a depth, the filler resumed, and the question. Built from token ids of
-// fixed pieces, so the length is exact: the key sentence starts at a sentence
-// boundary, at the filler-sentence boundary nearest to depth · length
-// (clamped between the instruction and the question), and the last filler
-// sentence is cut to make the length exact. Immutable; thread-safe.
+// ("The pass key is NNNNN. Remember it."), the filler resumed, and the
+// question. Built from token ids of fixed pieces, so the length is exact:
+// the key sentence starts at the filler-sentence boundary nearest to token
+// depth · length, clamped between the instruction and the question (so
+// depth 0 puts it right after the instruction, depth 1 right before the
+// question), and the last filler sentence is cut to make the length exact.
+// Immutable; thread-safe.
 class PasskeyGenerator {
  public:
   static Result<PasskeyGenerator> create(const Tokenizer& tokenizer, PasskeyFormat format);
 
   // INVALID_ARGUMENT for depth outside [0, 1], a passkey not of 5 digits, or
   // a length too short to hold the instruction, key and question.
-  Result<PasskeyPrompt> make(int64_t length_tokens, double depth,
-                             const std::string& passkey) const;
+  Result<PasskeyPrompt> make(int64_t length_tokens, double depth, const std::string& passkey) const;
 
-  // Tokens that are not filler (instruction + key sentence + question).
+  // Tokens that are not filler (instruction + key sentence + question), and
+  // those before the filler (chat header + instruction).
   int64_t fixed_tokens() const;
+  int64_t head_tokens() const { return static_cast<int64_t>(head_.size()); }
 
   // A uniformly random 5-digit number, 10000..99999.
   static std::string random_passkey(std::mt19937_64& rng);
@@ -198,10 +210,10 @@ struct PasskeyOptions {
   std::string policy = "dense";
   PasskeyFormat format = PasskeyFormat::kChat;
   std::vector<int64_t> lengths_tokens{1024, 2048, 4096, 8192};
-  std::vector<double> depths{0.0, 0.25, 0.5, 0.75, 1.0};
-  int64_t trials = 2;             // prompts per (length, depth), each with a fresh key
+  std::vector<double> depths{0.0, 0.25, 0.5, 0.75, 1.0};  // key position / length
+  int64_t trials = 2;  // prompts per (length, depth), each with a fresh key
   uint64_t seed = 0;
-  int32_t max_answer_tokens = 12;  // greedy answer length cap
+  int32_t max_answer_tokens = 16;  // greedy answer length cap
 };
 
 struct PasskeyCell {
@@ -222,7 +234,7 @@ struct PasskeySample {
 };
 
 struct PasskeyResult {
-  std::vector<PasskeyCell> cells;     // lengths-major, then depths, in option order
+  std::vector<PasskeyCell> cells;      // lengths-major, then depths, in option order
   std::vector<PasskeySample> samples;  // every trial
   double prefill_seconds = 0.0;
   double decode_seconds = 0.0;

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Tables and a plot of KV-policy quality against KV saving.
+
+Reads the JSON that `kvgate eval --json` prints -- one object per file, a
+JSON array, or JSON lines (one object per line) -- for any number of
+policies, and writes:
+
+  * a markdown table of perplexity (per policy and context) and one of
+    passkey accuracy (per policy and length, with the per-depth cells);
+  * a figure (PNG or SVG, by the extension of --plot): perplexity against
+    KV saving, one series per context, and passkey accuracy against KV
+    saving, one series per length; every point is labelled by its policy.
+
+Example:
+
+  kvgate eval --policy dense --task perplexity --context 4096 --json >> out/eval/results.jsonl
+  kvgate eval --policy dense --task passkey --json >> out/eval/results.jsonl
+  python3 tools/plot_eval.py out/eval/results.jsonl --table out/eval/table.md --plot out/eval/quality.png
+
+The table needs only the standard library. The plot needs matplotlib:
+
+  python3 -m pip install matplotlib
+
+Without it the table is still written and the script says what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    """Every JSON object in the files: an object, an array, or JSON lines."""
+    records: list[dict] = []
+    for path in paths:
+        text = path.read_text(encoding="utf-8").strip()
+        if not text:
+            continue
+        try:
+            data = json.loads(text)
+            items = data if isinstance(data, list) else [data]
+        except json.JSONDecodeError:
+            items = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        sys.exit(f"plot_eval: {path}:{n}: not JSON: {e}")
+        for item in items:
+            if not isinstance(item, dict) or "policy" not in item:
+                sys.exit(f"plot_eval: {path}: expected kvgate eval JSON objects with a 'policy'")
+            item.setdefault("task", "perplexity")
+            records.append(item)
+    return records
+
+
+def perplexity_rows(records: list[dict]) -> list[dict]:
+    """One row per (policy, context); a later record for the same key wins."""
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        if r["task"] != "perplexity":
+            continue
+        key = (r["policy"], int(r["context"]))
+        rows[key] = {
+            "policy": r["policy"],
+            "context": int(r["context"]),
+            "score_tokens": int(r.get("score_tokens", 0)),
+            "windows": int(r.get("windows", 1)),
+            "source": r.get("text") or r.get("data") or "",
+            "perplexity": float(r["perplexity"]),
+            "kv_saving": float(r.get("kv_saving", 0.0)),
+            "keep_rate": float(r.get("keep_rate", 1.0)),
+        }
+    dense = {ctx: row["perplexity"] for (pol, ctx), row in rows.items() if pol == "dense"}
+    for row in rows.values():
+        base = dense.get(row["context"])
+        row["vs_dense"] = (row["perplexity"] / base - 1.0) if base else None
+    return sorted(rows.values(), key=lambda x: (x["context"], policy_order(x["policy"])))
+
+
+def passkey_rows(records: list[dict]) -> list[dict]:
+    """One row per (policy, length), merging trials of several runs."""
+    acc: dict[tuple, dict] = {}
+    for r in records:
+        if r["task"] != "passkey":
+            continue
+        for c in r.get("cells", []):
+            key = (r["policy"], int(c["length"]))
+            row = acc.setdefault(key, {"policy": r["policy"], "length": int(c["length"]),
+                                       "correct": 0, "trials": 0, "depths": defaultdict(lambda: [0, 0]),
+                                       "saving_sum": 0.0, "keep_sum": 0.0, "n_cells": 0})
+            row["correct"] += int(c["correct"])
+            row["trials"] += int(c["trials"])
+            d = row["depths"][float(c["depth"])]
+            d[0] += int(c["correct"])
+            d[1] += int(c["trials"])
+            row["saving_sum"] += float(c.get("kv_saving", 0.0))
+            row["keep_sum"] += float(c.get("keep_rate", 1.0))
+            row["n_cells"] += 1
+    rows = []
+    for row in acc.values():
+        row["accuracy"] = row["correct"] / row["trials"] if row["trials"] else 0.0
+        row["kv_saving"] = row["saving_sum"] / row["n_cells"]
+        row["keep_rate"] = row["keep_sum"] / row["n_cells"]
+        rows.append(row)
+    return sorted(rows, key=lambda x: (x["length"], policy_order(x["policy"])))
+
+
+POLICY_ORDER = ["dense", "window", "h2o", "snapkv", "pod", "gate", "gate+pod"]
+
+
+def policy_order(p: str) -> tuple:
+    return (POLICY_ORDER.index(p), p) if p in POLICY_ORDER else (len(POLICY_ORDER), p)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100.0 * x:+.2f}%"
+
+
+def markdown(ppl: list[dict], pk: list[dict]) -> str:
+    out = []
+    if ppl:
+        out.append("### Perplexity (teacher-forced through the decode path)\n")
+        out.append("| policy | context | scored tokens | windows | perplexity | vs dense | KV saving | keep rate |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in ppl:
+            out.append(f"| {r['policy']} | {r['context']} | {r['score_tokens']} | {r['windows']} | "
+                       f"{r['perplexity']:.3f} | {pct(r['vs_dense'])} | {100 * r['kv_saving']:.1f}% | "
+                       f"{r['keep_rate']:.3f} |")
+        out.append("")
+    if pk:
+        depths = sorted({d for r in pk for d in r["depths"]})
+        out.append("### Passkey retrieval (greedy answer)\n")
+        head = "| policy | length | accuracy | trials | " + " | ".join(f"depth {d:g}" for d in depths)
+        out.append(head + " | KV saving | keep rate |")
+        out.append("|---|---:|---:|---:|" + "---:|" * len(depths) + "---:|---:|")
+        for r in pk:
+            cells = []
+            for d in depths:
+                c, t = r["depths"].get(d, (0, 0))
+                cells.append(f"{c}/{t}" if t else "")
+            out.append(f"| {r['policy']} | {r['length']} | {100 * r['accuracy']:.0f}% | {r['trials']} | "
+                       + " | ".join(cells) + f" | {100 * r['kv_saving']:.1f}% | {r['keep_rate']:.3f} |")
+        out.append("")
+    if not out:
+        out.append("(no perplexity or passkey results)\n")
+    return "\n".join(out)
+
+
+def plot(ppl: list[dict], pk: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plot_eval: matplotlib is not installed (python3 -m pip install matplotlib); "
+                 "the table was written, the plot was not")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    markers = "osD^v<>Px*"
+
+    policies = sorted({r["policy"] for r in ppl + pk}, key=policy_order)
+    marker_of = {p: markers[i % len(markers)] for i, p in enumerate(policies)}
+
+    def series(ax, rows, group_key, y_key, label_fmt, jitter=0.0):
+        # Colour: context or length; marker: policy. Points of different
+        # policies are not joined (they are not one curve); the dashed line is
+        # the group's dense value, the reference every policy is held to.
+        # `jitter` shifts groups apart along x (in saving points) so that equal
+        # accuracies of several lengths do not hide each other.
+        scale = 100.0 if y_key == "accuracy" else 1.0
+        groups = defaultdict(list)
+        for r in rows:
+            groups[r[group_key]].append(r)
+        for i, (g, rs) in enumerate(sorted(groups.items())):
+            color = f"C{i % 10}"
+            ax.plot([], [], color=color, linestyle="-", label=label_fmt.format(g))
+            for r in sorted(rs, key=lambda r: policy_order(r["policy"])):
+                x = 100 * r["kv_saving"] + jitter * (i - (len(groups) - 1) / 2)
+                y = scale * r[y_key]
+                ax.plot([x], [y], color=color, marker=marker_of[r["policy"]], linestyle="none",
+                        markersize=7)
+                ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+                if r["policy"] == "dense":
+                    ax.axhline(y, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+        for p in policies:
+            ax.plot([], [], color="gray", marker=marker_of[p], linestyle="none", label=p)
+
+    ax = axes[0]
+    if ppl:
+        series(ax, ppl, "context", "perplexity", "context {}")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no perplexity results", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("KV saving (%)  [1 - compressed bytes / dense bytes]")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("Perplexity vs KV saving")
+    ax.grid(True, alpha=0.3)
+
+    ax = axes[1]
+    if pk:
+        series(ax, pk, "length", "accuracy", "{} tokens", jitter=0.8)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no passkey results", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("KV saving (%)  [lengths nudged apart by 0.8 points]")
+    ax.set_ylabel("passkey accuracy (%)")
+    ax.set_title("Passkey retrieval vs KV saving")
+    ax.grid(True, alpha=0.3)
+
+    # Both panels share the x range so policies line up; dense sits at 0.
+    lo = min([0.0] + [100 * r["kv_saving"] for r in ppl + pk])
+    hi = max([0.0] + [100 * r["kv_saving"] for r in ppl + pk])
+    pad = max(5.0, 0.05 * (hi - lo))
+    for a in axes:
+        a.set_xlim(lo - pad, hi + pad)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+", type=Path, help="kvgate eval --json output files")
+    ap.add_argument("--table", type=Path, help="write the markdown table here (default: stdout)")
+    ap.add_argument("--plot", type=Path, help="write the figure here (.png or .svg)")
+    args = ap.parse_args()
+    for p in args.inputs:
+        if not p.is_file():
+            print(f"plot_eval: {p}: no such file", file=sys.stderr)
+            return 1
+    records = load_records(args.inputs)
+    ppl, pk = perplexity_rows(records), passkey_rows(records)
+    for r in ppl:
+        if not math.isfinite(r["perplexity"]):
+            print(f"plot_eval: warning: non-finite perplexity for {r['policy']} at {r['context']}",
+                  file=sys.stderr)
+    table = markdown(ppl, pk)
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(table + "\n", encoding="utf-8")
+    else:
+        print(table)
+    if args.plot:
+        if args.plot.suffix.lower() not in (".png", ".svg"):
+            print("plot_eval: --plot must end in .png or .svg", file=sys.stderr)
+            return 2
+        plot(ppl, pk, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
