@@ -176,6 +176,7 @@ def plot(ppl: list[dict], pk: list[dict], path: Path) -> None:
         groups = defaultdict(list)
         for r in rows:
             groups[r[group_key]].append(r)
+        labelled = set()  # each policy's name once per panel; the legend has the rest
         for i, (g, rs) in enumerate(sorted(groups.items())):
             color = f"C{i % 10}"
             ax.plot([], [], color=color, linestyle="-", label=label_fmt.format(g))
@@ -184,7 +185,10 @@ def plot(ppl: list[dict], pk: list[dict], path: Path) -> None:
                 y = scale * r[y_key]
                 ax.plot([x], [y], color=color, marker=marker_of[r["policy"]], linestyle="none",
                         markersize=7)
-                ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+                if r["policy"] not in labelled:
+                    labelled.add(r["policy"])
+                    ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 3),
+                                fontsize=7)
                 if r["policy"] == "dense":
                     ax.axhline(y, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
         for p in policies:
@@ -213,12 +217,12 @@ def plot(ppl: list[dict], pk: list[dict], path: Path) -> None:
     ax.set_title("Passkey retrieval vs KV saving")
     ax.grid(True, alpha=0.3)
 
-    # Both panels share the x range so policies line up; dense sits at 0.
+    # Both panels share the x range so policies line up: 0 (dense) to 100%
+    # saving, widened if some result lies outside.
     lo = min([0.0] + [100 * r["kv_saving"] for r in ppl + pk])
-    hi = max([0.0] + [100 * r["kv_saving"] for r in ppl + pk])
-    pad = max(5.0, 0.05 * (hi - lo))
+    hi = max([100.0] + [100 * r["kv_saving"] for r in ppl + pk])
     for a in axes:
-        a.set_xlim(lo - pad, hi + pad)
+        a.set_xlim(lo - 5.0, hi + 5.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
