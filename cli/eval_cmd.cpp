@@ -16,6 +16,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/model_loading.h"
 #include "engine/eval.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
@@ -288,13 +289,11 @@ int run_eval(const std::vector<std::string>& args) {
     texts.push_back(std::move(*t));
   }
 
-  auto model = engine::LlamaModel::load(p.get("model"));
-  if (!model.ok()) return fail(invalid_argument(p.get("model") + ": " + model.status().message()));
-  auto spec = engine::tokenizer_spec_from_gguf((*model)->gguf());
-  if (!spec.ok()) return fail(invalid_argument(p.get("model") + ": " + spec.status().message()));
-  auto tok = engine::Tokenizer::create(std::move(*spec));
-  if (!tok.ok()) return fail(invalid_argument(p.get("model") + ": " + tok.status().message()));
-  const int64_t n_ctx = (*model)->config().n_ctx_train;
+  auto loaded = load_model_and_tokenizer(p.get("model"));
+  if (!loaded.ok()) return fail(invalid_argument(loaded.status().message()));
+  const engine::LlamaModel& model = *loaded->model;
+  const engine::Tokenizer* tok = loaded->tokenizer.get();
+  const int64_t n_ctx = model.config().n_ctx_train;
   if (task == "perplexity" && popt.context_tokens + popt.score_tokens > n_ctx) {
     return fail(
         out_of_range("context + score (" + std::to_string(popt.context_tokens + popt.score_tokens) +
@@ -303,7 +302,7 @@ int run_eval(const std::vector<std::string>& args) {
 
   engine::ForwardOptions fopt;
   fopt.n_threads = static_cast<int>(*threads);
-  engine::CpuForward forward(**model, fopt);
+  engine::CpuForward forward(model, fopt);
   ProgressBar bar(!p.flag("no-progress"));
   auto progress = [&bar](const engine::EvalProgress& e) { bar(e); };
 

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/unit/engine/test_model.h"
+
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -97,41 +99,7 @@ TEST(PasskeyScorer, RandomKeysHaveFiveDigitsAndFollowTheSeed) {
 
 // ------------------------------------------------------------ with the model
 
-struct Loaded {
-  std::unique_ptr<LlamaModel> model;
-  std::unique_ptr<Tokenizer> tokenizer;
-};
-
-const Loaded* loaded() {
-  static Loaded* l = [] {
-    auto* out = new Loaded;
-    if (!std::filesystem::exists(KVGATE_TEST_MODEL)) return out;
-    auto m = LlamaModel::load(KVGATE_TEST_MODEL);
-    if (!m.ok()) {
-      ADD_FAILURE() << m.status().to_string();
-      return out;
-    }
-    auto spec = tokenizer_spec_from_gguf((*m)->gguf());
-    if (!spec.ok()) {
-      ADD_FAILURE() << spec.status().to_string();
-      return out;
-    }
-    auto t = Tokenizer::create(std::move(*spec));
-    if (!t.ok()) {
-      ADD_FAILURE() << t.status().to_string();
-      return out;
-    }
-    out->model = std::move(*m);
-    out->tokenizer = std::make_unique<Tokenizer>(std::move(*t));
-    return out;
-  }();
-  return l;
-}
-
-#define REQUIRE_MODEL()       \
-  const Loaded* L = loaded(); \
-  if (!L->model)              \
-  GTEST_SKIP() << "model not found at " KVGATE_TEST_MODEL " (run scripts/fetch-model.sh)"
+#define REQUIRE_MODEL() KVGATE_REQUIRE_MODEL()
 
 TEST(PasskeyGenerator, ExactLengthAndKeyAtDepth) {
   REQUIRE_MODEL();
