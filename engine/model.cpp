@@ -303,6 +303,10 @@ void CpuForward::run_layers(int64_t n, std::span<const BatchItem> dense,
       // The query meets fp16 keys; llama.cpp rounds it to fp16 for that dot
       // product, and so do we (the products are then exact in fp32).
       for (int64_t e = 0; e < c.q_dim(); ++e) q[e] = fp16_to_fp32(fp32_to_fp16(q[e]));
+      if (!compressed.empty()) {
+        // Later layers of a block score distant tokens with this layer's query.
+        std::copy(q, q + c.q_dim(), q_layers_.data() + (r * c.n_layers + l) * c.q_dim());
+      }
       for (int64_t h = 0; h < c.n_kv_heads; ++h) {
         fp16_t* k_dst;
         fp16_t* v_dst;
@@ -360,6 +364,9 @@ Status CpuForward::forward_compressed(std::span<const CompressedItem> items, flo
     }
   }
   ensure_scratch(n, 1);
+  if (q_layers_.size() < static_cast<size_t>(n * c.n_layers * c.q_dim())) {
+    q_layers_.resize(static_cast<size_t>(n * c.n_layers * c.q_dim()));
+  }
   // Claim every sequence's new row first: a full pool fails before any
   // compute, and attention at layer l sees this token's own K/V.
   for (int64_t i = 0; i < n; ++i) {
@@ -385,14 +392,17 @@ Status CpuForward::forward_compressed(std::span<const CompressedItem> items, flo
 void CpuForward::attention_compressed(int64_t layer, std::span<const CompressedItem> items) {
   const LlamaConfig& c = model_.config();
   const int64_t n_pairs = static_cast<int64_t>(items.size()) * c.n_heads;
+  const int64_t group = c.n_heads / c.n_kv_heads;
   pool_.run([&](int tid, int nth) {
     for (int64_t pair = tid; pair < n_pairs; pair += nth) {
       const int64_t r = pair / c.n_heads;
       const int64_t h = pair % c.n_heads;
+      const kvstore::CompressedKvCache& cache = *items[r].cache;
+      const int64_t base = cache.layout().blocks.base_layer(layer, h / group);
+      const float* q_base = q_layers_.data() + (r * c.n_layers + base) * c.q_dim() + h * c.head_dim;
       // Cannot fail: layer, head and the cache were validated by the caller.
-      (void)kvstore::attend(*items[r].cache, layer, h, c.n_heads,
-                            q_.data() + r * c.q_dim() + h * c.head_dim,
-                            attn_.data() + r * c.q_dim() + h * c.head_dim, options_.isa);
+      (void)kvstore::attend(cache, layer, h, c.n_heads, q_.data() + r * c.q_dim() + h * c.head_dim,
+                            q_base, attn_.data() + r * c.q_dim() + h * c.head_dim, options_.isa);
     }
   });
 }

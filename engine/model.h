@@ -202,6 +202,7 @@ class CpuForward {
   // Scratch, sized for max_batch_tokens rows; grown once, reused every step.
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, out_rows_;
   std::vector<float> scores_;                  // per thread: max_context
+  std::vector<float> q_layers_;                // compressed decode: [row][layer][q_dim] queries
   AttentionStats* stats_ = nullptr;            // set during a prefill that records stats
   std::vector<float> stats_scratch_;           // per share: 2 x kv_heads x stats tokens
   std::vector<int64_t> row_pos_;               // position of each row

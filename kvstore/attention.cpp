@@ -85,7 +85,7 @@ void finish_partial(const PartialAttention& state, const float* acc, float* out,
 }
 
 Status attend(const CompressedKvCache& cache, int64_t layer, int64_t q_head, int64_t n_q_heads,
-              const float* q, float* out, Isa isa) {
+              const float* q, const float* q_base, float* out, Isa isa) {
   const KvLayout& layout = cache.layout();
   const int64_t n_kv = layout.n_kv_heads();
   if (n_q_heads < n_kv || n_q_heads % n_kv != 0) {
@@ -104,8 +104,10 @@ Status attend(const CompressedKvCache& cache, int64_t layer, int64_t q_head, int
 
   const int64_t d = layout.head_dim;  // <= kMaxHeadDim (validate_layout)
   float q16[kMaxHeadDim];
+  float qb16[kMaxHeadDim];
   float acc_far[kMaxHeadDim];
   for (int64_t e = 0; e < d; ++e) q16[e] = fp16_to_fp32(fp32_to_fp16(q[e]));
+  for (int64_t e = 0; e < d; ++e) qb16[e] = fp16_to_fp32(fp32_to_fp16(q_base[e]));
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
   // Proximal partial accumulates in `out`, distant in acc_far; then merge.
@@ -114,17 +116,18 @@ Status attend(const CompressedKvCache& cache, int64_t layer, int64_t q_head, int
   accumulate_segment(state, out, near, q16, scale, isa);
   PartialAttention far_state;
   std::fill(acc_far, acc_far + d, 0.0f);
-  accumulate_segment(far_state, acc_far, far, q16, scale, isa);
+  accumulate_segment(far_state, acc_far, far, qb16, scale, isa);
   merge_partial(state, out, far_state, acc_far, d);
   finish_partial(state, out, out, d);
   return Status();
 }
 
 Status attend_layer(const CompressedKvCache& cache, int64_t layer, int64_t n_q_heads,
-                    const float* q, float* out, Isa isa) {
+                    const float* q, const float* q_base, float* out, Isa isa) {
   const int64_t d = cache.layout().head_dim;
   for (int64_t qh = 0; qh < n_q_heads; ++qh) {
-    KVGATE_RETURN_IF_ERROR(attend(cache, layer, qh, n_q_heads, q + qh * d, out + qh * d, isa));
+    KVGATE_RETURN_IF_ERROR(
+        attend(cache, layer, qh, n_q_heads, q + qh * d, q_base + qh * d, out + qh * d, isa));
   }
   return Status();
 }

@@ -61,14 +61,26 @@ void finish_partial(const PartialAttention& state, const float* acc, float* out,
 
 // Attention of one query (RoPE'd, fp32, head_dim) of query head q_head at
 // `layer`; n_q_heads / n_kv_heads query heads share a KV head (GQA), so the
-// KV head is q_head / group. out gets head_dim floats. Errors: OUT_OF_RANGE
-// for layer or q_head, INVALID_ARGUMENT if n_q_heads is not a multiple of
-// n_kv_heads, FAILED_PRECONDITION if the cache holds no token.
+// KV head is q_head / group. out gets head_dim floats.
+//
+// Distant tokens are scored with `q_base`, the same query head's query at
+// the block's base layer: their scores are the base layer's own scores
+// (q_base · k_base), shared by every layer of the block, as PoD shares
+// attention scores between similar layers. Proximal tokens are scored with
+// the layer's own query `q`. With blocks of one layer, q_base == q. (A
+// layer's own query against another layer's keys would be meaningless: the
+// projections differ per layer; DESIGN.md §4's "own query against the base
+// key" wording is corrected to this.)
+//
+// Errors: OUT_OF_RANGE for layer or q_head, INVALID_ARGUMENT if n_q_heads is
+// not a multiple of n_kv_heads, FAILED_PRECONDITION if the cache holds no
+// token.
 Status attend(const CompressedKvCache& cache, int64_t layer, int64_t q_head, int64_t n_q_heads,
-              const float* q, float* out, engine::cpu::Isa isa);
+              const float* q, const float* q_base, float* out, engine::cpu::Isa isa);
 
-// All query heads of one layer: q and out are n_q_heads x head_dim.
+// All query heads of one layer: q, q_base and out are n_q_heads x head_dim
+// (q_base: each head's query at its block's base layer).
 Status attend_layer(const CompressedKvCache& cache, int64_t layer, int64_t n_q_heads,
-                    const float* q, float* out, engine::cpu::Isa isa);
+                    const float* q, const float* q_base, float* out, engine::cpu::Isa isa);
 
 }  // namespace kvgate::kvstore

@@ -30,15 +30,21 @@ using testing::rule_table_set;
 // 10x margin while a wrong key or value (errors ~1e-2) still fails.
 constexpr double kTol = 2e-6;
 
-// softmax(q·k / sqrt(d)) · v over `set`, in double, q rounded to fp16 first.
-std::vector<double> reference(const std::vector<Entry>& set, const float* q, int64_t d) {
-  std::vector<double> qd(d);
+// softmax(q·k / sqrt(d)) · v over `set`, in double, queries rounded to fp16
+// first. Entries for which is_distant(pos) are scored with q_base (the base
+// layer's query: PoD score sharing), the others with q.
+template <typename DistantFn>
+std::vector<double> reference(const std::vector<Entry>& set, const float* q, const float* q_base,
+                              int64_t d, DistantFn is_distant) {
+  std::vector<double> qd(d), qbd(d);
   for (int64_t e = 0; e < d; ++e) qd[e] = fp16_to_fp32(fp32_to_fp16(q[e]));
+  for (int64_t e = 0; e < d; ++e) qbd[e] = fp16_to_fp32(fp32_to_fp16(q_base[e]));
   std::vector<double> scores;
   double m = -INFINITY;
   for (const auto& [pos, k, v] : set) {
+    const std::vector<double>& qq = is_distant(pos) ? qbd : qd;
     double s = 0;
-    for (int64_t e = 0; e < d; ++e) s += qd[e] * fp16_to_fp32(k[e]);
+    for (int64_t e = 0; e < d; ++e) s += qq[e] * fp16_to_fp32(k[e]);
     s /= std::sqrt(static_cast<double>(d));
     scores.push_back(s);
     m = std::max(m, s);
@@ -55,6 +61,10 @@ std::vector<double> reference(const std::vector<Entry>& set, const float* q, int
   return out;
 }
 
+std::vector<double> reference(const std::vector<Entry>& set, const float* q, int64_t d) {
+  return reference(set, q, q, d, [](int64_t) { return false; });
+}
+
 std::vector<Isa> isas() {
   std::vector<Isa> out = {Isa::kScalar};
   if (engine::cpu::best_isa() != Isa::kScalar) out.push_back(engine::cpu::best_isa());
@@ -69,13 +79,18 @@ void expect_matches_rule_table(const CompressedKvCache& cache, const History& hi
   const int64_t d = layout.head_dim;
   const int64_t group = n_q_heads / layout.n_kv_heads();
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);  // wide enough for peaked softmax
-  std::vector<float> q(d), out(d);
+  std::vector<float> q(d), q_base(d), out(d);
+  const auto is_distant = [&](int64_t j) {
+    return !(j < layout.n_sink_tokens || j >= t - layout.n_window_tokens);
+  };
   for (Isa isa : isas()) {
     for (int64_t l = 0; l < layout.n_layers(); ++l) {
       for (int64_t qh = 0; qh < n_q_heads; ++qh) {
         for (auto& x : q) x = u(rng);
-        ASSERT_TRUE(attend(cache, l, qh, n_q_heads, q.data(), out.data(), isa).ok());
-        const auto ref = reference(rule_table_set(layout, hist, t, l, qh / group), q.data(), d);
+        for (auto& x : q_base) x = u(rng);
+        ASSERT_TRUE(attend(cache, l, qh, n_q_heads, q.data(), q_base.data(), out.data(), isa).ok());
+        const auto ref = reference(rule_table_set(layout, hist, t, l, qh / group), q.data(),
+                                   q_base.data(), d, is_distant);
         for (int64_t e = 0; e < d; ++e) {
           ASSERT_NEAR(out[e], ref[e], kTol) << "t=" << t << " l=" << l << " qh=" << qh << " e=" << e
                                             << " isa=" << engine::cpu::isa_name(isa);
@@ -104,8 +119,10 @@ void expect_dense(const CompressedKvCache& cache, const History& hist, int64_t t
   std::vector<float> q(n_q_heads * d), out(n_q_heads * d);
   for (int64_t l = 0; l < layout.n_layers(); ++l) {
     for (auto& x : q) x = u(rng);
-    ASSERT_TRUE(
-        attend_layer(cache, l, n_q_heads, q.data(), out.data(), engine::cpu::best_isa()).ok());
+    // With one-layer blocks the base query is the layer's own.
+    ASSERT_TRUE(attend_layer(cache, l, n_q_heads, q.data(), q.data(), out.data(),
+                             engine::cpu::best_isa())
+                    .ok());
     for (int64_t qh = 0; qh < n_q_heads; ++qh) {
       const int64_t h = qh / (n_q_heads / layout.n_kv_heads());
       const auto ref = reference(dense_set(hist, t, l, h), q.data() + qh * d, d);
@@ -226,16 +243,16 @@ TEST(CompressedAttention, BadInputsAreErrors) {
   ASSERT_TRUE(cache.ok());
   std::vector<float> q(16, 0.5f), out(16);
   const Isa isa = Isa::kScalar;
-  EXPECT_EQ(attend(*cache, 0, 0, 9, q.data(), out.data(), isa).code(),
+  EXPECT_EQ(attend(*cache, 0, 0, 9, q.data(), q.data(), out.data(), isa).code(),
             StatusCode::kFailedPrecondition);  // empty cache
   ASSERT_TRUE(cache->append(0, hist.token(0), hist.token_flags(0)).ok());
-  EXPECT_TRUE(attend(*cache, 0, 0, 9, q.data(), out.data(), isa).ok());
-  EXPECT_EQ(attend(*cache, 4, 0, 9, q.data(), out.data(), isa).code(), StatusCode::kOutOfRange);
-  EXPECT_EQ(attend(*cache, -1, 0, 9, q.data(), out.data(), isa).code(), StatusCode::kOutOfRange);
-  EXPECT_EQ(attend(*cache, 0, 9, 9, q.data(), out.data(), isa).code(), StatusCode::kOutOfRange);
-  EXPECT_EQ(attend(*cache, 0, 0, 8, q.data(), out.data(), isa).code(),
+  EXPECT_TRUE(attend(*cache, 0, 0, 9, q.data(), q.data(), out.data(), isa).ok());
+  EXPECT_EQ(attend(*cache, 4, 0, 9, q.data(), q.data(), out.data(), isa).code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(attend(*cache, -1, 0, 9, q.data(), q.data(), out.data(), isa).code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(attend(*cache, 0, 9, 9, q.data(), q.data(), out.data(), isa).code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(attend(*cache, 0, 0, 8, q.data(), q.data(), out.data(), isa).code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(attend(*cache, 0, 0, 0, q.data(), out.data(), isa).code(),
+  EXPECT_EQ(attend(*cache, 0, 0, 0, q.data(), q.data(), out.data(), isa).code(),
             StatusCode::kInvalidArgument);
 }
 
