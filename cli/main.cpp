@@ -18,6 +18,7 @@ commands:
              against llama.cpp on the same model and machine
   eval       quality of a KV policy: perplexity of real text and passkey retrieval
   config     the configuration schema: --print-defaults, or check FILE
+  calibrate  layer grouping and Attention-Gate training for a model (gate side file)
 
 Run 'kvgate <command> --help' for the options of a command.
 )";
@@ -47,6 +48,7 @@ int main(int argc, char** argv) {
   if (cmd == "bench") return run_bench(args);
   if (cmd == "eval") return run_eval(args);
   if (cmd == "config") return run_config(args);
+  if (cmd == "calibrate") return run_calibrate(args);
   print_error("unknown command '" + cmd + "' (see 'kvgate --help')");
   return 2;
 }

@@ -292,6 +292,10 @@ void CpuForward::run_layers(int64_t n, std::span<const BatchItem> dense,
       cpu::rms_norm(x_.data() + r * c.n_embd, w.attn_norm, xn_.data() + r * c.n_embd, c.n_embd,
                     c.rms_eps, isa);
     }
+    if (observer_ != nullptr) {
+      observer_->on_layer_input(l, xn_.data(), n, std::span<const int64_t>(row_pos_.data(), n),
+                                std::span<const int32_t>(row_item_.data(), n));
+    }
     cpu::matmul(w.wq, xn_.data(), n, q_.data(), pool_, ws_, isa);
     cpu::matmul(w.wk, xn_.data(), n, k_.data(), pool_, ws_, isa);
     cpu::matmul(w.wv, xn_.data(), n, v_.data(), pool_, ws_, isa);
@@ -433,11 +437,24 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
       if (stats_ != nullptr) {
         // Per-share partial sums; reduced into stats_ after the region.
         const int64_t nt = stats_->n_tokens;
-        float* recv = stats_scratch_.data() + (tid * 2 * c.n_kv_heads + kvh) * nt;
+        float* recv = stats_scratch_.data() + (tid * 3 * c.n_kv_heads + kvh) * nt;
         for (int64_t j = 0; j < len; ++j) recv[j] += scores[j];
         if (row_pos_[r] >= stats_->observe_from) {
           float* obs = recv + c.n_kv_heads * nt;
           for (int64_t j = 0; j < len; ++j) obs[j] += scores[j];
+        }
+        if (stats_->distant_window > 0) {
+          // Keys at least W before the query: j <= pos - W.
+          float* dist = recv + 2 * c.n_kv_heads * nt;
+          const int64_t n_far = row_pos_[r] - stats_->distant_window + 1;
+          for (int64_t j = 0; j < n_far; ++j) dist[j] += scores[j];
+        }
+        if (stats_->capture_from >= 0 && row_pos_[r] >= stats_->capture_from) {
+          // Rows are disjoint per (head, query): written without a reduction.
+          float* cap = stats_->captured.data() +
+                       ((layer * c.n_heads + h) * stats_->n_captured() +
+                        (row_pos_[r] - stats_->capture_from)) * nt;
+          std::copy(scores, scores + len, cap);
         }
       }
       float* out = attn_.data() + r * c.q_dim() + h * c.head_dim;
@@ -452,7 +469,7 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
   if (stats_ != nullptr) {
     const int64_t nt = stats_->n_tokens;
     for (int t = 0; t < pool_.size(); ++t) {
-      float* part = stats_scratch_.data() + t * 2 * c.n_kv_heads * nt;
+      float* part = stats_scratch_.data() + t * 3 * c.n_kv_heads * nt;
       for (int64_t h = 0; h < c.n_kv_heads; ++h) {
         float* recv = stats_->received_row(layer, h);
         float* obs = stats_->observed_row(layer, h);
@@ -460,8 +477,12 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
           recv[j] += part[h * nt + j];
           obs[j] += part[(c.n_kv_heads + h) * nt + j];
         }
+        if (stats_->distant_window > 0) {
+          float* dist = stats_->received_distant_row(layer, h);
+          for (int64_t j = 0; j < nt; ++j) dist[j] += part[(2 * c.n_kv_heads + h) * nt + j];
+        }
       }
-      std::fill(part, part + 2 * c.n_kv_heads * nt, 0.0f);
+      std::fill(part, part + 3 * c.n_kv_heads * nt, 0.0f);
     }
   }
 }
@@ -473,6 +494,21 @@ void AttentionStats::reset(int64_t layers, int64_t kv_heads, int64_t tokens, int
   observe_from = observe_from_pos;
   received.assign(static_cast<size_t>(layers * kv_heads * tokens), 0.0f);
   observed.assign(static_cast<size_t>(layers * kv_heads * tokens), 0.0f);
+  distant_window = 0;
+  received_distant.clear();
+  capture_from = -1;
+  captured.clear();
+}
+
+void AttentionStats::enable_distant(int64_t window) {
+  distant_window = window;
+  received_distant.assign(static_cast<size_t>(n_layers * n_kv_heads * n_tokens), 0.0f);
+}
+
+void AttentionStats::enable_capture(int64_t q_heads, int64_t from_pos) {
+  n_q_heads = q_heads;
+  capture_from = std::clamp<int64_t>(from_pos, 0, n_tokens);
+  captured.assign(static_cast<size_t>(n_layers * n_q_heads * n_captured() * n_tokens), 0.0f);
 }
 
 Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out,
@@ -484,8 +520,11 @@ Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, floa
         stats->n_tokens < cache.n_tokens() + static_cast<int64_t>(tokens.size())) {
       return invalid_argument("attention stats are not sized for this model and prompt");
     }
+    if (stats->capture_from >= 0 && stats->n_q_heads != c.n_heads) {
+      return invalid_argument("attention capture is not sized for this model's query heads");
+    }
     stats_ = stats;
-    stats_scratch_.assign(static_cast<size_t>(pool_.size()) * 2 * c.n_kv_heads * stats->n_tokens, 0.0f);
+    stats_scratch_.assign(static_cast<size_t>(pool_.size()) * 3 * c.n_kv_heads * stats->n_tokens, 0.0f);
   }
   struct Reset {
     AttentionStats** p;

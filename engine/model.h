@@ -136,8 +136,32 @@ struct AttentionStats {
   int64_t observe_from = 0;  // queries at positions >= this also add to `observed`
   std::vector<float> received;
   std::vector<float> observed;
+  // Calibration extras (off unless enabled after reset()):
+  //  - distant_window W > 0: `received_distant` sums only the attention of
+  //    queries at least W positions after the key, i.e. the attention a
+  //    token gets once it is distant (the gate's teacher signal);
+  //  - capture_from >= 0: the probability rows of every query at positions
+  //    >= capture_from are stored per (layer, query head) in `captured`,
+  //    [layer][q_head][query - capture_from][key] (keys past the query are 0).
+  int64_t distant_window = 0;
+  std::vector<float> received_distant;
+  int64_t capture_from = -1;
+  int64_t n_q_heads = 0;
+  std::vector<float> captured;
 
   void reset(int64_t layers, int64_t kv_heads, int64_t tokens, int64_t observe_from_pos);
+  void enable_distant(int64_t window);
+  void enable_capture(int64_t q_heads, int64_t from_pos);
+  int64_t n_captured() const { return capture_from < 0 ? 0 : n_tokens - capture_from; }
+  float* received_distant_row(int64_t layer, int64_t kv_head) {
+    return received_distant.data() + (layer * n_kv_heads + kv_head) * n_tokens;
+  }
+  const float* received_distant_row(int64_t layer, int64_t kv_head) const {
+    return received_distant.data() + (layer * n_kv_heads + kv_head) * n_tokens;
+  }
+  const float* captured_row(int64_t layer, int64_t q_head, int64_t query) const {
+    return captured.data() + ((layer * n_q_heads + q_head) * n_captured() + query) * n_tokens;
+  }
   float* received_row(int64_t layer, int64_t kv_head) {
     return received.data() + (layer * n_kv_heads + kv_head) * n_tokens;
   }
@@ -150,6 +174,20 @@ struct AttentionStats {
   const float* observed_row(int64_t layer, int64_t kv_head) const {
     return observed.data() + (layer * n_kv_heads + kv_head) * n_tokens;
   }
+};
+
+// Sees the normalized input (after attn_norm) of every layer during a
+// forward step: rows of n_embd floats; row r belongs to batch item
+// row_item[r] at position row_pos[r]. Called on the engine thread, in layer
+// order, before the layer's attention; for a compressed step after the new
+// token's cache row was claimed (so a gate may write its state and flags).
+// The observer must not keep the pointers past the call.
+class LayerInputObserver {
+ public:
+  virtual ~LayerInputObserver() = default;
+  virtual void on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
+                              std::span<const int64_t> row_pos,
+                              std::span<const int32_t> row_item) = 0;
 };
 
 struct ForwardOptions {
@@ -181,6 +219,9 @@ class CpuForward {
   Status prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out,
                  AttentionStats* stats = nullptr);
 
+  // Observer of layer inputs for the following calls (null: none). Not owned.
+  void set_layer_observer(LayerInputObserver* observer) { observer_ = observer; }
+  LayerInputObserver* layer_observer() const { return observer_; }
   const LlamaModel& model() const { return model_; }
   const ForwardOptions& options() const { return options_; }
   int n_threads() const { return pool_.size(); }
@@ -204,6 +245,7 @@ class CpuForward {
   std::vector<float> scores_;                  // per thread: max_context
   std::vector<float> q_layers_;                // compressed decode: [row][layer][q_dim] queries
   AttentionStats* stats_ = nullptr;            // set during a prefill that records stats
+  LayerInputObserver* observer_ = nullptr;
   std::vector<float> stats_scratch_;           // per share: 2 x kv_heads x stats tokens
   std::vector<int64_t> row_pos_;               // position of each row
   std::vector<int32_t> row_item_;              // item of each row

@@ -14,11 +14,14 @@ int64_t ceil_div(int64_t a, int64_t b) {
 
 }  // namespace
 
-CompressedKvCache::CompressedKvCache(const KvLayout& layout, PagePool* pool, int64_t page_tokens)
+CompressedKvCache::CompressedKvCache(const KvLayout& layout, PagePool* pool, int64_t page_tokens,
+                                     int64_t gate_rows_per_page)
     : layout_(layout),
       pool_(pool),
       page_tokens_(page_tokens),
-      positions_per_page_(pool->page_bytes() / kPositionBytes) {
+      positions_per_page_(pool->page_bytes() / kPositionBytes),
+      gate_rows_per_page_(gate_rows_per_page),
+      gate_row_elems_(layout.gate_row_elems()) {
   const BlockMap& map = layout_.blocks;
   distant_.resize(map.n_slots());
   for (int64_t s = 0; s < map.n_slots(); ++s) {
@@ -36,10 +39,14 @@ Result<CompressedKvCache> CompressedKvCache::create(const KvLayout& layout, Page
                             " bytes is not a whole number of " + std::to_string(row_bytes) +
                             "-byte K/V rows");
   }
-  if (layout.gate_state_bytes_per_token != 0) {
-    return unimplemented("compressed cache: gate state is not stored in kvstore yet");
+  const int64_t gate_row_bytes = layout.gate_state_bytes_per_token;
+  if (gate_row_bytes > 0 && pool->page_bytes() % gate_row_bytes != 0) {
+    return invalid_argument("compressed cache: page of " + std::to_string(pool->page_bytes()) +
+                            " bytes is not a whole number of " + std::to_string(gate_row_bytes) +
+                            "-byte gate state rows");
   }
-  return CompressedKvCache(layout, pool, pool->page_bytes() / row_bytes);
+  const int64_t gate_rows_per_page = gate_row_bytes > 0 ? pool->page_bytes() / gate_row_bytes : 0;
+  return CompressedKvCache(layout, pool, pool->page_bytes() / row_bytes, gate_rows_per_page);
 }
 
 CompressedKvCache::CompressedKvCache(CompressedKvCache&& other) noexcept {
@@ -53,11 +60,15 @@ CompressedKvCache& CompressedKvCache::operator=(CompressedKvCache&& other) noexc
   pool_ = std::exchange(other.pool_, nullptr);
   page_tokens_ = other.page_tokens_;
   positions_per_page_ = other.positions_per_page_;
+  gate_rows_per_page_ = other.gate_rows_per_page_;
+  gate_row_elems_ = other.gate_row_elems_;
   n_tokens_ = std::exchange(other.n_tokens_, 0);
   n_pages_held_ = std::exchange(other.n_pages_held_, 0);
   n_ring_pages_ = std::exchange(other.n_ring_pages_, 0);
   ring_k_pages_ = std::move(other.ring_k_pages_);
   ring_v_pages_ = std::move(other.ring_v_pages_);
+  gate_ring_pages_ = std::move(other.gate_ring_pages_);
+  n_gate_ring_pages_ = std::exchange(other.n_gate_ring_pages_, 0);
   distant_ = std::move(other.distant_);
   pending_flags_ = std::move(other.pending_flags_);
   return *this;
@@ -77,16 +88,20 @@ void CompressedKvCache::release() {
   };
   give_back(ring_k_pages_);
   give_back(ring_v_pages_);
+  give_back(gate_ring_pages_);
   for (const DistantList& d : distant_) {
     give_back(d.k_pages);
     for (const auto& v : d.v_pages) give_back(v);
     give_back(d.pos_pages);
+    give_back(d.gate_pages);
   }
   ring_k_pages_.clear();
   ring_v_pages_.clear();
+  gate_ring_pages_.clear();
   distant_.clear();
   n_pages_held_ = 0;
   n_ring_pages_ = 0;
+  n_gate_ring_pages_ = 0;
   n_tokens_ = 0;
 }
 
@@ -124,7 +139,8 @@ int64_t CompressedKvCache::ring_row(int64_t position) const {
 int64_t CompressedKvCache::retain_pages_needed(int64_t slot) const {
   const int64_t r = distant_[slot].n_tokens;
   const int64_t g = layout_.blocks.slot_block(slot).n_layers;
-  return (r % page_tokens_ == 0 ? 1 + g : 0) + (r % positions_per_page_ == 0 ? 1 : 0);
+  return (r % page_tokens_ == 0 ? 1 + g : 0) + (r % positions_per_page_ == 0 ? 1 : 0) +
+         (gate_rows_per_page_ > 0 && r % gate_rows_per_page_ == 0 ? 1 : 0);
 }
 
 void CompressedKvCache::grow_ring() {
@@ -134,6 +150,17 @@ void CompressedKvCache::grow_ring() {
   ++n_ring_pages_;
 }
 
+void CompressedKvCache::grow_gate_ring() {
+  const int64_t n_slots = layout_.blocks.n_slots();
+  for (int64_t s = 0; s < n_slots; ++s) gate_ring_pages_.push_back(take_page());
+  ++n_gate_ring_pages_;
+}
+
+fp16_t* CompressedKvCache::gate_ring_row_ptr(int64_t slot, int64_t row) {
+  const PageId id = gate_ring_pages_[(row / gate_rows_per_page_) * layout_.blocks.n_slots() + slot];
+  return reinterpret_cast<fp16_t*>(pool_->data(id)) + (row % gate_rows_per_page_) * gate_row_elems_;
+}
+
 fp16_t* CompressedKvCache::ring_row_ptr(std::vector<PageId>& pages, int64_t layer, int64_t head,
                                         int64_t row) {
   const int64_t lh = layout_.n_layers() * layout_.n_kv_heads();
@@ -141,8 +168,9 @@ fp16_t* CompressedKvCache::ring_row_ptr(std::vector<PageId>& pages, int64_t laye
   return reinterpret_cast<fp16_t*>(pool_->data(id)) + (row % page_tokens_) * layout_.head_dim;
 }
 
-template <typename KRowFn, typename VRowFn>
-void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, int64_t position) {
+template <typename KRowFn, typename VRowFn, typename GateRowFn>
+void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, GateRowFn gate_row,
+                               int64_t position) {
   DistantList& d = distant_[slot];
   const int64_t r = d.n_tokens;
   if (r % page_tokens_ == 0) {
@@ -161,6 +189,12 @@ void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, i
   std::memcpy(pool_->data(d.pos_pages[r / positions_per_page_]) +
                   (r % positions_per_page_) * kPositionBytes,
               &pos, sizeof(pos));
+  if (gate_rows_per_page_ > 0) {
+    if (r % gate_rows_per_page_ == 0) d.gate_pages.push_back(take_page());
+    std::memcpy(pool_->data(d.gate_pages[r / gate_rows_per_page_]) +
+                    (r % gate_rows_per_page_) * layout_.gate_state_bytes_per_token,
+                gate_row(), layout_.gate_state_bytes_per_token);
+  }
   ++d.n_tokens;
 }
 
@@ -169,6 +203,12 @@ Status CompressedKvCache::append(int64_t position, const TokenKv& kv,
   if (kv.k == nullptr || kv.v == nullptr) {
     return invalid_argument("compressed cache: append without K or V rows");
   }
+  if (layout_.has_gate_state() != (kv.gate != nullptr)) {
+    return invalid_argument(layout_.has_gate_state()
+                                ? "compressed cache: append without gate state rows"
+                                : "compressed cache: gate state rows given for a layout without "
+                                  "gate state");
+  }
   KVGATE_RETURN_IF_ERROR(begin_append(position, flags));
   const int64_t row_bytes = kKvElementBytes * layout_.head_dim;
   for (int64_t l = 0; l < layout_.n_layers(); ++l) {
@@ -176,6 +216,12 @@ Status CompressedKvCache::append(int64_t position, const TokenKv& kv,
       const int64_t off = l * kv.layer_stride + h * kv.head_stride;
       std::memcpy(new_k_row(l, h), kv.k + off, row_bytes);
       std::memcpy(new_v_row(l, h), kv.v + off, row_bytes);
+    }
+  }
+  if (kv.gate != nullptr) {
+    for (int64_t s = 0; s < layout_.blocks.n_slots(); ++s) {
+      std::memcpy(new_gate_row(s), kv.gate + s * kv.gate_slot_stride,
+                  layout_.gate_state_bytes_per_token);
     }
   }
   return Status();
@@ -189,6 +235,39 @@ fp16_t* CompressedKvCache::new_v_row(int64_t layer, int64_t head) {
   return ring_row_ptr(ring_v_pages_, layer, head, ring_row(n_tokens_ - 1));
 }
 
+fp16_t* CompressedKvCache::new_gate_row(int64_t slot) {
+  if (gate_rows_per_page_ == 0) return nullptr;
+  return gate_ring_row_ptr(slot, ring_row(n_tokens_ - 1));
+}
+
+Status CompressedKvCache::set_flags(int64_t position, std::span<const uint8_t> flags) {
+  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  if (position < 0 || position >= n_tokens_) {
+    return invalid_argument("compressed cache: set flags of token " + std::to_string(position) +
+                            ", which does not exist (" + std::to_string(n_tokens_) + " tokens)");
+  }
+  KVGATE_RETURN_IF_ERROR(validate_flags(flags, 1));
+  const int64_t n_sink = layout_.n_sink_tokens;
+  if (position < n_sink) return Status();  // sinks never leave: flags unused
+  if (position < n_tokens_ - layout_.n_window_tokens) {
+    return invalid_argument("compressed cache: set flags of token " + std::to_string(position) +
+                            ", which already left the window (it holds positions from " +
+                            std::to_string(std::max(n_sink, n_tokens_ - layout_.n_window_tokens)) +
+                            ")");
+  }
+  const int64_t n_slots = layout_.blocks.n_slots();
+  std::memcpy(pending_flags_.data() + (ring_row(position) - n_sink) * n_slots, flags.data(),
+              n_slots);
+  return Status();
+}
+
+void CompressedKvCache::set_flag_unchecked(int64_t slot, uint8_t flag) {
+  const int64_t position = n_tokens_ - 1;
+  const int64_t n_sink = layout_.n_sink_tokens;
+  if (position < n_sink) return;
+  pending_flags_[(ring_row(position) - n_sink) * layout_.blocks.n_slots() + slot] = flag;
+}
+
 Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t> flags) {
   if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
   if (position != n_tokens_) {
@@ -198,7 +277,9 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
   if (n_tokens_ >= kMaxTokens) {
     return out_of_range("compressed cache: positions past 2^31 cannot be stored");
   }
-  KVGATE_RETURN_IF_ERROR(validate_flags(flags, 1));
+  // Empty flags: given later by set_flags() (dropped until then).
+  const bool deferred = flags.empty();
+  if (!deferred) KVGATE_RETURN_IF_ERROR(validate_flags(flags, 1));
 
   const BlockMap& map = layout_.blocks;
   const int64_t n_slots = map.n_slots();
@@ -212,7 +293,9 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
 
   // Count the pages first so a full pool leaves the cache unchanged.
   const bool grow = row >= n_ring_pages_ * page_tokens_;
+  const bool grow_gate = gate_rows_per_page_ > 0 && row >= n_gate_ring_pages_ * gate_rows_per_page_;
   int64_t need = grow ? 2 * layout_.n_layers() * layout_.n_kv_heads() : 0;
+  if (grow_gate) need += n_slots;
   if (leaving_flags != nullptr) {
     for (int64_t s = 0; s < n_slots; ++s) {
       if (leaving_flags[s]) need += retain_pages_needed(s);
@@ -225,18 +308,25 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
   }
 
   if (grow) grow_ring();
+  if (grow_gate) grow_gate_ring();
   if (leaving_flags != nullptr) {
     for (int64_t s = 0; s < n_slots; ++s) {
-      if (!leaving_flags[s]) continue;  // flag 0: K and V dropped everywhere
+      if (!leaving_flags[s]) continue;  // flag 0: K, V and gate row dropped everywhere
       const int64_t h = map.slot_head(s);
       const int64_t first = map.slot_block(s).first_layer;
       retain(
           s, [&] { return ring_row_ptr(ring_k_pages_, first, h, row); },
-          [&](int64_t i) { return ring_row_ptr(ring_v_pages_, first + i, h, row); }, leaving);
+          [&](int64_t i) { return ring_row_ptr(ring_v_pages_, first + i, h, row); },
+          [&] { return gate_ring_row_ptr(s, row); }, leaving);
     }
   }
   if (position >= n_sink) {
-    std::memcpy(pending_flags_.data() + (row - n_sink) * n_slots, flags.data(), n_slots);
+    uint8_t* pending = pending_flags_.data() + (row - n_sink) * n_slots;
+    if (deferred) {
+      std::memset(pending, 0, n_slots);
+    } else {
+      std::memcpy(pending, flags.data(), n_slots);
+    }
   }
   ++n_tokens_;
   return Status();
@@ -245,7 +335,8 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
 Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& layout,
                                                               PagePool* pool, int64_t n_tokens,
                                                               const DenseKv& kv,
-                                                              std::span<const uint8_t> flags) {
+                                                              std::span<const uint8_t> flags,
+                                                              const DenseGate& gate) {
   KVGATE_ASSIGN_OR_RETURN(CompressedKvCache cache, create(layout, pool));
   if (n_tokens < 0 || n_tokens > kMaxTokens) {
     return invalid_argument("compressed cache: n_tokens " + std::to_string(n_tokens) +
@@ -253,6 +344,15 @@ Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& la
   }
   if (n_tokens > 0 && (kv.k == nullptr || kv.v == nullptr)) {
     return invalid_argument("compressed cache: build without K or V rows");
+  }
+  if (!layout.has_gate_state() && gate.rows != nullptr) {
+    return invalid_argument(
+        "compressed cache: gate state rows given for a layout without gate state");
+  }
+  if (layout.has_gate_state() && n_tokens > 0 && gate.rows == nullptr) {
+    return invalid_argument("compressed cache: build without gate state rows (the layout has " +
+                            std::to_string(layout.gate_state_bytes_per_token) +
+                            " bytes per token and slot)");
   }
   KVGATE_RETURN_IF_ERROR(cache.validate_flags(flags, n_tokens));
 
@@ -262,15 +362,19 @@ Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& la
   const int64_t window_begin = std::max(n_sink, n_tokens - layout.n_window_tokens);
   const int64_t pt = cache.page_tokens_;
   const int64_t ppp = cache.positions_per_page_;
+  const int64_t grp = cache.gate_rows_per_page_;  // 0 without gate state
 
   // Pages of the final state, checked up front (as append() does per token).
   const int64_t ring_pages = ceil_div(layout.proximal_tokens(n_tokens), pt);
-  int64_t need = ring_pages * 2 * layout.n_layers() * layout.n_kv_heads();
+  const int64_t gate_ring_pages = grp > 0 ? ceil_div(layout.proximal_tokens(n_tokens), grp) : 0;
+  int64_t need =
+      ring_pages * 2 * layout.n_layers() * layout.n_kv_heads() + gate_ring_pages * n_slots;
   for (int64_t s = 0; s < n_slots; ++s) {
     const uint8_t* f = flags.data() + s * n_tokens;
     int64_t r = 0;
     for (int64_t j = n_sink; j < window_begin; ++j) r += f[j];
-    need += ceil_div(r, pt) * (1 + map.slot_block(s).n_layers) + ceil_div(r, ppp);
+    need += ceil_div(r, pt) * (1 + map.slot_block(s).n_layers) + ceil_div(r, ppp) +
+            (grp > 0 ? ceil_div(r, grp) : 0);
   }
   if (need > pool->free_pages()) {
     return resource_exhausted("compressed cache: " + std::to_string(n_tokens) + " tokens need " +
@@ -279,6 +383,11 @@ Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& la
   }
 
   for (int64_t i = 0; i < ring_pages; ++i) cache.grow_ring();
+  for (int64_t i = 0; i < gate_ring_pages; ++i) cache.grow_gate_ring();
+  const int64_t gate_row_bytes = layout.gate_state_bytes_per_token;
+  auto gate_row = [&](int64_t j, int64_t s) {
+    return gate.rows + j * gate.token_stride + s * gate.slot_stride;
+  };
   const int64_t row_bytes = kKvElementBytes * layout.head_dim;
   auto copy_proximal = [&](int64_t j) {
     const int64_t row = cache.ring_row(j);
@@ -287,6 +396,11 @@ Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& la
         const int64_t off = j * kv.token_stride + l * kv.layer_stride + h * kv.head_stride;
         std::memcpy(cache.ring_row_ptr(cache.ring_k_pages_, l, h, row), kv.k + off, row_bytes);
         std::memcpy(cache.ring_row_ptr(cache.ring_v_pages_, l, h, row), kv.v + off, row_bytes);
+      }
+    }
+    if (grp > 0) {
+      for (int64_t s = 0; s < n_slots; ++s) {
+        std::memcpy(cache.gate_ring_row_ptr(s, row), gate_row(j, s), gate_row_bytes);
       }
     }
   };
@@ -305,7 +419,8 @@ Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& la
       const int64_t off = j * kv.token_stride + h * kv.head_stride;
       cache.retain(
           s, [&] { return kv.k + off + first * kv.layer_stride; },
-          [&](int64_t i) { return kv.v + off + (first + i) * kv.layer_stride; }, j);
+          [&](int64_t i) { return kv.v + off + (first + i) * kv.layer_stride; },
+          [&] { return gate_row(j, s); }, j);
     }
   }
   cache.n_tokens_ = n_tokens;
@@ -329,6 +444,32 @@ Result<SegmentView> CompressedKvCache::distant(int64_t layer, int64_t head) cons
   const int64_t i = layer - map.slot_block(slot).first_layer;
   return SegmentView(pool_, d.k_pages.data(), d.v_pages[i].data(), 1, d.n_tokens, page_tokens_,
                      layout_.head_dim);
+}
+
+Result<GateRowsView> CompressedKvCache::gate_proximal(int64_t slot) const {
+  KVGATE_RETURN_IF_ERROR(check_slot(slot));
+  if (gate_rows_per_page_ == 0) return GateRowsView();
+  const bool any = !gate_ring_pages_.empty();  // no rows before the first token
+  return GateRowsView(pool_, any ? gate_ring_pages_.data() + slot : nullptr,
+                      layout_.blocks.n_slots(), proximal_tokens(), gate_rows_per_page_,
+                      gate_row_elems_);
+}
+
+Result<GateRowsView> CompressedKvCache::gate_distant(int64_t slot) const {
+  KVGATE_RETURN_IF_ERROR(check_slot(slot));
+  if (gate_rows_per_page_ == 0) return GateRowsView();
+  const DistantList& d = distant_[slot];
+  return GateRowsView(pool_, d.gate_pages.data(), 1, d.n_tokens, gate_rows_per_page_,
+                      gate_row_elems_);
+}
+
+Status CompressedKvCache::check_slot(int64_t slot) const {
+  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  if (slot < 0 || slot >= layout_.blocks.n_slots()) {
+    return out_of_range("compressed cache: slot " + std::to_string(slot) + " not in [0, " +
+                        std::to_string(layout_.blocks.n_slots()) + ")");
+  }
+  return Status();
 }
 
 Status CompressedKvCache::check_layer_head(int64_t layer, int64_t head) const {
@@ -378,7 +519,7 @@ Footprint CompressedKvCache::footprint() const {
   Footprint f;
   f.kv_bytes = layout_.elem_bytes * layout_.head_dim * rows;
   f.position_bytes = kPositionBytes * retained;
-  f.gate_bytes = 0;  // create() rejects layouts with gate state
+  f.gate_bytes = layout_.gate_state_bytes_per_token * (map.n_slots() * p + retained);
   return f;
 }
 

@@ -9,22 +9,32 @@
 //     not in position order; attention does not care);
 //   - per (block, KV head) slot, a list of retained distant tokens holding
 //     the base layer's K, every block layer's V (g lists) and the token
-//     positions (int32), in append order (increasing position).
+//     positions (int32), in append order (increasing position);
+//   - with gate state (layout.gate_state_bytes_per_token > 0), per slot a
+//     ring of gate rows for the proximal tokens (same ring-row mapping as
+//     the K/V rings) and a list of gate rows of the retained tokens (same
+//     order as the slot's retained K/V and positions). A gate row is
+//     gate_row_elems() fp16 values, opaque to the cache.
 // Every K/V list is a sequence of pages of page_tokens() rows of head_dim
 // fp16 each (page_tokens = page_bytes / (2·head_dim)); positions are packed
-// page_bytes / 4 per page.
+// page_bytes / 4 per page; gate rows gate_rows_per_page() per page. All
+// pages come from the one pool.
 //
 // Eviction is deferred: a token's flags (one per slot) are given when it is
-// appended and applied when it leaves the window: flag 1 moves the
-// base-layer key and every layer's value into the slot's retained list,
-// flag 0 drops them. Sinks never leave. Positions are never re-indexed.
+// appended, or later through set_flags() while it is in the window, and
+// applied when it leaves the window: flag 1 moves the base-layer key, every
+// layer's value and the slot's gate row into the slot's retained list,
+// flag 0 drops them. A token whose flags were never given is dropped
+// (flag 0) in every slot. Sinks never leave. Positions are never
+// re-indexed.
 //
 // bytes() equals the footprint formula (kvstore/footprint.h) for the current
 // state exactly; capacity_bytes() is what the pages hold (>= bytes()).
 //
 // Threading: one owner thread (the engine loop), the same one that owns the
-// pool. Views returned by proximal()/distant() stay valid until the next
-// append() or the cache's destruction. Destruction returns every page.
+// pool. Views returned by proximal()/distant()/gate_proximal()/
+// gate_distant() stay valid until the next append()/begin_append() or the
+// cache's destruction. Destruction returns every page.
 #pragma once
 
 #include <algorithm>
@@ -45,11 +55,15 @@ using engine::fp16_t;
 // One new token's K and V rows for every (layer, KV head): the row of
 // (l, h) starts at k + l * layer_stride + h * head_stride (in elements);
 // V likewise from v. Each row is head_dim contiguous fp16 values.
+// With gate state, slot s's gate row starts at gate + s * gate_slot_stride
+// (gate_row_elems() contiguous fp16); gate must be null without it.
 struct TokenKv {
   const fp16_t* k = nullptr;
   const fp16_t* v = nullptr;
   int64_t layer_stride = 0;
   int64_t head_stride = 0;
+  const fp16_t* gate = nullptr;
+  int64_t gate_slot_stride = 0;
 };
 
 // K and V of a run of tokens for every (layer, KV head): token j's row of
@@ -61,6 +75,15 @@ struct DenseKv {
   int64_t token_stride = 0;
   int64_t layer_stride = 0;
   int64_t head_stride = 0;
+};
+
+// Gate state rows of a run of tokens for every (block, head) slot: token
+// j's row of slot s starts at rows + j * token_stride + s * slot_stride (in
+// elements), gate_row_elems() contiguous fp16 values.
+struct DenseGate {
+  const fp16_t* rows = nullptr;
+  int64_t token_stride = 0;
+  int64_t slot_stride = 0;
 };
 
 // One page's share of a segment: n_tokens rows of K and the matching rows of
@@ -112,21 +135,71 @@ class SegmentView {
   int64_t head_dim_;
 };
 
+// One page's share of a run of gate rows: n_rows rows of row_elems fp16
+// each, contiguous (row stride = row_elems).
+struct GatePageSpan {
+  const fp16_t* rows = nullptr;
+  int64_t n_rows = 0;
+};
+
+// Gate state rows of one (block, head) slot (its proximal ring or its
+// retained list), for the gate to iterate without copying. Cheap to copy;
+// borrows the cache. Empty (0 rows) for a layout without gate state.
+class GateRowsView {
+ public:
+  GateRowsView() = default;
+  GateRowsView(const PagePool* pool, const PageId* ids, int64_t id_stride, int64_t n_rows,
+               int64_t rows_per_page, int64_t row_elems)
+      : pool_(pool),
+        ids_(ids),
+        id_stride_(id_stride),
+        n_rows_(n_rows),
+        rows_per_page_(rows_per_page),
+        row_elems_(row_elems) {}
+
+  int64_t n_rows() const { return n_rows_; }
+  int64_t row_elems() const { return row_elems_; }
+  int64_t n_pages() const {
+    return n_rows_ == 0 ? 0 : (n_rows_ + rows_per_page_ - 1) / rows_per_page_;
+  }
+  // Page i in [0, n_pages()).
+  GatePageSpan page(int64_t i) const {
+    return {reinterpret_cast<const fp16_t*>(pool_->data(ids_[i * id_stride_])),
+            std::min(rows_per_page_, n_rows_ - i * rows_per_page_)};
+  }
+  // Row r in [0, n_rows()).
+  const fp16_t* row(int64_t r) const {
+    return page(r / rows_per_page_).rows + (r % rows_per_page_) * row_elems_;
+  }
+
+ private:
+  const PagePool* pool_ = nullptr;
+  const PageId* ids_ = nullptr;
+  int64_t id_stride_ = 0;
+  int64_t n_rows_ = 0;
+  int64_t rows_per_page_ = 1;
+  int64_t row_elems_ = 0;
+};
+
 class CompressedKvCache {
  public:
-  // An empty cache (no tokens, no pages). Errors: invalid layout, a pool
-  // whose page_bytes is not a multiple of 2·head_dim, gate state bytes > 0
-  // (UNIMPLEMENTED: gate state is not stored here yet). `pool` must outlive
-  // the cache.
+  // An empty cache (no tokens, no pages). Errors (INVALID_ARGUMENT):
+  // invalid layout, no pool, a pool whose page_bytes is not a multiple of
+  // 2·head_dim (whole K/V rows) or, with gate state, of
+  // gate_state_bytes_per_token (whole gate rows). `pool` must outlive the
+  // cache.
   static Result<CompressedKvCache> create(const KvLayout& layout, PagePool* pool);
 
-  // The state reached by appending tokens 0..n_tokens-1 one at a time, built
-  // in one pass (prefill). flags[slot * n_tokens + j] is token j's flag for
-  // (block, head) slot `slot`. Errors as for append(); on error no page
-  // stays allocated.
+  // The state reached by appending tokens 0..n_tokens-1 one at a time (with
+  // their flags given), built in one pass (prefill). flags[slot * n_tokens +
+  // j] is token j's flag for (block, head) slot `slot`. `gate` holds every
+  // token's gate rows: required (non-null rows, when n_tokens > 0) iff the
+  // layout has gate state, and must be empty without it. Errors as for
+  // append(); on error no page stays allocated.
   static Result<CompressedKvCache> build_from_dense(const KvLayout& layout, PagePool* pool,
                                                     int64_t n_tokens, const DenseKv& kv,
-                                                    std::span<const uint8_t> flags);
+                                                    std::span<const uint8_t> flags,
+                                                    const DenseGate& gate = {});
 
   CompressedKvCache(CompressedKvCache&& other) noexcept;
   CompressedKvCache& operator=(CompressedKvCache&& other) noexcept;
@@ -135,21 +208,44 @@ class CompressedKvCache {
   ~CompressedKvCache();
 
   // Appends the token at `position`, which must equal n_tokens(). flags has
-  // n_slots() entries, each 0 or 1 (ignored for sinks, which never leave).
-  // If a token leaves the window, its flags are applied now. Errors:
-  // INVALID_ARGUMENT (position, flags, null rows), RESOURCE_EXHAUSTED (the
-  // pool lacks the pages: the cache is unchanged). Does not block.
+  // n_slots() entries, each 0 or 1 (ignored for sinks, which never leave),
+  // or is empty: flags given later with set_flags(). If a token leaves the
+  // window, its flags are applied now. kv.gate must be given iff the layout
+  // has gate state. Errors: INVALID_ARGUMENT (position, flags, null rows),
+  // RESOURCE_EXHAUSTED (the pool lacks the pages: the cache is unchanged).
+  // Does not block.
   Status append(int64_t position, const TokenKv& kv, std::span<const uint8_t> flags);
 
   // Two-phase append for a forward pass that computes K/V layer by layer:
   // begin_append() applies the leaving token's flags and claims the new
   // token's ring row (same checks and errors as append(); on error nothing
   // changes); then new_k_row()/new_v_row() give that row of each (layer,
-  // head) to write. Until a layer's rows are written its content is stale,
-  // so attention at layer l must come after writing layer l.
+  // head) to write, and new_gate_row() that of each slot's gate state. Until
+  // a layer's rows are written its content is stale, so attention at layer l
+  // must come after writing layer l. An empty `flags` defers the new
+  // token's flags (the gate computes them during the forward step): set
+  // them with set_flags()/set_flag_unchecked() before the token leaves the
+  // window, or it is dropped in every slot.
   Status begin_append(int64_t position, std::span<const uint8_t> flags);
   fp16_t* new_k_row(int64_t layer, int64_t head);
   fp16_t* new_v_row(int64_t layer, int64_t head);
+  // The new token's gate row of `slot` (gate_row_elems() fp16 to write;
+  // stale until written, and gate_proximal() already counts it).
+  // Unchecked: after a successful begin_append(), slot in [0, n_slots()),
+  // and the layout has gate state (null otherwise).
+  fp16_t* new_gate_row(int64_t slot);
+
+  // Sets (overwrites) the pending flags of the token at `position` while it
+  // is in the window; they are applied when it leaves. For a sink the call
+  // is accepted and has no effect (sinks never leave). flags has n_slots()
+  // entries, each 0 or 1. INVALID_ARGUMENT if the token does not exist
+  // (position >= n_tokens() or < 0), already left the window, or flags are
+  // malformed; the cache is unchanged then. O(n_slots), no allocation.
+  Status set_flags(int64_t position, std::span<const uint8_t> flags);
+  // Hot-path form for the newest token (position n_tokens() - 1): its flag
+  // in `slot` becomes `flag`. Unchecked: after a successful begin_append(),
+  // slot in [0, n_slots()), flag 0 or 1. No effect for a sink.
+  void set_flag_unchecked(int64_t slot, uint8_t flag);
 
   // Proximal segment of (layer, head): own-layer K and V of the sinks and
   // the window, in ring-row order. OUT_OF_RANGE for a bad layer or head.
@@ -162,9 +258,20 @@ class CompressedKvCache {
   // Position of the i-th retained token of `slot` (i < retained_tokens(slot)).
   int32_t retained_position(int64_t slot, int64_t i) const;
 
+  // Gate state rows of (block, head) `slot`: of the proximal tokens in
+  // ring-row order (n_rows = proximal_tokens(); row r belongs to the token
+  // at proximal_row_position(r)), and of the retained tokens in retained
+  // order (n_rows = retained_tokens(slot); row i belongs to
+  // retained_position(slot, i)). 0 rows without gate state. OUT_OF_RANGE
+  // for a bad slot.
+  Result<GateRowsView> gate_proximal(int64_t slot) const;
+  Result<GateRowsView> gate_distant(int64_t slot) const;
+
   const KvLayout& layout() const { return layout_; }
   int64_t n_tokens() const { return n_tokens_; }
   int64_t page_tokens() const { return page_tokens_; }
+  // Gate rows per page (0 without gate state).
+  int64_t gate_rows_per_page() const { return gate_rows_per_page_; }
   int64_t proximal_tokens() const { return layout_.proximal_tokens(n_tokens_); }
   // R of a (block, head) slot; slot in [0, n_slots()).
   int64_t retained_tokens(int64_t slot) const { return distant_[slot].n_tokens; }
@@ -181,14 +288,17 @@ class CompressedKvCache {
     std::vector<PageId> k_pages;               // base-layer keys
     std::vector<std::vector<PageId>> v_pages;  // [layer in block][page]
     std::vector<PageId> pos_pages;             // int32 positions
+    std::vector<PageId> gate_pages;            // gate state rows (if any)
     int64_t n_tokens = 0;
   };
 
-  CompressedKvCache(const KvLayout& layout, PagePool* pool, int64_t page_tokens);
+  CompressedKvCache(const KvLayout& layout, PagePool* pool, int64_t page_tokens,
+                    int64_t gate_rows_per_page);
 
   // flags holds n_slots() x n_tokens entries, each 0 or 1.
   Status validate_flags(std::span<const uint8_t> flags, int64_t n_tokens) const;
   Status check_layer_head(int64_t layer, int64_t head) const;
+  Status check_slot(int64_t slot) const;
   // Ring row of the token at `position` while it is proximal.
   int64_t ring_row(int64_t position) const;
   // Pages needed to retain one more token in `slot`.
@@ -197,11 +307,15 @@ class CompressedKvCache {
   // the pool has them (so a failure never leaves half a token behind).
   // Adds one page to every (layer, head) ring, K and V.
   void grow_ring();
+  // Adds one page to every slot's gate ring.
+  void grow_gate_ring();
   fp16_t* ring_row_ptr(std::vector<PageId>& pages, int64_t layer, int64_t head, int64_t row);
+  fp16_t* gate_ring_row_ptr(int64_t slot, int64_t row);
   // Appends one retained token to `slot`: base-layer K row from k_base(),
-  // V row of block layer i from v_of_layer(i), and its position.
-  template <typename KRowFn, typename VRowFn>
-  void retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, int64_t position);
+  // V row of block layer i from v_of_layer(i), gate row from gate_row()
+  // (called only with gate state), and its position.
+  template <typename KRowFn, typename VRowFn, typename GateRowFn>
+  void retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, GateRowFn gate_row, int64_t position);
   PageId take_page();
   void release();
 
@@ -209,6 +323,8 @@ class CompressedKvCache {
   PagePool* pool_ = nullptr;  // null once moved from
   int64_t page_tokens_ = 0;
   int64_t positions_per_page_ = 0;
+  int64_t gate_rows_per_page_ = 0;  // 0 without gate state
+  int64_t gate_row_elems_ = 0;
   int64_t n_tokens_ = 0;
   int64_t n_pages_held_ = 0;
   int64_t n_ring_pages_ = 0;  // per (layer, head), same for all
@@ -216,9 +332,12 @@ class CompressedKvCache {
   // n_layers * n_kv_heads ids.
   std::vector<PageId> ring_k_pages_;
   std::vector<PageId> ring_v_pages_;
+  // Gate ring pages, [page][slot]; n_gate_ring_pages_ rounds.
+  std::vector<PageId> gate_ring_pages_;
+  int64_t n_gate_ring_pages_ = 0;
   std::vector<DistantList> distant_;  // by slot
   // Flags of the tokens now in the window, [window row][slot], applied when
-  // the token leaves.
+  // the token leaves (0 until given, for deferred flags).
   std::vector<uint8_t> pending_flags_;
 };
 

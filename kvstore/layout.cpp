@@ -29,6 +29,11 @@ Status validate_layout(const KvLayout& layout) {
   if (layout.gate_state_bytes_per_token < 0) {
     return invalid_argument("kv layout: gate_state_bytes_per_token is negative");
   }
+  if (layout.gate_state_bytes_per_token % kGateElementBytes != 0) {
+    return invalid_argument("kv layout: gate_state_bytes_per_token " +
+                            std::to_string(layout.gate_state_bytes_per_token) +
+                            " is not a whole number of fp16 values (must be even)");
+  }
   return Status();
 }
 

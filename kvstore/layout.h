@@ -25,6 +25,8 @@ inline constexpr int64_t kPositionBytes = 4;
 inline constexpr int64_t kMaxHeadDim = 256;
 // Positions are stored as int32 and never re-indexed.
 inline constexpr int64_t kMaxTokens = int64_t{1} << 31;
+// The gate's own K/V state is fp16 too.
+inline constexpr int64_t kGateElementBytes = 2;
 
 struct KvLayout {
   BlockMap blocks;                       // defines n_layers and n_kv_heads
@@ -33,8 +35,10 @@ struct KvLayout {
   int64_t n_window_tokens = 1;           // the last n_window tokens are proximal
   int64_t elem_bytes = kKvElementBytes;  // b
   // Bytes of gate state per (block, head) per proximal or retained token
-  // (the gate keeps its own K/V only for those, DESIGN.md §4). 0 until gates
-  // with state exist; counted by the footprint formula and the predictor.
+  // (the gate keeps its own K/V only for those, DESIGN.md §4): one row of
+  // gate_row_elems() fp16 values (the gate's K then V; kvstore does not
+  // interpret it). 0 for gates without state (linear kind); counted by the
+  // footprint formula and the predictor, stored by CompressedKvCache.
   int64_t gate_state_bytes_per_token = 0;
 
   int64_t n_layers() const { return blocks.n_layers(); }
@@ -46,10 +50,14 @@ struct KvLayout {
   }
   // Distant tokens at length t: those neither sink nor in the window.
   int64_t distant_tokens(int64_t n_tokens) const { return n_tokens - proximal_tokens(n_tokens); }
+  // fp16 values in one gate state row (0 without gate state).
+  int64_t gate_row_elems() const { return gate_state_bytes_per_token / kGateElementBytes; }
+  bool has_gate_state() const { return gate_state_bytes_per_token > 0; }
 };
 
 // head_dim in [1, kMaxHeadDim], n_sink >= 0, n_window >= 1 (the newest token
-// must meet its own key at every layer), elem_bytes == 2, gate bytes >= 0.
+// must meet its own key at every layer), elem_bytes == 2, gate bytes >= 0
+// and even (whole fp16 values).
 // The error names the field.
 Status validate_layout(const KvLayout& layout);
 

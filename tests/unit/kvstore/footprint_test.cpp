@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kvstore/compressed_cache.h"
@@ -40,10 +41,17 @@ TEST(Footprint, FormulaByHand) {
   EXPECT_EQ(f->gate_bytes, 0);
   EXPECT_EQ(f->total_bytes(), 2 * 8 * 109 + 32);
 
-  layout.gate_state_bytes_per_token = 3;
+  layout.gate_state_bytes_per_token = 6;
   f = footprint(layout, 10, r);
   ASSERT_TRUE(f.ok());
-  EXPECT_EQ(f->gate_bytes, 3 * (4 * 5 + 8));  // Σ (P + R) over 4 slots
+  EXPECT_EQ(f->gate_bytes, 6 * (4 * 5 + 8));  // Σ (P + R) over 4 slots
+  EXPECT_EQ(layout.gate_row_elems(), 3);
+
+  // Gate rows are fp16: an odd byte count is not a row.
+  layout.gate_state_bytes_per_token = 3;
+  f = footprint(layout, 10, r);
+  EXPECT_EQ(f.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(f.status().message().find("gate_state_bytes_per_token"), std::string::npos);
 }
 
 TEST(Footprint, RejectsBadCounts) {

@@ -1,6 +1,7 @@
 // Helpers shared by the kvstore tests: random ragged block maps, random K/V
-// histories, and the rule table of DESIGN.md §4 applied directly to a full
-// history (independently of CompressedKvCache's data structures).
+// (and gate state) histories, and the rule table of DESIGN.md §4 applied
+// directly to a full history (independently of CompressedKvCache's data
+// structures).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <random>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "engine/ggml_types.h"
@@ -38,29 +40,35 @@ inline BlockMap random_block_map(int64_t n_layers, int64_t n_heads, std::mt19937
   return *BlockMap::create(n_layers, per_head);
 }
 
-inline KvLayout make_layout(BlockMap map, int64_t head_dim, int64_t n_sink, int64_t n_window) {
+inline KvLayout make_layout(BlockMap map, int64_t head_dim, int64_t n_sink, int64_t n_window,
+                            int64_t gate_bytes = 0) {
   KvLayout layout;
   layout.blocks = std::move(map);
   layout.head_dim = head_dim;
   layout.n_sink_tokens = n_sink;
   layout.n_window_tokens = n_window;
+  layout.gate_state_bytes_per_token = gate_bytes;
   return layout;
 }
 
 // Full K/V of every token, layer and head: [token][layer][head][d], fp16
-// values uniform in [-1, 1]; and gate flags [slot][token].
+// values uniform in [-1, 1]; gate flags [slot][token]; and, with gate
+// state, every token's gate row per slot: [token][slot][gate_row_elems].
 struct History {
   int64_t n_layers, n_heads, head_dim, n_tokens;
   std::vector<fp16_t> k, v;
   std::vector<uint8_t> flags;
   int64_t n_slots;
+  int64_t gate_elems;
+  std::vector<fp16_t> gate;
 
   History(const KvLayout& layout, int64_t tokens, double keep_p, std::mt19937& rng)
       : n_layers(layout.n_layers()),
         n_heads(layout.n_kv_heads()),
         head_dim(layout.head_dim),
         n_tokens(tokens),
-        n_slots(layout.blocks.n_slots()) {
+        n_slots(layout.blocks.n_slots()),
+        gate_elems(layout.gate_row_elems()) {
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
     k.resize(tokens * n_layers * n_heads * head_dim);
     v.resize(k.size());
@@ -69,6 +77,8 @@ struct History {
     std::bernoulli_distribution keep(keep_p);
     flags.resize(n_slots * tokens);
     for (auto& f : flags) f = keep(rng) ? 1 : 0;
+    gate.resize(tokens * n_slots * gate_elems);
+    for (auto& x : gate) x = fp32_to_fp16(u(rng));
   }
 
   const fp16_t* k_row(int64_t j, int64_t l, int64_t h) const {
@@ -77,6 +87,9 @@ struct History {
   const fp16_t* v_row(int64_t j, int64_t l, int64_t h) const {
     return v.data() + ((j * n_layers + l) * n_heads + h) * head_dim;
   }
+  const fp16_t* gate_row(int64_t j, int64_t slot) const {
+    return gate.data() + (j * n_slots + slot) * gate_elems;
+  }
   uint8_t flag(int64_t slot, int64_t j) const { return flags[slot * n_tokens + j]; }
   std::vector<uint8_t> token_flags(int64_t j) const {
     std::vector<uint8_t> f(n_slots);
@@ -84,10 +97,20 @@ struct History {
     return f;
   }
   TokenKv token(int64_t j) const {
-    return {k_row(j, 0, 0), v_row(j, 0, 0), n_heads * head_dim, head_dim};
+    TokenKv kv{k_row(j, 0, 0), v_row(j, 0, 0), n_heads * head_dim, head_dim};
+    if (gate_elems > 0) {
+      kv.gate = gate_row(j, 0);
+      kv.gate_slot_stride = gate_elems;
+    }
+    return kv;
   }
   DenseKv dense() const {
     return {k.data(), v.data(), n_layers * n_heads * head_dim, n_heads * head_dim, head_dim};
+  }
+  // Empty without gate state (what build_from_dense expects then).
+  DenseGate dense_gate() const {
+    if (gate_elems == 0) return {};
+    return {gate.data(), n_slots * gate_elems, gate_elems};
   }
   // Flags of the first t tokens only, [slot][t], for build_from_dense.
   std::vector<uint8_t> prefix_flags(int64_t t) const {
@@ -151,12 +174,57 @@ inline std::vector<Entry> cache_set(const CompressedKvCache& cache, int64_t laye
   return out;
 }
 
+// One (position, gate row) of a slot's gate state.
+using GateEntry = std::pair<int64_t, std::vector<fp16_t>>;
+
+// The gate rows slot `slot` must hold at length t: every proximal token's
+// and every distant flag-1 token's, by position.
+inline std::vector<GateEntry> gate_model_set(const KvLayout& layout, const History& hist, int64_t t,
+                                             int64_t slot) {
+  std::vector<GateEntry> out;
+  if (!layout.has_gate_state()) return out;  // the cache stores no gate rows then
+  for (int64_t j = 0; j < t; ++j) {
+    const bool proximal = j < layout.n_sink_tokens || j >= t - layout.n_window_tokens;
+    if (!proximal && !hist.flag(slot, j)) continue;
+    const fp16_t* g = hist.gate_row(j, slot);
+    out.emplace_back(j, std::vector<fp16_t>(g, g + hist.gate_elems));
+  }
+  return out;
+}
+
+// The same read back from a cache's gate views: proximal rows by
+// proximal_row_position(), retained rows by retained_position() (which must
+// come in increasing order), sorted by position.
+inline std::vector<GateEntry> cache_gate_set(const CompressedKvCache& cache, int64_t slot) {
+  const int64_t ge = cache.layout().gate_row_elems();
+  std::vector<GateEntry> out;
+  const bool gated = cache.layout().has_gate_state();
+  const GateRowsView near = *cache.gate_proximal(slot);
+  EXPECT_EQ(near.n_rows(), gated ? cache.proximal_tokens() : 0);
+  EXPECT_EQ(near.row_elems(), ge);
+  for (int64_t r = 0; r < near.n_rows(); ++r) {
+    out.emplace_back(cache.proximal_row_position(r),
+                     std::vector<fp16_t>(near.row(r), near.row(r) + ge));
+  }
+  const GateRowsView far = *cache.gate_distant(slot);
+  EXPECT_EQ(far.n_rows(), gated ? cache.retained_tokens(slot) : 0);
+  for (int64_t i = 0; i < far.n_rows(); ++i) {
+    if (i > 0) {
+      EXPECT_LT(cache.retained_position(slot, i - 1), cache.retained_position(slot, i));
+    }
+    out.emplace_back(cache.retained_position(slot, i),
+                     std::vector<fp16_t>(far.row(i), far.row(i) + ge));
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 // Footprint formula written out again from DESIGN.md §4, counting R from the
-// flags of the tokens that have left the window.
+// flags of the tokens that have left the window; gate bytes per (P + R).
 inline int64_t formula_bytes(const KvLayout& layout, const History& hist, int64_t t) {
   const int64_t b = 2, d = layout.head_dim;
   const int64_t p = std::min(t, layout.n_sink_tokens + layout.n_window_tokens);
-  int64_t kv = 0, pos = 0;
+  int64_t kv = 0, pos = 0, gate = 0;
   for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
     for (int64_t blk = 0; blk < layout.blocks.n_blocks(h); ++blk) {
       const int64_t g = layout.blocks.block(h, blk).n_layers;
@@ -167,9 +235,10 @@ inline int64_t formula_bytes(const KvLayout& layout, const History& hist, int64_
       }
       kv += b * d * (2 * g * p + (g + 1) * r);
       pos += 4 * r;
+      gate += layout.gate_state_bytes_per_token * (p + r);
     }
   }
-  return kv + pos;
+  return kv + pos + gate;
 }
 
 }  // namespace kvgate::kvstore::testing

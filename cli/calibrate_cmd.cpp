@@ -1,0 +1,187 @@
+// kvgate calibrate: layer grouping and Attention-Gate training for a model
+// (engine/calibrate.h), written as a gate side file (engine/gate_file.h).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/model_loading.h"
+#include "engine/calibrate.h"
+#include "engine/gate_file.h"
+
+namespace kvgate::cli {
+namespace {
+
+int fail(const Status& s) {
+  print_error(s.message());
+  return s.code() == StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+// Every *.txt file of `dir`, sorted by name.
+Result<std::vector<std::string>> text_files(const std::string& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return not_found(dir + ": no such directory (run scripts/fetch-eval-data.sh for the default texts)");
+  }
+  std::vector<std::string> out;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    if (entry.is_regular_file() && entry.path().extension() == ".txt") out.push_back(entry.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  if (out.empty()) return not_found(dir + ": no .txt files");
+  return out;
+}
+
+std::string default_gate_path(const std::string& model) {
+  const std::string ext = ".gguf";
+  if (model.size() > ext.size() && model.compare(model.size() - ext.size(), ext.size(), ext) == 0) {
+    return model.substr(0, model.size() - ext.size()) + ".gate.gguf";
+  }
+  return model + ".gate.gguf";
+}
+
+}  // namespace
+
+int run_calibrate(const std::vector<std::string>& args) {
+  ArgParser p("calibrate",
+              "Calibrates KV compression for a model: groups layers by the similarity of their\n"
+              "attention over distant tokens (PoD), then trains one Attention-Gate per (block,\n"
+              "KV head) from the model's own attention (the model runs forward only). Writes the\n"
+              "gate side file that the gate and gate+pod policies load.");
+  p.add_option("model", "PATH", "GGUF model", kDefaultModel);
+  p.add_option("texts", "DIR", "directory of .txt calibration texts (keep them apart from eval text)",
+               "eval-data/calib");
+  p.add_option("out", "FILE", "gate side file to write (default: MODEL with .gate.gguf)");
+  p.add_option("delta", "X", "layer grouping threshold on 1 - JSD, in [0, 1]", "0.6");
+  p.add_option("max-block", "N", "largest block of layers (0 = no cap)", "8");
+  p.add_option("kind", "K", "gate kind: attention or linear", "attention");
+  p.add_option("gate-heads", "N", "attention gate: heads h'", "2");
+  p.add_option("gate-head-dim", "N", "attention gate: head width d'", "4");
+  p.add_option("keep-rate", "R", "target share of distant tokens kept", "0.3");
+  p.add_option("keep-weight", "X", "weight of the keep-rate term in the loss", "1.0");
+  p.add_option("grouping-sequences", "N", "sequences for the layer grouping", "8");
+  p.add_option("grouping-tokens", "N", "tokens per grouping sequence", "2048");
+  p.add_option("sequences", "N", "training sequences", "160");
+  p.add_option("tokens", "N", "tokens per training sequence", "1024");
+  p.add_option("epochs", "N", "passes over the training sequences", "3");
+  p.add_option("lr", "X", "Adam learning rate", "0.003");
+  p.add_option("n-sink", "N", "sink tokens (never evicted)", "4");
+  p.add_option("n-window", "N", "recent-window tokens (kept in every layer)", "256");
+  p.add_option("seed", "N", "random seed (sequence choice, initialization)", "1");
+  p.add_option("threads", "N", "threads (0 = all cores)", "0");
+  p.add_flag("quiet", "no progress on stderr");
+  if (Status s = p.parse(args); !s.ok()) {
+    print_error(s.message());
+    return 2;
+  }
+  if (p.help_requested()) {
+    std::printf("%s", p.help().c_str());
+    return 0;
+  }
+  engine::CalibrationOptions opt;
+  auto get_int = [&](const char* name, int64_t lo, int64_t hi, int64_t& dst) -> Status {
+    auto v = p.get_int(name, lo, hi);
+    if (!v.ok()) return v.status();
+    dst = *v;
+    return Status();
+  };
+  auto get_double = [&](const char* name, double lo, double hi, double& dst) -> Status {
+    auto v = p.get_double(name, lo, hi);
+    if (!v.ok()) return v.status();
+    dst = *v;
+    return Status();
+  };
+  int64_t threads = 0;
+  int64_t seed = 1;
+  for (const Status& s :
+       {get_double("delta", 0.0, 1.0, opt.similarity_threshold),
+        get_int("max-block", 0, 1024, opt.max_block_layers), get_int("gate-heads", 1, 64, opt.n_gate_heads),
+        get_int("gate-head-dim", 1, 64, opt.gate_head_dim),
+        get_double("keep-rate", 0.001, 0.999, opt.target_keep_rate),
+        get_double("keep-weight", 0.0, 1e6, opt.keep_rate_weight),
+        get_int("grouping-sequences", 1, 100000, opt.grouping_sequences),
+        get_int("grouping-tokens", 2, 1 << 20, opt.grouping_tokens),
+        get_int("sequences", 2, 1000000, opt.train_sequences), get_int("tokens", 2, 1 << 20, opt.train_tokens),
+        get_int("epochs", 1, 1000, opt.epochs), get_double("lr", 1e-9, 10.0, opt.learning_rate),
+        get_int("n-sink", 0, 1 << 20, opt.n_sink_tokens), get_int("n-window", 1, 1 << 20, opt.n_window_tokens),
+        get_int("seed", 0, int64_t{1} << 62, seed), get_int("threads", 0, 1024, threads)}) {
+    if (!s.ok()) {
+      print_error(s.message());
+      return 2;
+    }
+  }
+  opt.seed = static_cast<uint64_t>(seed);
+  auto kind = engine::parse_gate_kind(p.get("kind"));
+  if (!kind.ok()) return fail(invalid_argument("option '--kind': " + kind.status().message()));
+  opt.kind = *kind;
+  if (Status s = opt.validate(); !s.ok()) return fail(s);
+  const std::string out_path = p.has("out") ? p.get("out") : default_gate_path(p.get("model"));
+
+  auto files = text_files(p.get("texts"));
+  if (!files.ok()) return fail(files.status());
+  auto loaded = load_model_and_tokenizer(p.get("model"));
+  if (!loaded.ok()) return fail(Status(StatusCode::kNotFound, loaded.status().message()));
+  std::vector<std::vector<int32_t>> documents;
+  int64_t total_tokens = 0;
+  for (const auto& f : *files) {
+    std::ifstream in(f, std::ios::binary);
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    documents.push_back(loaded->tokenizer->encode(ss.str(), false, false));
+    total_tokens += static_cast<int64_t>(documents.back().size());
+  }
+  const bool quiet = p.flag("quiet");
+  if (!quiet) {
+    std::fprintf(stderr, "calibration texts: %zu files, %lld tokens (%s)\n", files->size(),
+                 static_cast<long long>(total_tokens), p.get("texts").c_str());
+  }
+  engine::ForwardOptions fopt;
+  fopt.n_threads = static_cast<int>(threads);
+  engine::CpuForward forward(*loaded->model, fopt);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto progress = [&](const engine::CalibrationProgress& pr) {
+    if (quiet) return;
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const int width = 30;
+    const int filled = pr.total > 0 ? static_cast<int>(width * pr.done / pr.total) : 0;
+    std::string bar(static_cast<size_t>(filled), '#');
+    bar.resize(width, '.');
+    std::fprintf(stderr, "\r%-11s [%s] %lld/%lld", std::string(pr.stage).c_str(), bar.c_str(),
+                 static_cast<long long>(pr.done), static_cast<long long>(pr.total));
+    if (pr.stage == "training") std::fprintf(stderr, "  loss %.4f", pr.loss);
+    std::fprintf(stderr, "  %5.0fs ", secs);
+    if (pr.done == pr.total) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  };
+  engine::CalibrationReport report;
+  auto gate = engine::calibrate(forward, documents, opt, progress, &report);
+  if (!gate.ok()) return fail(Status(StatusCode::kInternal, gate.status().message()));
+  gate->calibration_note += "; texts " + p.get("texts") + " (" + std::to_string(total_tokens) +
+                            " tokens); delta " + p.get("delta") + ", keep-rate " + p.get("keep-rate") +
+                            ", kind " + p.get("kind");
+  if (Status s = engine::save_gate_file(out_path, *gate); !s.ok()) return fail(s);
+
+  std::printf("block map (delta %.3f, %lld slots):\n%s", opt.similarity_threshold,
+              static_cast<long long>(gate->blocks.n_slots()), report.block_map.c_str());
+  std::printf("adjacent-layer similarity (1 - JSD over distant tokens), head 0:");
+  const int64_t L = gate->blocks.n_layers();
+  for (int64_t l = 0; l + 1 < L; ++l) std::printf(" %.2f", report.similarity[0][l * L + l + 1]);
+  std::printf("\ntraining loss per epoch:");
+  for (double x : report.epoch_loss) std::printf(" %.4f", x);
+  std::printf("\nheld-out: keep rate %.3f, teacher attention mass kept %.3f (oracle at the same rate %.3f, "
+              "random %.3f)\n",
+              report.holdout_keep_rate, report.holdout_mass_gate, report.holdout_mass_oracle,
+              opt.target_keep_rate);
+  std::printf("time: grouping %.0f s (%lld tokens), collecting %.0f s (%lld tokens), training %.0f s\n",
+              report.seconds_grouping, static_cast<long long>(report.grouping_tokens_seen),
+              report.seconds_collecting, static_cast<long long>(report.training_tokens_seen),
+              report.seconds_training);
+  std::printf("wrote %s\n", out_path.c_str());
+  return 0;
+}
+
+}  // namespace kvgate::cli

@@ -1,0 +1,106 @@
+// Offline calibration of the compression for one model (DESIGN.md §4):
+//
+//  1. Layer grouping (PoD). Over sample sequences, the attention of the last
+//     queries over *distant* tokens (renormalized over them) is compared
+//     between layers per query head by 1 − Jensen–Shannon divergence (base
+//     2, so in [0, 1]) and averaged over the query heads of each KV head.
+//     Per KV head, layers merge greedily into consecutive blocks while the
+//     similarity of each layer to the block's base stays >= δ.
+//  2. Gate training. Teacher importance of token j for slot (block, head):
+//     the mean attention it receives from the queries for which it is
+//     distant (at least n_window positions later), averaged over the block's
+//     layers and the head's query heads. The top target_keep_rate of the
+//     eligible tokens of each sequence are the positives; the gate is fitted
+//     by Adam on binary cross-entropy plus λ·(mean keep probability −
+//     target)². The LLM runs forward only; only gate parameters learn.
+//  3. Thresholds: per slot, the logit quantile that keeps target_keep_rate
+//     of the eligible calibration tokens.
+//
+// Blocks the calling thread (drives `forward`); progress callbacks run on it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/gate.h"
+#include "engine/model.h"
+
+namespace kvgate::engine {
+
+struct CalibrationOptions {
+  // Layer grouping.
+  int64_t grouping_sequences = 8;
+  int64_t grouping_tokens = 2048;  // tokens per grouping sequence
+  int64_t grouping_queries = 32;   // last queries of each sequence compared
+  double similarity_threshold = 0.6;  // δ
+  int64_t max_block_layers = 8;        // 0: no cap; also bounds the pairs compared
+  // Gate training.
+  GateKind kind = GateKind::kAttention;
+  int64_t n_gate_heads = 2;
+  int64_t gate_head_dim = 4;
+  int64_t train_sequences = 160;
+  int64_t train_tokens = 1024;  // tokens per training sequence
+  int64_t epochs = 3;
+  double learning_rate = 3e-3;
+  double keep_rate_weight = 1.0;  // λ
+  double target_keep_rate = 0.3;
+  int64_t min_distant_queries = 32;  // a token is eligible with at least this many
+  int64_t n_sink_tokens = 4;
+  int64_t n_window_tokens = 256;
+  uint64_t seed = 1;
+  // Held-out share of the training sequences for the report (not trained on).
+  double holdout_fraction = 0.1;
+
+  Status validate() const;  // names the field
+};
+
+struct CalibrationProgress {
+  std::string_view stage;  // "grouping", "collecting", "training", "thresholds"
+  int64_t done = 0;
+  int64_t total = 0;
+  double loss = 0.0;  // training: mean loss of the current epoch so far
+};
+using CalibrationProgressFn = std::function<void(const CalibrationProgress&)>;
+
+struct CalibrationReport {
+  // similarity[h][a * n_layers + b] = 1 − JSD between layers a and b.
+  std::vector<std::vector<double>> similarity;
+  std::string block_map;
+  int64_t grouping_tokens_seen = 0;
+  int64_t training_tokens_seen = 0;
+  std::vector<double> epoch_loss;
+  // Held-out: share of the teacher's importance mass over eligible tokens
+  // kept by the gates' flags (full-context logits, calibrated thresholds),
+  // by an oracle keeping the top target share, and the keep rate reached.
+  double holdout_mass_gate = 0.0;
+  double holdout_mass_oracle = 0.0;
+  double holdout_keep_rate = 0.0;
+  double seconds_grouping = 0.0;
+  double seconds_collecting = 0.0;
+  double seconds_training = 0.0;
+};
+
+// Greedy grouping from a similarity matrix (exposed for tests): per head,
+// layer l joins the current block while similarity(base, l) >= delta and the
+// block is below max_block_layers (0 = no cap).
+Result<kvstore::BlockMap> group_layers(const std::vector<std::vector<double>>& similarity,
+                                       int64_t n_layers, double delta, int64_t max_block_layers);
+
+// 1 − JSD (base 2) of two distributions given as non-negative weights over
+// the same support (each normalized here); 1 for identical, 0 for disjoint.
+double js_similarity(const float* a, const float* b, int64_t n);
+
+// Calibrates gates for `forward`'s model from `documents` (token ids of
+// independent texts; sequences are cut from them). INVALID_ARGUMENT when the
+// documents hold too few tokens for the requested sequences.
+Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int32_t>> documents,
+                            const CalibrationOptions& options,
+                            const CalibrationProgressFn& progress = {},
+                            CalibrationReport* report = nullptr);
+
+}  // namespace kvgate::engine

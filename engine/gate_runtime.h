@@ -1,0 +1,100 @@
+// Running calibrated Attention-Gates (engine/gate.h) for requests: the
+// prompt's flags after a full-attention prefill, and each new token's flag
+// during compressed decode (DESIGN.md §4).
+//
+// Semantics (prefill and decode alike): token t's gate, for slot s, attends
+// over the gate K/V of the tokens the slot holds when t is created — sinks,
+// the window [t + 1 - n_window, t] and the retained distant tokens (flag 1)
+// — exactly the set the cache keeps, so a prompt's flags equal those of
+// decoding it token by token. The prefill computes them in chunks of
+// n_window tokens, which is exact because a token's flag is first needed
+// n_window tokens after it was created.
+//
+// Threads: a GatePrefill / GateDecoder is owned by the engine thread that
+// drives the CpuForward it observes.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/cpu/isa.h"
+#include "engine/gate.h"
+#include "engine/model.h"
+#include "kvstore/compressed_cache.h"
+#include "kvstore/layout.h"
+
+namespace kvgate::engine {
+
+// The cache layout of the gate policies: the gate's block map (`gate+pod`)
+// or blocks of one layer (`gate`: eviction without key sharing — then the
+// gate of (layer l, head h) is the calibrated gate of the block holding l),
+// with the gate's state bytes. n_sink/n_window from the policy.
+Result<kvstore::KvLayout> make_gate_layout(const LlamaConfig& config, const GateModel& gate,
+                                           bool share_keys, int64_t n_sink_tokens,
+                                           int64_t n_window_tokens);
+
+// How flags are chosen from gate logits.
+struct GateDecision {
+  // threshold: flag = logit >= slot threshold + threshold_offset.
+  double threshold_offset = 0.0;
+  // budget: > 0 keeps, per slot, the retained_budget_tokens distant prompt
+  // tokens with the highest logits (and later tokens by threshold while the
+  // slot holds fewer than the budget), so the footprint is known before
+  // prefill. 0: threshold mode.
+  int64_t retained_budget_tokens = 0;
+};
+
+// Observes a single-sequence full-attention prefill (set it as the
+// forward's layer observer), then computes the prompt's flags and gate rows.
+class GatePrefill final : public LayerInputObserver {
+ public:
+  // `gate` and `layout` (from make_gate_layout) must outlive this object.
+  GatePrefill(const GateModel& gate, const kvstore::KvLayout& layout, int64_t n_tokens,
+              cpu::Isa isa);
+  void on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
+                      std::span<const int64_t> row_pos, std::span<const int32_t> row_item) override;
+  // After the prefill of n_tokens: flags[slot * n_tokens + j] and the gate
+  // rows (fp16 K then V, [token][slot][2·D]) for build_from_dense; logits of
+  // every (slot, token) for inspection.
+  Status finish(const GateDecision& decision, std::vector<uint8_t>& flags,
+                std::vector<fp16_t>& gate_rows);
+  kvstore::DenseGate dense_gate(const std::vector<fp16_t>& gate_rows) const;
+  const std::vector<float>& logits() const { return logits_; }  // [slot][token]
+
+ private:
+  const GateModel& gate_;
+  const kvstore::KvLayout& layout_;
+  int64_t n_tokens_;
+  cpu::Isa isa_;
+  std::vector<int32_t> gate_slot_;  // layout slot -> gate model slot
+  std::vector<float> proj_;         // [token][slot][3·D] q, k, v (attention) or [token][slot] logit (linear)
+  std::vector<float> logits_;
+};
+
+// Observes compressed decode steps: at each slot's base layer it computes
+// the new token's gate K/V (written to the cache's new gate row) and logit,
+// and sets the token's deferred flags. Bind the batch's caches before each
+// forward_compressed call (item i of the step uses caches[i]).
+class GateDecoder final : public LayerInputObserver {
+ public:
+  GateDecoder(const GateModel& gate, const kvstore::KvLayout& layout, cpu::Isa isa);
+  void bind(std::span<kvstore::CompressedKvCache* const> caches, const GateDecision& decision);
+  void on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
+                      std::span<const int64_t> row_pos, std::span<const int32_t> row_item) override;
+  // The first error met during the last step (a cache that refused a flag).
+  Status status() const { return status_; }
+
+ private:
+  const GateModel& gate_;
+  const kvstore::KvLayout& layout_;
+  cpu::Isa isa_;
+  std::vector<int32_t> gate_slot_;
+  std::vector<kvstore::CompressedKvCache*> caches_;
+  GateDecision decision_;
+  std::vector<float> scratch_;
+  Status status_;
+};
+
+}  // namespace kvgate::engine
