@@ -103,6 +103,9 @@ struct SlotTraining {
   std::vector<float> grad;
   std::vector<float> adam_m, adam_v;
   int64_t step = 0;
+  // K/V rounded to fp16 like the runtime's stored rows (off only for exact
+  // gradient checks: the rounding is treated as identity by the backward).
+  bool round_kv = true;
   // Per-thread scratch.
   std::vector<float> x, q, k, v, o, dq, dk, dv, z, row;
 };
@@ -160,8 +163,10 @@ void forward_slot(const GateModel& g, SlotTraining& st, const float* params, con
     const float* xt = x + t * e;
     for (int64_t i = 0; i < dim; ++i) {
       // K and V round to fp16 as the runtime stores them.
-      st.k[t * dim + i] = fp16_to_fp32(fp32_to_fp16(vdot(wk + i * e, xt, e)));
-      st.v[t * dim + i] = fp16_to_fp32(fp32_to_fp16(vdot(wv + i * e, xt, e)));
+      const float kk = vdot(wk + i * e, xt, e);
+      const float vv = vdot(wv + i * e, xt, e);
+      st.k[t * dim + i] = st.round_kv ? fp16_to_fp32(fp32_to_fp16(kk)) : kk;
+      st.v[t * dim + i] = st.round_kv ? fp16_to_fp32(fp32_to_fp16(vv)) : vv;
       if (eligible[t]) st.q[t * dim + i] = vdot(wq + i * e, xt, e);
     }
   }
@@ -295,6 +300,45 @@ void to_fp32(const fp16_t* src, float* dst, int64_t n) {
 }
 
 }  // namespace
+
+int64_t gate_param_count(const GateModel& shape) { return param_count(shape); }
+
+std::vector<float> gate_flat_params(const GateModel& gate, int64_t slot) {
+  const GateSlot& g = gate.slots[slot];
+  std::vector<float> p;
+  if (gate.kind == GateKind::kAttention) {
+    p.insert(p.end(), g.wq.begin(), g.wq.end());
+    p.insert(p.end(), g.wk.begin(), g.wk.end());
+    p.insert(p.end(), g.wv.begin(), g.wv.end());
+  }
+  p.insert(p.end(), g.wo.begin(), g.wo.end());
+  p.push_back(g.bias);
+  return p;
+}
+
+std::vector<float> gate_training_logits(const GateModel& shape, std::span<const float> params,
+                                        const float* x, int64_t t_end,
+                                        const std::vector<uint8_t>& eligible, bool round_kv) {
+  SlotTraining st;
+  st.round_kv = round_kv;
+  forward_slot(shape, st, params.data(), x, t_end, eligible);
+  return st.z;
+}
+
+double gate_loss_and_gradient(const GateModel& shape, std::span<const float> params,
+                              const float* x, int64_t t_end, const std::vector<uint8_t>& eligible,
+                              const std::vector<float>& y, double rate, double lambda,
+                              std::vector<float>& grad, bool round_kv) {
+  SlotTraining st;
+  st.round_kv = round_kv;
+  st.params.assign(params.begin(), params.end());
+  st.grad.assign(params.size(), 0.0f);
+  int64_t n_elig = 0;
+  for (uint8_t e : eligible) n_elig += e;
+  const double loss = train_slot(shape, st, x, t_end, eligible, y, n_elig, rate, lambda);
+  grad = std::move(st.grad);
+  return loss;
+}
 
 Status CalibrationOptions::validate() const {
   if (grouping_sequences < 1) return invalid_argument("grouping_sequences must be >= 1");

@@ -95,6 +95,29 @@ Result<kvstore::BlockMap> group_layers(const std::vector<std::vector<double>>& s
 // the same support (each normalized here); 1 for identical, 0 for disjoint.
 double js_similarity(const float* a, const float* b, int64_t n);
 
+// ---- the training arithmetic, exposed for tests (gradient checks, and the
+// runtime-vs-training logit comparison).
+//
+// Parameters of one slot flattened: attention wq | wk | wv | wo | bias
+// (3·D·n_embd + D + 1), linear w | bias (n_embd + 1). x holds t_end rows of
+// n_embd floats (the base layer's normalized input).
+int64_t gate_param_count(const GateModel& shape);
+// The flat parameters of slot s of a model, and back.
+std::vector<float> gate_flat_params(const GateModel& gate, int64_t slot);
+// Logits with the full causal context (training semantics), for every token
+// where eligible[t] (others 0). K/V are rounded to fp16 as the runtime
+// stores them (round_kv = false: exact, for gradient checks).
+std::vector<float> gate_training_logits(const GateModel& shape, std::span<const float> params,
+                                        const float* x, int64_t t_end,
+                                        const std::vector<uint8_t>& eligible,
+                                        bool round_kv = true);
+// Loss (mean BCE over eligible tokens against labels y + λ·(mean p −
+// rate)²) and its gradient with respect to params (grad resized).
+double gate_loss_and_gradient(const GateModel& shape, std::span<const float> params,
+                              const float* x, int64_t t_end, const std::vector<uint8_t>& eligible,
+                              const std::vector<float>& y, double rate, double lambda,
+                              std::vector<float>& grad, bool round_kv = true);
+
 // Calibrates gates for `forward`'s model from `documents` (token ids of
 // independent texts; sequences are cut from them). INVALID_ARGUMENT when the
 // documents hold too few tokens for the requested sequences.

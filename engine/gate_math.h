@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine/cpu/isa.h"
+#include "engine/cpu/ops.h"
 #include "engine/gate.h"
 #include "engine/ggml_types.h"
 
@@ -26,17 +28,19 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 }
 
 // attention: out[0..3D) = (Wq x, Wk x, Wv x); linear: out[0] = w·x + bias.
-inline void gate_project(const GateModel& gate, int64_t slot, const float* x, float* out) {
+// The n_embd-long dot products use the SIMD kernels of `isa`.
+inline void gate_project(const GateModel& gate, int64_t slot, const float* x, float* out,
+                         cpu::Isa isa) {
   const GateSlot& w = gate.slots[slot];
   const int64_t e = gate.n_embd;
   if (gate.kind == GateKind::kLinear) {
-    out[0] = dot_f32(w.wo.data(), x, e) + w.bias;
+    out[0] = cpu::dot_f32(w.wo.data(), x, e, isa) + w.bias;
     return;
   }
   const int64_t dim = gate.gate_dim();
-  for (int64_t i = 0; i < dim; ++i) out[i] = dot_f32(w.wq.data() + i * e, x, e);
-  for (int64_t i = 0; i < dim; ++i) out[dim + i] = dot_f32(w.wk.data() + i * e, x, e);
-  for (int64_t i = 0; i < dim; ++i) out[2 * dim + i] = dot_f32(w.wv.data() + i * e, x, e);
+  for (int64_t i = 0; i < dim; ++i) out[i] = cpu::dot_f32(w.wq.data() + i * e, x, e, isa);
+  for (int64_t i = 0; i < dim; ++i) out[dim + i] = cpu::dot_f32(w.wk.data() + i * e, x, e, isa);
+  for (int64_t i = 0; i < dim; ++i) out[2 * dim + i] = cpu::dot_f32(w.wv.data() + i * e, x, e, isa);
 }
 
 // Logit of the attention kind: query q (D floats, from gate_project) over
@@ -57,7 +61,10 @@ float gate_attention_logit(const GateModel& gate, int64_t slot, const float* q, 
   float* scores = scratch.data();  // [head][n]
   float* o = scores + n * heads;   // D
   float* kv = o + dim;             // D, one row's fp32 K or V
-  std::vector<float> maxs(static_cast<size_t>(heads), -INFINITY);
+  float maxs[64];  // heads <= 64 (GateModel::validate)
+  float sums[64];
+  std::fill(maxs, maxs + heads, -INFINITY);
+  std::fill(sums, sums + heads, 0.0f);
   for (int64_t c = 0; c < n; ++c) {
     const fp16_t* r = row(c);
     for (int64_t i = 0; i < dim; ++i) kv[i] = fp16_to_fp32(r[i]);
@@ -68,7 +75,6 @@ float gate_attention_logit(const GateModel& gate, int64_t slot, const float* q, 
     }
   }
   std::fill(o, o + dim, 0.0f);
-  std::vector<float> sums(static_cast<size_t>(heads), 0.0f);
   for (int64_t c = 0; c < n; ++c) {
     const fp16_t* r = row(c) + dim;
     for (int64_t a = 0; a < heads; ++a) {

@@ -70,7 +70,7 @@ void GatePrefill::on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
       const int64_t pos = row_pos[r];
       if (pos < 0 || pos >= n_tokens_) continue;
       float* out = proj_.data() + (pos * n_gate_slots + g) * width;
-      gate_project(gate_, g, xn + r * gate_.n_embd, out);
+      gate_project(gate_, g, xn + r * gate_.n_embd, out, isa_);
     }
   }
 }
@@ -202,7 +202,7 @@ void GateDecoder::on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
       const int32_t g = gate_slot_[s];
       if (gate_.blocks.slot_block(g).first_layer != layer) continue;
       if (g != last_gate) {
-        gate_project(gate_, g, xn + r * gate_.n_embd, proj);
+        gate_project(gate_, g, xn + r * gate_.n_embd, proj, isa_);
         if (!attention) {
           logit = proj[0];
         } else {

@@ -39,10 +39,13 @@ Result<kvstore::KvLayout> make_gate_layout(const LlamaConfig& config, const Gate
 struct GateDecision {
   // threshold: flag = logit >= slot threshold + threshold_offset.
   double threshold_offset = 0.0;
-  // budget: > 0 keeps, per slot, the retained_budget_tokens distant prompt
-  // tokens with the highest logits (and later tokens by threshold while the
-  // slot holds fewer than the budget), so the footprint is known before
-  // prefill. 0: threshold mode.
+  // budget: > 0 keeps, per slot, the retained_budget_tokens non-sink prompt
+  // tokens with the highest logits, and no token generated later, so a
+  // slot never retains more than the budget and the footprint is known
+  // before prefill. The logits ranked are those of threshold mode (their
+  // gate context is the threshold-mode retained set), so in budget mode
+  // the prompt flags are not those of a token-by-token decode. 0: threshold
+  // mode.
   int64_t retained_budget_tokens = 0;
 };
 
