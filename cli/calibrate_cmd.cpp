@@ -36,14 +36,6 @@ Result<std::vector<std::string>> text_files(const std::string& dir) {
   return out;
 }
 
-std::string default_gate_path(const std::string& model) {
-  const std::string ext = ".gguf";
-  if (model.size() > ext.size() && model.compare(model.size() - ext.size(), ext.size(), ext) == 0) {
-    return model.substr(0, model.size() - ext.size()) + ".gate.gguf";
-  }
-  return model + ".gate.gguf";
-}
-
 }  // namespace
 
 int run_calibrate(const std::vector<std::string>& args) {
@@ -119,7 +111,7 @@ int run_calibrate(const std::vector<std::string>& args) {
   if (!kind.ok()) return fail(invalid_argument("option '--kind': " + kind.status().message()));
   opt.kind = *kind;
   if (Status s = opt.validate(); !s.ok()) return fail(s);
-  const std::string out_path = p.has("out") ? p.get("out") : default_gate_path(p.get("model"));
+  const std::string out_path = p.has("out") ? p.get("out") : gate_path_for_model(p.get("model"));
 
   auto files = text_files(p.get("texts"));
   if (!files.ok()) return fail(files.status());

@@ -7,6 +7,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/model_loading.h"
+#include "cli/policy_options.h"
 #include "engine/chat_template.h"
 #include "engine/generate.h"
 #include "engine/gguf.h"
@@ -58,13 +59,10 @@ int run_generate(const std::vector<std::string>& args) {
   p.add_flag("ignore-eos", "keep generating past end-of-sequence tokens");
   p.add_flag("json", "print one JSON object with tokens, text, counts and timings");
   p.add_option("policy", "P",
-               "KV cache policy after prefill: dense, window, pod, h2o, snapkv (gate and gate+pod "
-               "need a calibrated gate file and are not available yet)",
+               "KV cache policy after prefill: dense, window, pod, h2o, snapkv, gate, gate+pod "
+               "(gate and gate+pod need a calibrated gate file)",
                "dense");
-  p.add_option("n-sink", "N", "attention-sink tokens kept by compressed policies", "4");
-  p.add_option("n-window", "N", "recent-window tokens kept by compressed policies", "256");
-  p.add_option("pod-group", "G", "layers per block sharing keys for the pod policy", "2");
-  p.add_option("keep-rate", "R", "share of distant prompt tokens h2o and snapkv keep", "0.3");
+  add_kv_policy_options(p);
   p.add_option("threads", "N", "CPU threads; 0 = all cores", "0");
   p.add_option("isa", "NAME", "kernel instruction set: auto, scalar (reference), avx2, avx512", "auto");
   if (Status s = p.parse(args); !s.ok()) return usage_error(p, s);
@@ -100,18 +98,19 @@ int run_generate(const std::vector<std::string>& args) {
   {
     auto policy = engine::parse_kv_policy(p.get("policy"));
     if (!policy.ok()) return usage_error(p, invalid_argument("option '--policy': " + policy.status().message()));
-    auto n_sink = p.get_int("n-sink", 0, 1 << 20);
-    auto n_window = p.get_int("n-window", 1, 1 << 20);
-    auto pod_group = p.get_int("pod-group", 1, 1024);
-    auto keep_rate = p.get_double("keep-rate", 0, 1);
-    for (const Status* s : {&n_sink.status(), &n_window.status(), &pod_group.status(), &keep_rate.status()}) {
-      if (!s->ok()) return usage_error(p, *s);
-    }
+    auto config = parse_kv_policy_options(p);
+    if (!config.ok()) return usage_error(p, config.status());
+    opt.kv_policy = *config;
     opt.kv_policy.policy = *policy;
-    opt.kv_policy.n_sink_tokens = *n_sink;
-    opt.kv_policy.n_window_tokens = *n_window;
-    opt.kv_policy.pod_group_layers = *pod_group;
-    opt.kv_policy.keep_rate = *keep_rate;
+  }
+  // A gate file is used by every compressed policy (it supplies the
+  // calibrated sinks, window and blocks); dense skips the default one, but
+  // an explicit --gate is always checked.
+  GateSource gate_source = find_gate_file(p.get("gate"), p.get("model"));
+  if (opt.kv_policy.policy == engine::KvPolicy::kDense && !gate_source.from_option) gate_source = {};
+  if (Status s = check_gate_file_exists(gate_source); !s.ok()) {
+    print_error(s.message());
+    return 1;
   }
   if (p.has("stop")) opt.stop.push_back(p.get("stop"));
 
@@ -122,6 +121,19 @@ int run_generate(const std::vector<std::string>& args) {
   }
   const engine::LlamaModel& model = *loaded->model;
   const engine::Tokenizer& tok = *loaded->tokenizer;
+  {
+    auto gate = load_gate(gate_source, model);
+    if (!gate.ok()) {
+      print_error(gate.status().message());
+      return 1;
+    }
+    opt.kv_policy.gate = *gate;
+  }
+  auto layout = engine::make_kv_layout(model.config(), opt.kv_policy);
+  if (!layout.ok()) {
+    print_error(layout.status().message());
+    return 1;
+  }
   std::string prompt = p.get("prompt");
   if (p.flag("chat")) {
     std::vector<engine::ChatMessage> msgs;
@@ -168,6 +180,12 @@ int run_generate(const std::vector<std::string>& args) {
     const double decoded = res->tokens.size() > 1 ? static_cast<double>(res->tokens.size() - 1) : 0.0;
     j["decode_tokens_per_s"] = res->decode_seconds > 0 ? decoded / res->decode_seconds : 0.0;
     j["policy"] = engine::kv_policy_name(opt.kv_policy.policy);
+    j["blocks"] = engine::kv_policy_blocks(opt.kv_policy);
+    j["n_sink"] = layout->n_sink_tokens;
+    j["n_window"] = layout->n_window_tokens;
+    j["gate"] = gate_source.path.empty() ? nlohmann::json(nullptr) : nlohmann::json(gate_source.path);
+    j["compress_seconds"] = res->compress_seconds;
+    j["keep_rate"] = res->keep_rate;
     j["kv_dense_bytes"] = res->kv_dense_bytes;
     j["kv_bytes"] = res->kv_bytes;
     j["kv_saving"] = res->kv_dense_bytes > 0

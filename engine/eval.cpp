@@ -8,6 +8,7 @@
 #include <cstdlib>
 
 #include "engine/chat_template.h"
+#include "engine/policy_cache.h"
 #include "engine/sampler.h"
 #include "kvstore/footprint.h"
 
@@ -19,58 +20,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-// The dense policy: the engine's own fp16 cache, nothing compressed.
-class DenseEvalSequence final : public EvalSequence {
- public:
-  DenseEvalSequence(CpuForward& forward, int64_t capacity_tokens)
-      : forward_(forward), cache_(forward.model().config(), capacity_tokens) {}
-
-  Status prefill(std::span<const int32_t> tokens, std::span<float> logits) override {
-    KVGATE_RETURN_IF_ERROR(check(static_cast<int64_t>(tokens.size()), logits));
-    if (cache_.n_tokens() != 0)
-      return failed_precondition("prefill of a sequence that is not empty");
-    return forward_.prefill(cache_, tokens, logits.data());
-  }
-
-  Status decode(int32_t token, std::span<float> logits) override {
-    KVGATE_RETURN_IF_ERROR(check(1, logits));
-    BatchItem item{&cache_, std::span<const int32_t>(&token, 1), true};
-    return forward_.forward(std::span<const BatchItem>(&item, 1), logits.data());
-  }
-
-  int64_t n_tokens() const override { return cache_.n_tokens(); }
-  int64_t kv_bytes() const override {
-    return eval_dense_bytes(forward_.model().config(), cache_.n_tokens());
-  }
-  double keep_rate() const override { return 1.0; }
-
- private:
-  Status check(int64_t n_new, std::span<float> logits) const {
-    if (static_cast<int64_t>(logits.size()) < forward_.model().config().n_vocab) {
-      return invalid_argument("logits buffer smaller than the vocabulary");
-    }
-    if (cache_.n_tokens() + n_new > cache_.capacity()) {
-      return out_of_range("sequence of " + std::to_string(cache_.n_tokens() + n_new) +
-                          " tokens exceeds its capacity of " + std::to_string(cache_.capacity()));
-    }
-    return Status();
-  }
-
-  CpuForward& forward_;
-  KvCache cache_;
-};
-
-constexpr std::array<std::string_view, 1> kEvalPolicies{"dense"};
-
-std::string join_policies() {
-  std::string s;
-  for (std::string_view p : kEvalPolicies) {
-    if (!s.empty()) s += ", ";
-    s += p;
-  }
-  return s;
 }
 
 Status check_context(const LlamaConfig& config, int64_t n_tokens, const char* what) {
@@ -99,8 +48,75 @@ KvMeasure mean_measure(std::span<const KvMeasure> ms) {
   return out;
 }
 
-KvMeasure measure(const LlamaConfig& config, const EvalSequence& seq) {
-  return KvMeasure{eval_dense_bytes(config, seq.n_tokens()), seq.kv_bytes(), seq.keep_rate()};
+KvMeasure measure(const PolicySequence& seq) {
+  return KvMeasure{seq.kv_dense_bytes(), seq.kv_bytes(), seq.keep_rate()};
+}
+
+using Plans = std::vector<std::shared_ptr<const PolicyPlan>>;
+
+// Every policy checked against the model before any work.
+Result<Plans> plan_all(const LlamaConfig& config, std::span<const KvPolicyConfig> policies) {
+  if (policies.empty()) return invalid_argument("no KV policy to evaluate");
+  Plans plans;
+  for (const KvPolicyConfig& p : policies) {
+    KVGATE_ASSIGN_OR_RETURN(auto plan, plan_kv_policy(config, p));
+    plans.push_back(std::move(plan));
+  }
+  return plans;
+}
+
+EvalPolicyInfo info_of(const PolicyPlan& plan) {
+  EvalPolicyInfo info;
+  info.name = plan.name;
+  info.blocks = plan.blocks;
+  info.n_sink_tokens = plan.layout.n_sink_tokens;
+  info.n_window_tokens = plan.layout.n_window_tokens;
+  info.budget_tokens = plan.config.budget_tokens;
+  info.target_keep_rate = policy_needs_stats(plan.config) ? plan.config.keep_rate : 0.0;
+  return info;
+}
+
+// One window: tokens[0, n) prefilled once, tokens[n, n + m) scored by every
+// plan in turn. Inputs were checked by the caller.
+Result<std::vector<PerplexityResult>> score_window(CpuForward& forward, const Plans& plans,
+                                                   std::span<const int32_t> tokens, int64_t n,
+                                                   int64_t m, const EvalProgressFn& progress) {
+  const LlamaConfig& config = forward.model().config();
+  std::vector<float> prefill_logits(config.n_vocab), logits(config.n_vocab);
+  double prefill_seconds = 0.0;
+  // The last scored token is never fed: the caches end with N + M - 1 tokens.
+  KVGATE_ASSIGN_OR_RETURN(auto seqs, prefill_for_policies(forward, plans, tokens.first(n), n + m - 1,
+                                                          prefill_logits, &prefill_seconds));
+  std::vector<PerplexityResult> out;
+  const auto total_steps = static_cast<int64_t>(plans.size()) * m;
+  for (size_t p = 0; p < plans.size(); ++p) {
+    PolicySequence& seq = *seqs[p];
+    PerplexityResult res;
+    res.policy = info_of(*plans[p]);
+    res.context_tokens = n;
+    res.score_tokens = m;
+    res.prefill_seconds = prefill_seconds;
+    res.compress_seconds = seq.compress_seconds();
+    res.token_nll.reserve(m);
+    logits = prefill_logits;
+    const auto t1 = Clock::now();
+    double sum = 0.0;
+    for (int64_t j = 0; j < m; ++j) {
+      if (j > 0) KVGATE_RETURN_IF_ERROR(seq.decode(tokens[n + j - 1], logits));
+      const double nll = token_nll(logits, tokens[n + j]);
+      res.token_nll.push_back(nll);
+      sum += nll;
+      const int64_t done = static_cast<int64_t>(p) * m + j + 1;
+      if (progress && ((j + 1) % 32 == 0 || j + 1 == m)) progress({"scoring", n, done, total_steps});
+    }
+    res.decode_seconds = seconds_since(t1);
+    res.nll_mean = sum / static_cast<double>(m);
+    res.perplexity = perplexity_from_nll(res.nll_mean);
+    res.kv = measure(seq);
+    out.push_back(std::move(res));
+    seqs[p].reset();  // its cache is no longer needed
+  }
+  return out;
 }
 
 }  // namespace
@@ -121,25 +137,7 @@ double perplexity_from_nll(double nll_mean) {
   return std::exp(nll_mean);
 }
 
-// ------------------------------------------------------------ policy hook
-
-std::span<const std::string_view> eval_policies() {
-  return kEvalPolicies;
-}
-
-Result<std::unique_ptr<EvalSequence>> make_eval_sequence(CpuForward& forward,
-                                                         std::string_view policy,
-                                                         int64_t capacity_tokens) {
-  if (capacity_tokens < 1) return invalid_argument("sequence capacity must be >= 1 token");
-  // New policies plug in here: a class implementing EvalSequence over the
-  // policy's cache (prefill dense, then compress; decode through the
-  // compressed layout).
-  if (policy == "dense") {
-    return std::unique_ptr<EvalSequence>(new DenseEvalSequence(forward, capacity_tokens));
-  }
-  return invalid_argument("policy '" + std::string(policy) +
-                          "' is not supported by kvgate eval; supported: " + join_policies());
-}
+// ------------------------------------------------------------ policies
 
 int64_t eval_dense_bytes(const LlamaConfig& config, int64_t n_tokens) {
   return kvstore::dense_bytes(config.n_layers, config.n_kv_heads, config.head_dim,
@@ -148,12 +146,10 @@ int64_t eval_dense_bytes(const LlamaConfig& config, int64_t n_tokens) {
 
 // ------------------------------------------------------------- perplexity
 
-Result<PerplexityResult> score_perplexity(CpuForward& forward, std::span<const int32_t> tokens,
-                                          const PerplexityOptions& options,
-                                          const EvalProgressFn& progress) {
-  const LlamaConfig& config = forward.model().config();
-  const int64_t n = options.context_tokens;
-  const int64_t m = options.score_tokens;
+namespace {
+
+Status check_perplexity_input(const LlamaConfig& config, std::span<const int32_t> tokens, int64_t n,
+                              int64_t m) {
   if (n < 1) return invalid_argument("context must be at least 1 token, got " + std::to_string(n));
   if (m < 1) return invalid_argument("score must be at least 1 token, got " + std::to_string(m));
   KVGATE_RETURN_IF_ERROR(check_context(config, n + m, "context + score"));
@@ -167,33 +163,21 @@ Result<PerplexityResult> score_perplexity(CpuForward& forward, std::span<const i
                               std::to_string(i) + " is outside the vocabulary");
     }
   }
-  // The last scored token is never fed: the cache ends with N + M - 1 tokens.
-  KVGATE_ASSIGN_OR_RETURN(auto seq, make_eval_sequence(forward, options.policy, n + m - 1));
+  return Status();
+}
 
-  PerplexityResult res;
-  res.policy = options.policy;
-  res.context_tokens = n;
-  res.score_tokens = m;
-  res.token_nll.reserve(m);
-  std::vector<float> logits(config.n_vocab);
-  const auto t0 = Clock::now();
-  KVGATE_RETURN_IF_ERROR(seq->prefill(tokens.first(n), logits));
-  res.prefill_seconds = seconds_since(t0);
+}  // namespace
 
-  const auto t1 = Clock::now();
-  double sum = 0.0;
-  for (int64_t j = 0; j < m; ++j) {
-    if (j > 0) KVGATE_RETURN_IF_ERROR(seq->decode(tokens[n + j - 1], logits));
-    const double nll = token_nll(logits, tokens[n + j]);
-    res.token_nll.push_back(nll);
-    sum += nll;
-    if (progress && ((j + 1) % 32 == 0 || j + 1 == m)) progress({"scoring", n, j + 1, m});
-  }
-  res.decode_seconds = seconds_since(t1);
-  res.nll_mean = sum / static_cast<double>(m);
-  res.perplexity = perplexity_from_nll(res.nll_mean);
-  res.kv = measure(config, *seq);
-  return res;
+Result<std::vector<PerplexityResult>> score_perplexity(CpuForward& forward,
+                                                       std::span<const int32_t> tokens,
+                                                       const PerplexityOptions& options,
+                                                       const EvalProgressFn& progress) {
+  const LlamaConfig& config = forward.model().config();
+  const int64_t n = options.context_tokens;
+  const int64_t m = options.score_tokens;
+  KVGATE_RETURN_IF_ERROR(check_perplexity_input(config, tokens, n, m));
+  KVGATE_ASSIGN_OR_RETURN(auto plans, plan_all(config, options.policies));
+  return score_window(forward, plans, tokens, n, m, progress);
 }
 
 Result<std::vector<EvalWindow>> plan_windows(std::span<const int64_t> document_tokens,
@@ -221,14 +205,17 @@ Result<std::vector<EvalWindow>> plan_windows(std::span<const int64_t> document_t
   return out;
 }
 
-Result<CorpusPerplexityResult> score_corpus_perplexity(
+Result<std::vector<CorpusPerplexityResult>> score_corpus_perplexity(
     CpuForward& forward, std::span<const std::vector<int32_t>> documents,
     const PerplexityOptions& options, int64_t n_windows, int64_t slot_tokens,
     const EvalProgressFn& progress) {
+  const LlamaConfig& config = forward.model().config();
   std::vector<int64_t> sizes;
   for (const auto& d : documents) sizes.push_back(static_cast<int64_t>(d.size()));
-  const int64_t window = options.context_tokens + options.score_tokens;
-  KVGATE_RETURN_IF_ERROR(check_context(forward.model().config(), window, "context + score"));
+  const int64_t n = options.context_tokens;
+  const int64_t m = options.score_tokens;
+  const int64_t window = n + m;
+  KVGATE_RETURN_IF_ERROR(check_context(config, window, "context + score"));
   if (window > slot_tokens) {
     return invalid_argument("context + score (" + std::to_string(window) +
                             " tokens) exceeds the window slot of " + std::to_string(slot_tokens) +
@@ -236,32 +223,43 @@ Result<CorpusPerplexityResult> score_corpus_perplexity(
   }
   KVGATE_ASSIGN_OR_RETURN(auto windows, plan_windows(sizes, slot_tokens, n_windows));
   for (EvalWindow& w : windows) w.start += slot_tokens - window;  // end where the slot ends
+  KVGATE_ASSIGN_OR_RETURN(auto plans, plan_all(config, options.policies));
 
-  CorpusPerplexityResult out;
-  PerplexityResult& total = out.total;
-  total.policy = options.policy;
-  total.context_tokens = options.context_tokens;
-  total.score_tokens = options.score_tokens;
-  std::vector<KvMeasure> kv;
-  double sum = 0.0;
-  if (progress) progress({"window", options.context_tokens, 0, n_windows});
+  std::vector<CorpusPerplexityResult> out(plans.size());
+  std::vector<std::vector<KvMeasure>> kv(plans.size());
+  std::vector<double> sum(plans.size(), 0.0);
+  for (size_t p = 0; p < plans.size(); ++p) {
+    PerplexityResult& total = out[p].total;
+    total.policy = info_of(*plans[p]);
+    total.context_tokens = n;
+    total.score_tokens = m;
+  }
+  if (progress) progress({"window", n, 0, n_windows});
   for (size_t i = 0; i < windows.size(); ++i) {
     const auto& doc = documents[windows[i].document];
     auto span = std::span<const int32_t>(doc).subspan(windows[i].start, window);
-    KVGATE_ASSIGN_OR_RETURN(auto r, score_perplexity(forward, span, options));
-    for (double x : r.token_nll) sum += x;
-    total.token_nll.insert(total.token_nll.end(), r.token_nll.begin(), r.token_nll.end());
-    total.prefill_seconds += r.prefill_seconds;
-    total.decode_seconds += r.decode_seconds;
-    out.window_perplexity.push_back(r.perplexity);
-    kv.push_back(r.kv);
-    if (progress)
-      progress({"window", options.context_tokens, static_cast<int64_t>(i + 1), n_windows});
+    KVGATE_RETURN_IF_ERROR(check_perplexity_input(config, span, n, m));
+    KVGATE_ASSIGN_OR_RETURN(auto rs, score_window(forward, plans, span, n, m, progress));
+    for (size_t p = 0; p < plans.size(); ++p) {
+      const PerplexityResult& r = rs[p];
+      PerplexityResult& total = out[p].total;
+      for (double x : r.token_nll) sum[p] += x;
+      total.token_nll.insert(total.token_nll.end(), r.token_nll.begin(), r.token_nll.end());
+      total.prefill_seconds += r.prefill_seconds;
+      total.compress_seconds += r.compress_seconds;
+      total.decode_seconds += r.decode_seconds;
+      out[p].window_perplexity.push_back(r.perplexity);
+      kv[p].push_back(r.kv);
+    }
+    if (progress) progress({"window", n, static_cast<int64_t>(i + 1), n_windows});
   }
-  total.nll_mean = sum / static_cast<double>(total.token_nll.size());
-  total.perplexity = perplexity_from_nll(total.nll_mean);
-  total.kv = mean_measure(kv);
-  out.windows = std::move(windows);
+  for (size_t p = 0; p < plans.size(); ++p) {
+    PerplexityResult& total = out[p].total;
+    total.nll_mean = sum[p] / static_cast<double>(total.token_nll.size());
+    total.perplexity = perplexity_from_nll(total.nll_mean);
+    total.kv = mean_measure(kv[p]);
+    out[p].windows = windows;
+  }
   return out;
 }
 
@@ -420,8 +418,9 @@ bool passkey_found(std::string_view answer, std::string_view passkey) {
   return false;
 }
 
-Result<PasskeyResult> run_passkey(CpuForward& forward, const Tokenizer& tokenizer,
-                                  const PasskeyOptions& options, const EvalProgressFn& progress) {
+Result<std::vector<PasskeyResult>> run_passkey(CpuForward& forward, const Tokenizer& tokenizer,
+                                               const PasskeyOptions& options,
+                                               const EvalProgressFn& progress) {
   const LlamaConfig& config = forward.model().config();
   if (options.lengths_tokens.empty()) return invalid_argument("lengths must not be empty");
   if (options.depths.empty()) return invalid_argument("depths must not be empty");
@@ -439,54 +438,64 @@ Result<PasskeyResult> run_passkey(CpuForward& forward, const Tokenizer& tokenize
                               std::to_string(gen.fixed_tokens()) + " tokens");
     }
   }
-  // Fail on a bad policy name before any work.
-  KVGATE_RETURN_IF_ERROR(make_eval_sequence(forward, options.policy, 1).status());
+  // Fail on a policy the model cannot run before any work.
+  KVGATE_ASSIGN_OR_RETURN(auto plans, plan_all(config, options.policies));
 
   std::mt19937_64 rng(options.seed);
-  PasskeyResult res;
-  std::vector<float> logits(config.n_vocab);
+  std::vector<PasskeyResult> res(plans.size());
+  for (size_t p = 0; p < plans.size(); ++p) res[p].policy = info_of(*plans[p]);
+  std::vector<float> prefill_logits(config.n_vocab), logits(config.n_vocab);
+  std::vector<int32_t> answer;
   for (int64_t len : options.lengths_tokens) {
     const int64_t per_length = static_cast<int64_t>(options.depths.size()) * options.trials;
     int64_t done = 0;
     if (progress) progress({"passkey", len, 0, per_length});
     for (double depth : options.depths) {
-      PasskeyCell cell;
-      cell.length_tokens = len;
-      cell.depth = depth;
-      std::vector<KvMeasure> kv;
+      std::vector<PasskeyCell> cells(plans.size());
+      std::vector<std::vector<KvMeasure>> kv(plans.size());
       for (int64_t t = 0; t < options.trials; ++t) {
         KVGATE_ASSIGN_OR_RETURN(auto prompt,
                                 gen.make(len, depth, PasskeyGenerator::random_passkey(rng)));
         // The answer's few positions may run past the training context by
         // at most max_answer_tokens; RoPE has no hard limit there.
+        double prefill_seconds = 0.0;
         KVGATE_ASSIGN_OR_RETURN(
-            auto seq, make_eval_sequence(forward, options.policy, len + options.max_answer_tokens));
-        const auto t0 = Clock::now();
-        KVGATE_RETURN_IF_ERROR(seq->prefill(prompt.tokens, logits));
-        res.prefill_seconds += seconds_since(t0);
-        kv.push_back(measure(config, *seq));
-
-        const auto t1 = Clock::now();
-        std::vector<int32_t> answer;
-        std::string text;
-        for (int32_t k = 0; k < options.max_answer_tokens; ++k) {
-          const int32_t tok = argmax(logits);
-          if (tokenizer.is_eog(tok)) break;
-          answer.push_back(tok);
-          text = tokenizer.decode(answer);
-          const size_t nl = text.find('\n');
-          if (nl != std::string::npos && text.find_first_not_of(" \n") < nl) break;
-          if (k + 1 < options.max_answer_tokens) KVGATE_RETURN_IF_ERROR(seq->decode(tok, logits));
+            auto seqs, prefill_for_policies(forward, plans, prompt.tokens,
+                                            len + options.max_answer_tokens, prefill_logits,
+                                            &prefill_seconds));
+        for (size_t p = 0; p < plans.size(); ++p) {
+          PolicySequence& seq = *seqs[p];
+          res[p].prefill_seconds += prefill_seconds;
+          res[p].compress_seconds += seq.compress_seconds();
+          kv[p].push_back(measure(seq));
+          logits = prefill_logits;
+          const auto t1 = Clock::now();
+          answer.clear();
+          std::string text;
+          for (int32_t k = 0; k < options.max_answer_tokens; ++k) {
+            const int32_t tok = argmax(logits);
+            if (tokenizer.is_eog(tok)) break;
+            answer.push_back(tok);
+            text = tokenizer.decode(answer);
+            const size_t nl = text.find('\n');
+            if (nl != std::string::npos && text.find_first_not_of(" \n") < nl) break;
+            if (k + 1 < options.max_answer_tokens) KVGATE_RETURN_IF_ERROR(seq.decode(tok, logits));
+          }
+          res[p].decode_seconds += seconds_since(t1);
+          seqs[p].reset();
+          const bool ok = passkey_found(text, prompt.passkey);
+          cells[p].trials += 1;
+          cells[p].correct += ok ? 1 : 0;
+          res[p].samples.push_back({len, depth, prompt.passkey, text, ok});
         }
-        res.decode_seconds += seconds_since(t1);
-        const bool ok = passkey_found(text, prompt.passkey);
-        cell.trials += 1;
-        cell.correct += ok ? 1 : 0;
-        res.samples.push_back({len, depth, prompt.passkey, text, ok});
         if (progress) progress({"passkey", len, ++done, per_length});
       }
-      cell.kv = mean_measure(kv);
-      res.cells.push_back(cell);
+      for (size_t p = 0; p < plans.size(); ++p) {
+        cells[p].length_tokens = len;
+        cells[p].depth = depth;
+        cells[p].kv = mean_measure(kv[p]);
+        res[p].cells.push_back(cells[p]);
+      }
     }
   }
   return res;

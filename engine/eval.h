@@ -4,9 +4,12 @@
 //
 // Every task runs a request's life as a server would: the context is
 // prefilled with full attention, the policy compresses the cache, and then
-// tokens go through the decode path one per step. The policy is reached only
-// through EvalSequence; make_eval_sequence() is the one place where a policy
-// plugs in (only `dense` today).
+// tokens go through the decode path one per step. Every task takes a list of
+// policies and runs them all from ONE shared prefill per context or prompt
+// (engine/policy_cache.h): the prefill is identical for every policy, only
+// the compression differs, so a whole comparison costs one prefill plus one
+// decode per policy. Results come back one per policy, in option order; a
+// policy's numbers are bit-identical to a run of that policy alone.
 //
 // Threading: every function blocks and drives the CpuForward it is given,
 // from the caller's thread (the owner of that CpuForward). Progress
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "engine/kv_policy.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 
@@ -38,32 +42,7 @@ double token_nll(std::span<const float> logits, int32_t target);
 // exp(nll_mean).
 double perplexity_from_nll(double nll_mean);
 
-// ------------------------------------------------------------ policy hook
-
-// One sequence under a KV policy. Owned and driven by one thread.
-class EvalSequence {
- public:
-  virtual ~EvalSequence() = default;
-  // Full-attention prefill of `tokens` into an empty sequence, then the
-  // policy's compression; next-token logits of the last token to `logits`.
-  virtual Status prefill(std::span<const int32_t> tokens, std::span<float> logits) = 0;
-  // One decode step: appends `token`, writes its next-token logits.
-  virtual Status decode(int32_t token, std::span<float> logits) = 0;
-  virtual int64_t n_tokens() const = 0;
-  // Bytes the policy holds for the n_tokens() tokens now in the cache.
-  virtual int64_t kv_bytes() const = 0;
-  // Fraction of distant tokens whose K/V the policy keeps (1 for dense).
-  virtual double keep_rate() const = 0;
-};
-
-// Policies kvgate eval can run today, in the order the error message names them.
-std::span<const std::string_view> eval_policies();
-
-// A sequence of at most capacity_tokens tokens under `policy`.
-// INVALID_ARGUMENT naming the supported policies for any other name.
-Result<std::unique_ptr<EvalSequence>> make_eval_sequence(CpuForward& forward,
-                                                         std::string_view policy,
-                                                         int64_t capacity_tokens);
+// ------------------------------------------------------------ policies
 
 // Bytes of the dense fp16 cache of n_tokens tokens of this model.
 int64_t eval_dense_bytes(const LlamaConfig& config, int64_t n_tokens);
@@ -81,9 +60,21 @@ using EvalProgressFn = std::function<void(const EvalProgress&)>;
 // ------------------------------------------------------------- perplexity
 
 struct PerplexityOptions {
-  std::string policy = "dense";
+  // Scored from one shared prefill per window; at least one.
+  std::vector<KvPolicyConfig> policies{KvPolicyConfig{}};
   int64_t context_tokens = 0;  // N: prefilled with full attention, then compressed
   int64_t score_tokens = 256;  // M: scored one decode step at a time
+};
+
+// How a policy ran: its name and the layout parameters it resolved to
+// (engine/kv_policy.h: a gate model supplies unset sinks, window and blocks).
+struct EvalPolicyInfo {
+  std::string name;         // kv_policy_name()
+  std::string blocks;       // kv_policy_blocks()
+  int64_t n_sink_tokens = 0;
+  int64_t n_window_tokens = 0;
+  int64_t budget_tokens = 0;
+  double target_keep_rate = 0.0;  // h2o, snapkv (keep_rate); 0 otherwise
 };
 
 // KV measured when the last scored token's logits were computed: the cache
@@ -98,24 +89,27 @@ struct KvMeasure {
 };
 
 struct PerplexityResult {
-  std::string policy;
+  EvalPolicyInfo policy;
   int64_t context_tokens = 0;
   int64_t score_tokens = 0;
   double nll_mean = 0.0;
   double perplexity = 0.0;
   KvMeasure kv;
-  double prefill_seconds = 0.0;
+  double prefill_seconds = 0.0;   // the shared prefill (the same for every policy of a run)
+  double compress_seconds = 0.0;  // this policy's cache built from the prefill
   double decode_seconds = 0.0;    // the M - 1 decode steps
   std::vector<double> token_nll;  // NLL of each scored token, in order
 };
 
-// Prefills tokens[0, N), then scores tokens[N, N + M) teacher-forced: the
-// logits that predict token N come from the prefill, each later one from
-// decoding the previous true token. Errors: N < 1 or M < 1
+// Prefills tokens[0, N) once, then for each policy scores tokens[N, N + M)
+// teacher-forced: the logits that predict token N come from the prefill,
+// each later one from decoding the previous true token over the policy's
+// cache. One result per policy, in option order. Errors: N < 1 or M < 1
 // (INVALID_ARGUMENT), fewer than N + M tokens (INVALID_ARGUMENT), N + M past
 // the model's training context (OUT_OF_RANGE), a token id outside the
-// vocabulary (INVALID_ARGUMENT).
-Result<PerplexityResult> score_perplexity(CpuForward& forward, std::span<const int32_t> tokens,
+// vocabulary (INVALID_ARGUMENT), no policy (INVALID_ARGUMENT), a policy the
+// model cannot run (make_kv_layout's errors, before any work).
+Result<std::vector<PerplexityResult>> score_perplexity(CpuForward& forward, std::span<const int32_t> tokens,
                                           const PerplexityOptions& options,
                                           const EvalProgressFn& progress = {});
 
@@ -139,8 +133,9 @@ struct CorpusPerplexityResult {
   std::vector<EvalWindow> windows;
 };
 
-// score_perplexity over n_windows windows of `documents`; the NLL is
-// averaged over all scored tokens, the KV measure over windows.
+// score_perplexity over n_windows windows of `documents` (one shared
+// prefill per window); per policy, the NLL is averaged over all scored
+// tokens, the KV measure over windows. One result per policy.
 //
 // The windows are aligned so that every context length scores the same
 // text: plan_windows() cuts the corpus into slots of slot_tokens (>= N + M;
@@ -149,7 +144,7 @@ struct CorpusPerplexityResult {
 // the N tokens before them. So runs with different N (or policies) with the
 // same M, slot and W score identical tokens, and only the context differs.
 // `windows` in the result holds each window's own start (slot_end - N - M).
-Result<CorpusPerplexityResult> score_corpus_perplexity(
+Result<std::vector<CorpusPerplexityResult>> score_corpus_perplexity(
     CpuForward& forward, std::span<const std::vector<int32_t>> documents,
     const PerplexityOptions& options, int64_t n_windows, int64_t slot_tokens,
     const EvalProgressFn& progress = {});
@@ -207,7 +202,8 @@ class PasskeyGenerator {
 bool passkey_found(std::string_view answer, std::string_view passkey);
 
 struct PasskeyOptions {
-  std::string policy = "dense";
+  // Every prompt is prefilled once and answered by each policy.
+  std::vector<KvPolicyConfig> policies{KvPolicyConfig{}};
   PasskeyFormat format = PasskeyFormat::kChat;
   std::vector<int64_t> lengths_tokens{1024, 2048, 4096, 8192};
   std::vector<double> depths{0.0, 0.25, 0.5, 0.75, 1.0};  // key position / length
@@ -234,18 +230,22 @@ struct PasskeySample {
 };
 
 struct PasskeyResult {
+  EvalPolicyInfo policy;
   std::vector<PasskeyCell> cells;      // lengths-major, then depths, in option order
   std::vector<PasskeySample> samples;  // every trial
-  double prefill_seconds = 0.0;
+  double prefill_seconds = 0.0;        // the shared prefills
+  double compress_seconds = 0.0;
   double decode_seconds = 0.0;
 };
 
 // Runs every (length, depth, trial): a fresh key from a generator seeded
-// with `seed`, a greedy answer of up to max_answer_tokens (stopping at an
+// with `seed` (so every policy sees the same prompts), one shared prefill,
+// then per policy a greedy answer of up to max_answer_tokens (stopping at an
 // end-of-generation token or a newline after some text), scored by
-// passkey_found. Errors: bad options (INVALID_ARGUMENT naming the field), a
-// length past the model's context (OUT_OF_RANGE), engine errors.
-Result<PasskeyResult> run_passkey(CpuForward& forward, const Tokenizer& tokenizer,
+// passkey_found. One result per policy, in option order. Errors: bad
+// options (INVALID_ARGUMENT naming the field), a length past the model's
+// context (OUT_OF_RANGE), a policy the model cannot run, engine errors.
+Result<std::vector<PasskeyResult>> run_passkey(CpuForward& forward, const Tokenizer& tokenizer,
                                   const PasskeyOptions& options,
                                   const EvalProgressFn& progress = {});
 

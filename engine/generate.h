@@ -24,7 +24,8 @@ struct GenerateOptions {
   bool ignore_eos = false;
   std::vector<std::string> stop;  // stop strings; not included in the text
   // KV cache policy: prefill always runs full attention; other policies
-  // than dense then compress the cache and decode over the compressed one.
+  // than dense then compress the cache and decode over the compressed one
+  // (engine/policy_cache.h). gate and gate+pod need kv_policy.gate.
   KvPolicyConfig kv_policy;
 };
 
@@ -33,10 +34,12 @@ struct GenerateResult {
   std::string text;              // completion text (cut before a stop string)
   int64_t prompt_tokens = 0;
   std::string finish_reason;     // "stop" (EOS or stop string) or "length"
-  double prefill_seconds = 0.0;
+  double prefill_seconds = 0.0;  // the full-attention prefill
+  double compress_seconds = 0.0; // building the policy's cache from the prefill (0 for dense)
   double decode_seconds = 0.0;   // time for tokens after the first
   int64_t kv_dense_bytes = 0;    // what a dense fp16 cache of the final length holds
   int64_t kv_bytes = 0;          // what the policy's cache holds (DESIGN.md §4 formula)
+  double keep_rate = 1.0;        // retained / distant tokens over all slots at the end
 };
 
 // Streams text as it becomes safe to emit (complete UTF-8, not a possible

@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
 """Tables and a plot of KV-policy quality against KV saving.
 
-Reads the JSON that `kvgate eval --json` prints -- one object per file, a
-JSON array, or JSON lines (one object per line) -- for any number of
-policies, and writes:
+Reads the JSON that `kvgate eval --json` prints -- a single-policy object,
+a multi-policy run's {"results": [...]}, a JSON array, or JSON lines (one
+of those per line) -- for any number of policies, and writes:
 
-  * a markdown table of perplexity (per policy and context) and one of
-    passkey accuracy (per policy and length, with the per-depth cells);
-  * a figure (PNG or SVG, by the extension of --plot): perplexity against
-    KV saving, one series per context, and passkey accuracy against KV
-    saving, one series per length; every point is labelled by its policy.
+  * a markdown summary with one row per policy: KV saving, keep rate,
+    perplexity per context (and its ratio to dense) and passkey accuracy per
+    length; then the detailed perplexity table (per policy and context) and
+    passkey table (per policy and length, with the per-depth cells);
+  * a figure (PNG or SVG, by the extension of --plot): quality against KV
+    saving, one marker per policy -- perplexity as a ratio to dense at the
+    same context (one colour per context) and passkey accuracy (one colour
+    per length).
 
-Example:
+Example (one shared prefill per window / prompt for every policy):
 
-  kvgate eval --policy dense --task perplexity --context 4096 --json >> out/eval/results.jsonl
-  kvgate eval --policy dense --task passkey --json >> out/eval/results.jsonl
-  python3 tools/plot_eval.py out/eval/results.jsonl --table out/eval/table.md --plot out/eval/quality.png
+  kvgate eval --policy all --task perplexity --context 1024,2048 --windows 4 --json > out/eval/ppl.json
+  kvgate eval --policy all --task passkey --lengths 1024,2048 --trials 2 --json > out/eval/passkey.json
+  python3 tools/plot_eval.py out/eval/ppl.json out/eval/passkey.json \
+      --table out/eval/table.md --plot out/eval/quality.png
 
 The table needs only the standard library. The plot needs matplotlib:
 
@@ -33,22 +37,30 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def flatten(data) -> list:
+    """Result objects of one JSON value: an object, {"results": [...]}, or an array of either."""
+    if isinstance(data, list):
+        return [x for item in data for x in flatten(item)]
+    if isinstance(data, dict) and "results" in data and "policy" not in data:
+        return flatten(data["results"])
+    return [data]
+
+
 def load_records(paths: list[Path]) -> list[dict]:
-    """Every JSON object in the files: an object, an array, or JSON lines."""
+    """Every result object in the files: objects, multi-policy runs, arrays, or JSON lines."""
     records: list[dict] = []
     for path in paths:
         text = path.read_text(encoding="utf-8").strip()
         if not text:
             continue
         try:
-            data = json.loads(text)
-            items = data if isinstance(data, list) else [data]
+            items = flatten(json.loads(text))
         except json.JSONDecodeError:
             items = []
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
-                        items.append(json.loads(line))
+                        items.extend(flatten(json.loads(line)))
                     except json.JSONDecodeError as e:
                         sys.exit(f"plot_eval: {path}:{n}: not JSON: {e}")
         for item in items:
@@ -80,6 +92,7 @@ def perplexity_rows(records: list[dict]) -> list[dict]:
     for row in rows.values():
         base = dense.get(row["context"])
         row["vs_dense"] = (row["perplexity"] / base - 1.0) if base else None
+        row["ratio"] = (row["perplexity"] / base) if base else None
     return sorted(rows.values(), key=lambda x: (x["context"], policy_order(x["policy"])))
 
 
@@ -122,8 +135,45 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:+.2f}%"
 
 
+def summary(ppl: list[dict], pk: list[dict]) -> list[str]:
+    """One row per policy: KV saving and keep rate (of the longest perplexity
+    context, else the longest passkey length), perplexity per context with its
+    ratio to dense, passkey accuracy per length."""
+    policies = sorted({r["policy"] for r in ppl + pk}, key=policy_order)
+    contexts = sorted({r["context"] for r in ppl})
+    lengths = sorted({r["length"] for r in pk})
+    if not policies:
+        return []
+    where = f"context {contexts[-1]}" if contexts else f"passkey {lengths[-1]}"
+    head = f"| policy | KV saving ({where}) | keep rate |"
+    rule = "|---|---:|---:|"
+    for c in contexts:
+        head += f" ppl @{c} | vs dense @{c} |"
+        rule += "---:|---:|"
+    for n in lengths:
+        head += f" passkey @{n} |"
+        rule += "---:|"
+    out = ["### Summary: quality against KV saving\n", head, rule]
+    for p in policies:
+        ref = ([r for r in ppl if r["policy"] == p and r["context"] == contexts[-1]] if contexts
+               else [r for r in pk if r["policy"] == p and r["length"] == lengths[-1]])
+        saving = f"{100 * ref[0]['kv_saving']:.1f}%" if ref else ""
+        keep = f"{ref[0]['keep_rate']:.3f}" if ref else ""
+        row = f"| {p} | {saving} | {keep} |"
+        for c in contexts:
+            r = [x for x in ppl if x["policy"] == p and x["context"] == c]
+            row += (f" {r[0]['perplexity']:.3f} | {pct(r[0]['vs_dense'])} |" if r else " | |")
+        for n in lengths:
+            r = [x for x in pk if x["policy"] == p and x["length"] == n]
+            row += (f" {100 * r[0]['accuracy']:.0f}% ({r[0]['correct']}/{r[0]['trials']}) |"
+                    if r else " |")
+        out.append(row)
+    out.append("")
+    return out
+
+
 def markdown(ppl: list[dict], pk: list[dict]) -> str:
-    out = []
+    out = summary(ppl, pk)
     if ppl:
         out.append("### Perplexity (teacher-forced through the decode path)\n")
         out.append("| policy | context | scored tokens | windows | perplexity | vs dense | KV saving | keep rate |")
@@ -195,13 +245,20 @@ def plot(ppl: list[dict], pk: list[dict], path: Path) -> None:
             ax.plot([], [], color="gray", marker=marker_of[p], linestyle="none", label=p)
 
     ax = axes[0]
-    if ppl:
-        series(ax, ppl, "context", "perplexity", "context {}")
+    # Perplexity as a ratio to dense at the same context, so contexts share
+    # one scale and 1.0 is the reference; raw perplexity only when no dense
+    # result was given.
+    rel = [r for r in ppl if r["ratio"] is not None]
+    y_key = "ratio" if rel else "perplexity"
+    shown = rel if rel else ppl
+    if shown:
+        series(ax, shown, "context", y_key, "context {}")
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no perplexity results", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("KV saving (%)  [1 - compressed bytes / dense bytes]")
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel("perplexity / dense perplexity (lower is better)" if rel
+                  else "perplexity (lower is better)")
     ax.set_title("Perplexity vs KV saving")
     ax.grid(True, alpha=0.3)
 

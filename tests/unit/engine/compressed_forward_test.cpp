@@ -256,9 +256,77 @@ TEST(CompressedForward, GenerateReportsCompressedBytes) {
   // window: sinks + window rows per (layer, head), K and V, fp16, nothing distant.
   const auto& c = L->model->config();
   EXPECT_EQ(r->kv_bytes, 2 * c.n_layers * c.n_kv_heads * 12 * c.head_dim * 2);
+  EXPECT_DOUBLE_EQ(r->keep_rate, 0.0);
+  // gate+pod without a calibrated gate: a clear error that says how to get one.
   o.kv_policy.policy = KvPolicy::kGatePod;
   auto bad = generate(fwd, *L->tokenizer, prompt, o);
-  EXPECT_EQ(bad.status().code(), StatusCode::kUnimplemented);
+  EXPECT_EQ(bad.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(bad.status().message().find("gate+pod"), std::string::npos) << bad.status().message();
+  EXPECT_NE(bad.status().message().find("--gate"), std::string::npos) << bad.status().message();
+  EXPECT_NE(bad.status().message().find("kvgate calibrate"), std::string::npos);
+}
+
+// Budget mode: the top `budget` distant prompt tokens by score, then later
+// tokens only while the slot's budget lasts, so a slot never retains more
+// than the budget (the footprint is known before prefill).
+TEST(KvPolicy, H2oBudgetKeepsAtMostTheBudget) {
+  LlamaConfig c;
+  c.n_layers = 1;
+  c.n_kv_heads = 1;
+  c.head_dim = 64;
+  KvPolicyConfig p;
+  p.policy = KvPolicy::kH2o;
+  p.n_sink_tokens = 2;
+  p.n_window_tokens = 3;
+  AttentionStats st;
+  st.reset(1, 1, 12, 9);
+  // Distant at the end of the prompt: tokens 2..8 (7); final window 9..11.
+  const float recv[12] = {9, 9, 0.1f, 5, 0.2f, 4, 0.3f, 6, 0.4f, 0, 0, 0};
+  std::copy(recv, recv + 12, st.received_row(0, 0));
+  auto layout = make_kv_layout(c, p);
+  ASSERT_TRUE(layout.ok()) << layout.status().to_string();
+  std::vector<uint8_t> flags;
+
+  p.budget_tokens = 2;  // the two heaviest (7 and 3); nothing later
+  ASSERT_TRUE(policy_flags(p, *layout, 0, 12, flags, &st).ok());
+  EXPECT_EQ(flags, (std::vector<uint8_t>{1, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0}));
+  ASSERT_TRUE(policy_flags(p, *layout, 12, 1, flags, &st).ok());
+  EXPECT_EQ(flags, (std::vector<uint8_t>{0}));
+
+  p.budget_tokens = 9;  // all 7 candidates, then 2 of the later tokens (9 and 10)
+  ASSERT_TRUE(policy_flags(p, *layout, 0, 12, flags, &st).ok());
+  EXPECT_EQ(flags, (std::vector<uint8_t>{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0}));
+  ASSERT_TRUE(policy_flags(p, *layout, 12, 2, flags, &st).ok());
+  EXPECT_EQ(flags, (std::vector<uint8_t>{0, 0}));
+}
+
+TEST(KvPolicy, GatePoliciesNeedAGateAndTakeNoPolicyFlags) {
+  LlamaConfig c;
+  c.n_layers = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 64;
+  for (KvPolicy kind : {KvPolicy::kGate, KvPolicy::kGatePod}) {
+    KvPolicyConfig p;
+    p.policy = kind;
+    auto layout = make_kv_layout(c, p);
+    EXPECT_EQ(layout.status().code(), StatusCode::kFailedPrecondition);
+    EXPECT_NE(layout.status().message().find(kv_policy_name(kind)), std::string::npos);
+  }
+  KvPolicyConfig dense;
+  auto layout = make_kv_layout(c, dense);
+  ASSERT_TRUE(layout.ok());
+  KvPolicyConfig gate;
+  gate.policy = KvPolicy::kGate;
+  std::vector<uint8_t> flags;
+  EXPECT_EQ(policy_flags(gate, *layout, 0, 4, flags).code(), StatusCode::kFailedPrecondition);
+  // Unset sinks and window take the defaults without a gate; set ones win.
+  EXPECT_EQ(layout->n_sink_tokens, kDefaultSinkTokens);
+  EXPECT_EQ(layout->n_window_tokens, kDefaultWindowTokens);
+  KvPolicyConfig pod;
+  pod.policy = KvPolicy::kPod;
+  EXPECT_EQ(kv_policy_blocks(pod), "uniform-2");
+  pod.gate_decision.retained_budget_tokens = 5;  // the budget is budget_tokens
+  EXPECT_EQ(pod.validate().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

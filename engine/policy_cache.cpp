@@ -1,0 +1,261 @@
+#include "engine/policy_cache.h"
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+
+#include "kvstore/footprint.h"
+
+namespace kvgate::engine {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Forwards each layer input to several observers, in order.
+class FanOutObserver final : public LayerInputObserver {
+ public:
+  void add(LayerInputObserver* o) {
+    if (o != nullptr) to_.push_back(o);
+  }
+  size_t size() const { return to_.size(); }
+  void on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
+                      std::span<const int64_t> row_pos,
+                      std::span<const int32_t> row_item) override {
+    for (LayerInputObserver* o : to_) o->on_layer_input(layer, xn, n_rows, row_pos, row_item);
+  }
+
+ private:
+  std::vector<LayerInputObserver*> to_;
+};
+
+// Two observers without allocating (one decode step: the caller's and a
+// GateDecoder).
+class PairObserver final : public LayerInputObserver {
+ public:
+  PairObserver(LayerInputObserver* a, LayerInputObserver* b) : a_(a), b_(b) {}
+  void on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
+                      std::span<const int64_t> row_pos,
+                      std::span<const int32_t> row_item) override {
+    a_->on_layer_input(layer, xn, n_rows, row_pos, row_item);
+    b_->on_layer_input(layer, xn, n_rows, row_pos, row_item);
+  }
+
+ private:
+  LayerInputObserver* a_;
+  LayerInputObserver* b_;
+};
+
+// Sets the forward's layer observer for a scope: the CpuForward is shared by
+// every policy of a comparison, so a gate observer must not outlive its call.
+class ObserverScope {
+ public:
+  ObserverScope(CpuForward& forward, LayerInputObserver* observer)
+      : forward_(forward), previous_(forward.layer_observer()) {
+    forward_.set_layer_observer(observer);
+  }
+  ~ObserverScope() { forward_.set_layer_observer(previous_); }
+  ObserverScope(const ObserverScope&) = delete;
+  ObserverScope& operator=(const ObserverScope&) = delete;
+
+ private:
+  CpuForward& forward_;
+  LayerInputObserver* previous_;
+};
+
+// Pages of 8 KiB (64 K/V rows of head_dim 64), widened to whole K/V rows and
+// whole gate rows when a model or gate needs it.
+int64_t page_bytes_for(const kvstore::KvLayout& layout) {
+  int64_t bytes = std::lcm<int64_t>(8192, layout.head_dim * kvstore::kKvElementBytes);
+  if (layout.has_gate_state()) bytes = std::lcm(bytes, layout.gate_state_bytes_per_token);
+  return bytes;
+}
+
+// A pool that can never be the limit of one sequence of capacity_tokens:
+// the footprint with every distant token retained, plus one partly filled
+// page per page list (a K and a V ring per (layer, head); per slot its base
+// keys, positions, gate ring and gate list, and a V list per block layer).
+Result<std::unique_ptr<kvstore::PagePool>> make_pool(const kvstore::KvLayout& layout,
+                                                     int64_t capacity_tokens) {
+  const int64_t page_bytes = page_bytes_for(layout);
+  KVGATE_ASSIGN_OR_RETURN(int64_t most, kvstore::predict_bytes(layout, capacity_tokens, 0, 1.0));
+  const int64_t pairs = layout.n_layers() * layout.n_kv_heads();
+  const int64_t lists = 3 * pairs + 4 * layout.blocks.n_slots();
+  return kvstore::PagePool::create(page_bytes, most + (lists + 1) * page_bytes);
+}
+
+}  // namespace
+
+Result<std::shared_ptr<const PolicyPlan>> plan_kv_policy(const LlamaConfig& config,
+                                                         const KvPolicyConfig& policy) {
+  auto plan = std::make_shared<PolicyPlan>();
+  plan->config = policy;
+  KVGATE_ASSIGN_OR_RETURN(plan->layout, make_kv_layout(config, policy));
+  plan->name = kv_policy_name(policy.policy);
+  plan->blocks = kv_policy_blocks(policy);
+  return std::shared_ptr<const PolicyPlan>(std::move(plan));
+}
+
+PolicySequence::PolicySequence(CpuForward& forward, std::shared_ptr<const PolicyPlan> plan,
+                               int64_t capacity_tokens)
+    : forward_(forward), plan_(std::move(plan)), capacity_tokens_(capacity_tokens) {}
+
+PolicySequence::~PolicySequence() = default;
+
+int64_t PolicySequence::n_tokens() const {
+  return dense_ ? dense_->n_tokens() : cache_->n_tokens();
+}
+
+int64_t PolicySequence::kv_dense_bytes() const {
+  return forward_.model().kv_bytes_per_token() * n_tokens();
+}
+
+int64_t PolicySequence::kv_bytes() const {
+  return dense_ ? kv_dense_bytes() : cache_->bytes();
+}
+
+double PolicySequence::keep_rate() const {
+  if (dense_) return 1.0;
+  const kvstore::KvLayout& layout = cache_->layout();
+  const int64_t distant = layout.distant_tokens(cache_->n_tokens());
+  const int64_t n_slots = layout.blocks.n_slots();
+  if (distant == 0 || n_slots == 0) return 1.0;
+  int64_t retained = 0;
+  for (int64_t s = 0; s < n_slots; ++s) retained += cache_->retained_tokens(s);
+  return static_cast<double>(retained) / (static_cast<double>(n_slots) * static_cast<double>(distant));
+}
+
+Status PolicySequence::decode(int32_t token, std::span<float> logits) {
+  if (static_cast<int64_t>(logits.size()) < forward_.model().config().n_vocab) {
+    return invalid_argument("logits buffer smaller than the vocabulary");
+  }
+  if (n_tokens() + 1 > capacity_tokens_) {
+    return out_of_range("sequence of " + std::to_string(n_tokens() + 1) +
+                        " tokens exceeds its capacity of " + std::to_string(capacity_tokens_));
+  }
+  if (dense_) {
+    BatchItem item{dense_.get(), std::span<const int32_t>(&token, 1), true};
+    return forward_.forward(std::span<const BatchItem>(&item, 1), logits.data());
+  }
+  if (gate_decoder_) {
+    // Flags deferred (empty): the decoder sets them at each slot's base layer.
+    kvstore::CompressedKvCache* caches[1] = {&*cache_};
+    gate_decoder_->bind(caches, gate_decision_);
+    LayerInputObserver* previous = forward_.layer_observer();
+    PairObserver both(previous, gate_decoder_.get());
+    ObserverScope scope(forward_, previous != nullptr ? static_cast<LayerInputObserver*>(&both)
+                                                      : gate_decoder_.get());
+    CompressedItem item{&*cache_, token, {}, true};
+    KVGATE_RETURN_IF_ERROR(
+        forward_.forward_compressed(std::span<const CompressedItem>(&item, 1), logits.data()));
+    return gate_decoder_->status();
+  }
+  KVGATE_RETURN_IF_ERROR(
+      policy_flags(plan_->config, plan_->layout, cache_->n_tokens(), 1, flags_, stats_.get()));
+  CompressedItem item{&*cache_, token, flags_, true};
+  return forward_.forward_compressed(std::span<const CompressedItem>(&item, 1), logits.data());
+}
+
+Result<std::vector<std::unique_ptr<PolicySequence>>> prefill_for_policies(
+    CpuForward& forward, std::span<const std::shared_ptr<const PolicyPlan>> plans,
+    std::span<const int32_t> tokens, int64_t capacity_tokens, std::span<float> logits,
+    double* prefill_seconds) {
+  const LlamaConfig& c = forward.model().config();
+  const auto n = static_cast<int64_t>(tokens.size());
+  if (plans.empty()) return invalid_argument("no KV policy to prefill for");
+  if (n == 0) return invalid_argument("prompt is empty");
+  if (capacity_tokens < n) {
+    return invalid_argument("capacity of " + std::to_string(capacity_tokens) +
+                            " tokens is below the prompt's " + std::to_string(n));
+  }
+  if (static_cast<int64_t>(logits.size()) < c.n_vocab) {
+    return invalid_argument("logits buffer smaller than the vocabulary");
+  }
+
+  // What the prefill must observe.
+  std::shared_ptr<AttentionStats> stats;
+  int64_t observe_tokens = 0;
+  for (const auto& plan : plans) {
+    if (plan->config.policy != KvPolicy::kSnapKv) continue;
+    if (observe_tokens != 0 && observe_tokens != plan->config.snapkv_observe_tokens) {
+      return invalid_argument(
+          "snapkv policies of one prefill must share snapkv_observe_tokens (one prefill records "
+          "one observation window)");
+    }
+    observe_tokens = plan->config.snapkv_observe_tokens;
+  }
+  if (std::any_of(plans.begin(), plans.end(),
+                  [](const auto& p) { return policy_needs_stats(p->config); })) {
+    stats = std::make_shared<AttentionStats>();
+    stats->reset(c.n_layers, c.n_kv_heads, n, std::max<int64_t>(0, n - observe_tokens));
+  }
+  std::vector<std::unique_ptr<GatePrefill>> gates(plans.size());
+  FanOutObserver fan;
+  fan.add(forward.layer_observer());
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (!policy_uses_gate(plans[i]->config)) continue;
+    gates[i] = std::make_unique<GatePrefill>(*plans[i]->config.gate, plans[i]->layout, n,
+                                             forward.options().isa);
+    fan.add(gates[i].get());
+  }
+
+  auto dense = std::make_unique<KvCache>(c, capacity_tokens);
+  {
+    const auto t0 = Clock::now();
+    std::optional<ObserverScope> scope;
+    if (std::any_of(gates.begin(), gates.end(), [](const auto& g) { return g != nullptr; })) {
+      scope.emplace(forward, &fan);
+    }
+    KVGATE_RETURN_IF_ERROR(forward.prefill(*dense, tokens, logits.data(), stats.get()));
+    if (prefill_seconds != nullptr) *prefill_seconds = seconds_since(t0);
+  }
+
+  // Fork: compressed caches are built from the dense K/V first; the dense
+  // cache itself then goes to the last dense plan (earlier ones get copies).
+  const int64_t plane = c.n_kv_heads * dense->capacity() * c.head_dim;
+  const kvstore::DenseKv kv{dense->k(0, 0), dense->k(0, 0) + plane, c.head_dim, 2 * plane,
+                            dense->capacity() * c.head_dim};
+  std::vector<std::unique_ptr<PolicySequence>> out;
+  out.reserve(plans.size());
+  int64_t last_dense = -1;
+  std::vector<uint8_t> flags;
+  std::vector<fp16_t> gate_rows;
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const PolicyPlan& plan = *plans[i];
+    std::unique_ptr<PolicySequence> seq(new PolicySequence(forward, plans[i], capacity_tokens));
+    if (plan.config.policy == KvPolicy::kDense) {
+      if (last_dense >= 0) out[last_dense]->dense_ = std::make_unique<KvCache>(*dense);
+      last_dense = static_cast<int64_t>(i);
+      out.push_back(std::move(seq));
+      continue;
+    }
+    const auto t0 = Clock::now();
+    kvstore::DenseGate dense_gate;
+    if (gates[i]) {
+      KVGATE_RETURN_IF_ERROR(
+          gates[i]->finish(plan.config.effective_gate_decision(), flags, gate_rows));
+      dense_gate = gates[i]->dense_gate(gate_rows);
+      seq->gate_decoder_ =
+          std::make_unique<GateDecoder>(*plan.config.gate, plan.layout, forward.options().isa);
+      seq->gate_decision_ = plan.config.effective_gate_decision();
+    } else {
+      KVGATE_RETURN_IF_ERROR(policy_flags(plan.config, plan.layout, 0, n, flags, stats.get()));
+      if (policy_needs_stats(plan.config)) seq->stats_ = stats;
+    }
+    KVGATE_ASSIGN_OR_RETURN(seq->pool_, make_pool(plan.layout, capacity_tokens));
+    KVGATE_ASSIGN_OR_RETURN(auto built, kvstore::CompressedKvCache::build_from_dense(
+                                            plan.layout, seq->pool_.get(), n, kv, flags, dense_gate));
+    seq->cache_.emplace(std::move(built));
+    seq->compress_seconds_ = seconds_since(t0);
+    gates[i].reset();  // its per-token projections are no longer needed
+    out.push_back(std::move(seq));
+  }
+  if (last_dense >= 0) out[last_dense]->dense_ = std::move(dense);
+  return out;
+}
+
+}  // namespace kvgate::engine
