@@ -48,7 +48,7 @@ int run_calibrate(const std::vector<std::string>& args) {
   p.add_option("texts", "DIR", "directory of .txt calibration texts (keep them apart from eval text)",
                "eval-data/calib");
   p.add_option("out", "FILE", "gate side file to write (default: MODEL with .gate.gguf)");
-  p.add_option("delta", "X", "layer grouping threshold on 1 - JSD, in [0, 1]", "0.6");
+  p.add_option("delta", "X", "layer grouping threshold: 1 - JSD between a layer's attention and its attention with the base layer's distant scores, in [0, 1]", "0.95");
   p.add_option("max-block", "N", "largest block of layers (0 = no cap)", "8");
   p.add_option("kind", "K", "gate kind: attention or linear", "attention");
   p.add_option("gate-heads", "N", "attention gate: heads h'", "2");
@@ -159,7 +159,7 @@ int run_calibrate(const std::vector<std::string>& args) {
 
   std::printf("block map (delta %.3f, %lld slots):\n%s", opt.similarity_threshold,
               static_cast<long long>(gate->blocks.n_slots()), report.block_map.c_str());
-  std::printf("adjacent-layer similarity (1 - JSD over distant tokens), head 0:");
+  std::printf("adjacent-layer sharing similarity (1 - JSD, layer l using layer l-1's distant scores), head 0:");
   const int64_t L = gate->blocks.n_layers();
   for (int64_t l = 0; l + 1 < L; ++l) std::printf(" %.2f", report.similarity[0][l * L + l + 1]);
   std::printf("\ntraining loss per epoch:");

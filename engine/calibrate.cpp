@@ -396,6 +396,41 @@ double js_similarity(const float* a, const float* b, int64_t n) {
   return 1.0 - std::clamp(jsd, 0.0, 1.0);
 }
 
+double shared_score_similarity(const float* s_base, const float* s_layer, int64_t n, int64_t lo,
+                               int64_t hi) {
+  if (hi <= lo) return 1.0;
+  float m_l = -INFINITY, m_b = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m_l = std::max(m_l, s_layer[j]);
+  for (int64_t j = lo; j < hi; ++j) m_b = std::max(m_b, s_base[j]);
+  double zp = 0.0, zd_l = 0.0, zd_b = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = std::exp(static_cast<double>(s_layer[j] - m_l));
+    if (j >= lo && j < hi) {
+      zd_l += e;
+    } else {
+      zp += e;
+    }
+  }
+  for (int64_t j = lo; j < hi; ++j) zd_b += std::exp(static_cast<double>(s_base[j] - m_b));
+  const double c = std::exp(static_cast<double>(m_b) - m_l);  // b's weights relative to m_l
+  const double z_l = zp + zd_l;
+  const double z_h = zp + zd_b * c;
+  // Proximal keys: q = p·r with r = z_l / z_h, in closed form.
+  const double mass_p = zp / z_l;
+  const double r = z_l / z_h;
+  double jsd = 0.5 * mass_p * (std::log2(2.0 / (1.0 + r)) + r * std::log2(2.0 * r / (1.0 + r)));
+  const double inv_l = 1.0 / z_l, inv_h = c / z_h;
+  for (int64_t j = lo; j < hi; ++j) {
+    const double p = std::exp(static_cast<double>(s_layer[j] - m_l)) * inv_l;
+    const double q = std::exp(static_cast<double>(s_base[j] - m_b)) * inv_h;
+    const double m2 = p + q;
+    if (m2 <= 0.0) continue;
+    if (p > 0.0) jsd += 0.5 * p * std::log2(2.0 * p / m2);
+    if (q > 0.0) jsd += 0.5 * q * std::log2(2.0 * q / m2);
+  }
+  return 1.0 - std::clamp(jsd, 0.0, 1.0);
+}
+
 Result<kvstore::BlockMap> group_layers(const std::vector<std::vector<double>>& similarity,
                                        int64_t n_layers, double delta, int64_t max_block_layers) {
   std::vector<std::vector<kvstore::LayerBlock>> per_head;
@@ -452,7 +487,6 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
     KvCache cache(c, t_len);
     AttentionStats stats;
     std::vector<float> logits(c.n_vocab);
-    std::vector<float> da, db;
     for (int64_t s = 0; s < opt.grouping_sequences; ++s) {
       report_progress("grouping", s, opt.grouping_sequences, 0.0);
       const Window w = slots[s];
@@ -469,11 +503,12 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
         for (int64_t qh = 0; qh < c.n_heads; ++qh) {
           const int64_t h = qh / group;
           for (int64_t a = 0; a < n_layers; ++a) {
-            const float* ra = stats.captured_row(a, qh, qi) + lo;
+            const float* ra = stats.captured_row(a, qh, qi);
             // Blocks are consecutive and bounded: pairs further apart than
             // the largest block never decide anything (and JSD is costly).
             for (int64_t b = a + 1; b < std::min(n_layers, a + max_span + 1); ++b) {
-              const double sim = js_similarity(ra, stats.captured_row(b, qh, qi) + lo, hi - lo);
+              const double sim =
+                  shared_score_similarity(ra, stats.captured_row(b, qh, qi), pos + 1, lo, hi);
               sim_sum[h][a * n_layers + b] += sim / group;
             }
           }

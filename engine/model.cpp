@@ -433,6 +433,14 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
       for (int64_t j = 0; j < len; ++j) {
         scores[j] = cpu::dot_f16_f32(keys + j * c.head_dim, q, c.head_dim, isa) * scale;
       }
+      if (stats_ != nullptr && stats_->capture_from >= 0 && row_pos_[r] >= stats_->capture_from) {
+        // Raw scaled scores (before the softmax). Rows are disjoint per
+        // (head, query): written without a reduction.
+        float* cap = stats_->captured.data() +
+                     ((layer * c.n_heads + h) * stats_->n_captured() +
+                      (row_pos_[r] - stats_->capture_from)) * stats_->n_tokens;
+        std::copy(scores, scores + len, cap);
+      }
       cpu::softmax_inplace(scores, len, isa);
       if (stats_ != nullptr) {
         // Per-share partial sums; reduced into stats_ after the region.
@@ -448,13 +456,6 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
           float* dist = recv + 2 * c.n_kv_heads * nt;
           const int64_t n_far = row_pos_[r] - stats_->distant_window + 1;
           for (int64_t j = 0; j < n_far; ++j) dist[j] += scores[j];
-        }
-        if (stats_->capture_from >= 0 && row_pos_[r] >= stats_->capture_from) {
-          // Rows are disjoint per (head, query): written without a reduction.
-          float* cap = stats_->captured.data() +
-                       ((layer * c.n_heads + h) * stats_->n_captured() +
-                        (row_pos_[r] - stats_->capture_from)) * nt;
-          std::copy(scores, scores + len, cap);
         }
       }
       float* out = attn_.data() + r * c.q_dim() + h * c.head_dim;

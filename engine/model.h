@@ -140,9 +140,10 @@ struct AttentionStats {
   //  - distant_window W > 0: `received_distant` sums only the attention of
   //    queries at least W positions after the key, i.e. the attention a
   //    token gets once it is distant (the gate's teacher signal);
-  //  - capture_from >= 0: the probability rows of every query at positions
-  //    >= capture_from are stored per (layer, query head) in `captured`,
-  //    [layer][q_head][query - capture_from][key] (keys past the query are 0).
+  //  - capture_from >= 0: the raw attention scores (q·k / sqrt(d), before
+  //    the softmax) of every query at positions >= capture_from are stored
+  //    per (layer, query head) in `captured`,
+  //    [layer][q_head][query - capture_from][key] (keys past the query: 0).
   int64_t distant_window = 0;
   std::vector<float> received_distant;
   int64_t capture_from = -1;
