@@ -60,8 +60,9 @@ int run_generate(const std::vector<std::string>& args) {
   p.add_flag("json", "print one JSON object with tokens, text, counts and timings");
   p.add_option("policy", "P",
                "KV cache policy after prefill: dense, window, pod, h2o, snapkv, gate, gate+pod "
-               "(gate and gate+pod need a calibrated gate file)",
-               "dense");
+               "(gate and gate+pod need a calibrated gate file), or auto: gate+pod when the "
+               "model has a gate file (--gate, or MODEL.gate.gguf), else dense",
+               "auto");
   add_kv_policy_options(p);
   p.add_option("threads", "N", "CPU threads; 0 = all cores", "0");
   p.add_option("isa", "NAME", "kernel instruction set: auto, scalar (reference), avx2, avx512", "auto");
@@ -95,8 +96,13 @@ int run_generate(const std::vector<std::string>& args) {
   opt.sampling.repetition_penalty = static_cast<float>(*rep);
   opt.sampling.seed = static_cast<uint64_t>(*seed);
   opt.ignore_eos = p.flag("ignore-eos");
+  std::string policy_name = p.get("policy");
+  if (policy_name == "auto") {
+    // The calibrated compression is the default once a gate file exists.
+    policy_name = find_gate_file(p.get("gate"), p.get("model")).path.empty() ? "dense" : "gate+pod";
+  }
   {
-    auto policy = engine::parse_kv_policy(p.get("policy"));
+    auto policy = engine::parse_kv_policy(policy_name);
     if (!policy.ok()) return usage_error(p, invalid_argument("option '--policy': " + policy.status().message()));
     auto config = parse_kv_policy_options(p);
     if (!config.ok()) return usage_error(p, config.status());

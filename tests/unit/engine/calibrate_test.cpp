@@ -96,6 +96,61 @@ kvstore::BlockMap parse_map(const std::string& text, int64_t n_layers) {
   return *m;
 }
 
+// ------------------------------------------------------- score sharing
+
+// Brute force: softmax of the layer's scores vs softmax of the hybrid
+// (own proximal scores, base distant scores), JSD in base 2, in double.
+double brute_shared_similarity(const std::vector<float>& sb, const std::vector<float>& sl,
+                               int64_t lo, int64_t hi) {
+  const auto n = static_cast<int64_t>(sl.size());
+  std::vector<double> h(n);
+  for (int64_t j = 0; j < n; ++j) h[j] = (j >= lo && j < hi) ? sb[j] : sl[j];
+  auto softmax = [](std::vector<double> x) {
+    const double m = *std::max_element(x.begin(), x.end());
+    double z = 0;
+    for (auto& v : x) z += (v = std::exp(v - m));
+    for (auto& v : x) v /= z;
+    return x;
+  };
+  const auto p = softmax(std::vector<double>(sl.begin(), sl.end()));
+  const auto q = softmax(h);
+  double jsd = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double m = 0.5 * (p[j] + q[j]);
+    if (p[j] > 0) jsd += 0.5 * p[j] * std::log2(p[j] / m);
+    if (q[j] > 0) jsd += 0.5 * q[j] * std::log2(q[j] / m);
+  }
+  return 1.0 - jsd;
+}
+
+TEST(SharedScoreSimilarity, MatchesBruteForceAndItsLimits) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t n = 40 + trial * 7;
+    std::vector<float> sb(n), sl(n);
+    for (auto& x : sb) x = nd(rng) + (trial % 3) * 3.0f;  // different score scales
+    for (auto& x : sl) x = nd(rng);
+    const int64_t lo = 4, hi = n - 16;
+    EXPECT_NEAR(shared_score_similarity(sb.data(), sl.data(), n, lo, hi),
+                brute_shared_similarity(sb, sl, lo, hi), 1e-6)
+        << "trial " << trial;
+  }
+  // Sharing a layer's own scores changes nothing; no distant keys neither.
+  std::vector<float> s(64);
+  for (auto& x : s) x = nd(rng);
+  EXPECT_NEAR(shared_score_similarity(s.data(), s.data(), 64, 4, 48), 1.0, 1e-9);
+  std::vector<float> other(64, 0.0f);
+  EXPECT_EQ(shared_score_similarity(other.data(), s.data(), 64, 10, 10), 1.0);
+  // A base whose distant scores have the same shape (so the same distant
+  // distribution) but are much lower: the shared view takes nearly all of
+  // the layer's attention off the distant keys, which a comparison of the
+  // distant distributions alone cannot see (it would say 1).
+  std::vector<float> base = s, layer = s;
+  for (int64_t j = 4; j < 48; ++j) base[j] -= 20.0f;  // same shape, far lower scores
+  EXPECT_LT(shared_score_similarity(base.data(), layer.data(), 64, 4, 48), 0.7);
+}
+
 TEST(GroupLayers, RaggedPerHeadBlocksComparedWithTheBase) {
   constexpr int64_t n = 6;
   // Head 0: every layer similar to every other: one block.
