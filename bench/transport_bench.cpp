@@ -1,0 +1,235 @@
+// kvgate_transport_bench: bandwidth of the ucx transport (am and put) for
+// 64 KiB, 1 MiB and 16 MiB transfers over tcp on lo and over shared memory,
+// next to ucx_perftest tag_bw run in the same invocation with the same
+// UCX_TLS/UCX_NET_DEVICES, printed as ratios.
+//
+//   kvgate_transport_bench [--bytes-per-point N] [--no-perftest] [--quick]
+//
+// Each point: a receiver (this thread) keeps `window` transfers posted in a
+// registered region, a sender (a second thread, owning its Transport)
+// ships each as one segment from a prepared buffer; bandwidth is payload
+// bytes / wall time from the first post to the last verified completion
+// (CRC32C on both sides included). Progress goes to stderr.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "transport/transport.h"
+
+using namespace kvgate;
+using namespace kvgate::transport;
+
+namespace {
+
+void progress_msg(const std::string& m) { std::fprintf(stderr, "[transport-bench] %s\n", m.c_str()); }
+
+struct Tls {
+  const char* name;
+  std::vector<std::string> tls;
+  const char* env;  // UCX_TLS for ucx_perftest
+};
+
+struct Point {
+  double gbps = 0;
+  bool ok = false;
+  std::string error;
+};
+
+Point run_point(const Tls& tls, UcxOp op, size_t size, size_t total_bytes) {
+  const size_t window = size <= (64 << 10) ? 32 : size <= (1 << 20) ? 8 : 2;
+  const size_t n = std::max<size_t>(window * 2, total_bytes / size);
+  TransportConfig c;
+  c.kind = TransportKind::kUcx;
+  c.ucx_op = op;
+  c.ucx_tls = tls.tls;
+  c.ucx_net_devices = {"lo"};
+  std::vector<std::byte> region(window * size);
+  std::vector<std::byte> src(size);
+  for (size_t i = 0; i < size; ++i) src[i] = std::byte(static_cast<uint8_t>(i * 131 + 7));
+  TransportOptions ro;
+  ro.cluster_token = "bench";
+  ro.region = region.data();
+  ro.region_bytes = region.size();
+  auto recv = create_transport(c, ro);
+  if (!recv.ok()) return {0, false, recv.status().to_string()};
+  auto addr = (*recv)->address();
+
+  std::mutex mu;
+  std::deque<std::pair<uint64_t, Bytes>> grants;  // guarded by mu
+  std::atomic<bool> stop{false};
+  std::string sender_error;
+  std::thread sender([&] {
+    TransportOptions so;
+    so.cluster_token = "bench";
+    auto s = create_transport(c, so);
+    if (!s.ok()) {
+      sender_error = s.status().to_string();
+      stop = true;
+      return;
+    }
+    auto peer = (*s)->connect(*addr);
+    std::vector<TransferEvent> ev;
+    while (!stop) {
+      std::deque<std::pair<uint64_t, Bytes>> mine;
+      {
+        std::lock_guard lock(mu);
+        mine.swap(grants);
+      }
+      for (auto& [id, g] : mine) {
+        const auto deadline = Clock::now() + std::chrono::seconds(60);
+        Status st = (*s)->begin_send(*peer, TransferId(id), g, deadline);
+        if (st.ok()) st = (*s)->send_segment(*peer, TransferId(id), 0, src.data(), size, 0);
+        if (st.ok()) st = (*s)->finish(*peer, TransferId(id));
+        if (!st.ok()) sender_error = st.to_string();
+      }
+      ev.clear();
+      (*s)->progress(ev);
+      for (auto& e : ev)
+        if (!e.status.ok()) sender_error = e.status.to_string();
+    }
+    // Destroyed here, by its owner thread, while the receiver still progresses.
+  });
+
+  uint64_t next_id = 1;
+  auto post = [&](size_t slot) {
+    const uint64_t id = next_id++;
+    auto g = (*recv)->post_receive(
+        {TransferId(id), {{slot * size, size}}, Clock::now() + std::chrono::seconds(60)});
+    std::lock_guard lock(mu);
+    grants.emplace_back(id, *g);
+  };
+  const auto t0 = Clock::now();
+  for (size_t w = 0; w < window; ++w) post(w);
+  size_t done = 0, posted = window;
+  std::string error;
+  std::vector<TransferEvent> ev;
+  while (done < n && error.empty() && sender_error.empty()) {
+    ev.clear();
+    (*recv)->progress(ev);
+    for (auto& e : ev) {
+      if (!e.status.ok()) error = e.status.to_string();
+      ++done;
+      if (posted < n) {
+        post((e.id.value() - 1) % window);
+        ++posted;
+      }
+    }
+    if (Clock::now() - t0 > std::chrono::seconds(120)) error = "timed out";
+  }
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  stop = true;
+  // Keep progressing while the sender thread tears down.
+  std::atomic<bool> joined{false};
+  std::thread joiner([&] {
+    sender.join();
+    joined = true;
+  });
+  while (!joined) (*recv)->progress(ev);
+  joiner.join();
+  if (!error.empty() || !sender_error.empty()) return {0, false, error.empty() ? sender_error : error};
+  return {static_cast<double>(n) * size / secs / 1e9, true, ""};
+}
+
+// ucx_perftest tag_bw between two processes on this machine; GB/s or < 0.
+double perftest(const Tls& tls, size_t size, size_t total_bytes, int port) {
+  const size_t n = std::max<size_t>(64, total_bytes / size);
+  const std::string env = std::string("UCX_TLS=") + tls.env + " UCX_NET_DEVICES=lo ";
+  const std::string args = " -t tag_bw -s " + std::to_string(size) + " -n " + std::to_string(n) +
+                           " -w 32 -p " + std::to_string(port);
+  const std::string server = env + "timeout 300 ucx_perftest" + args + " >/dev/null 2>&1 &";
+  if (std::system(server.c_str()) != 0) return -1;
+  // The server needs a moment to listen: retry the client until it connects.
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const std::string client = env + "ucx_perftest localhost" + args + " 2>/dev/null";
+    FILE* p = popen(client.c_str(), "r");
+    if (!p) return -1;
+    char line[512];
+    double mbps = -1;
+    while (std::fgets(line, sizeof line, p)) {
+      // "Final: iters lat50 lat_avg lat_overall bw_avg bw_overall rate_avg rate_overall"
+      double v[8];
+      if (std::strncmp(line, "Final:", 6) == 0 &&
+          std::sscanf(line + 6, "%lf %lf %lf %lf %lf %lf %lf %lf", &v[0], &v[1], &v[2], &v[3], &v[4],
+                      &v[5], &v[6], &v[7]) == 8)
+        mbps = v[5];
+    }
+    const int rc = pclose(p);
+    if (rc == 0 && mbps > 0) return mbps * 1048576.0 / 1e9;  // perftest's MB/s are MiB/s
+    usleep(20000);  // the server is not listening yet: back off, then retry
+  }
+  return -1;
+}
+
+std::string fmt(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f", v);
+  return b;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  size_t total = size_t{512} << 20;
+  bool run_perftest = true;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--bytes-per-point" && i + 1 < argc) total = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--no-perftest") run_perftest = false;
+    else if (a == "--quick") total = size_t{64} << 20;
+    else {
+      std::fprintf(stderr, "usage: %s [--bytes-per-point N] [--no-perftest] [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  const std::vector<Tls> tlss = {{"tcp", {"tcp"}, "tcp"}, {"shm", {"sm", "tcp"}, "sm,tcp"}};
+  const std::vector<size_t> sizes = {64 << 10, 1 << 20, 16 << 20};
+  {
+    // Both figures share the machine: a busy machine depresses both, unevenly.
+    char load[128] = "?";
+    if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+      if (!std::fgets(load, sizeof load, f)) std::strcpy(load, "?");
+      std::fclose(f);
+    }
+    std::printf("# cores %ld, load average %s", sysconf(_SC_NPROCESSORS_ONLN), load);
+  }
+  std::printf("%-4s %-8s %-4s %10s %14s %8s\n", "tls", "size", "op", "GB/s", "perftest GB/s", "ratio");
+  int port = 13400 + static_cast<int>(getpid() % 500);
+  for (const auto& tls : tlss) {
+    for (size_t size : sizes) {
+      double pt = -1;
+      if (run_perftest) {
+        progress_msg("ucx_perftest tag_bw " + std::string(tls.name) + " " + std::to_string(size) + " B");
+        pt = perftest(tls, size, total, port++);
+      }
+      for (UcxOp op : {UcxOp::kAm, UcxOp::kPut}) {
+        const char* opn = op == UcxOp::kAm ? "am" : "put";
+        progress_msg(std::string("kvgate ") + tls.name + " " + opn + " " + std::to_string(size) + " B");
+        // Put over tcp collapses at large sizes (STACK.md): cap its bytes.
+        const size_t bytes = (op == UcxOp::kPut && tls.name == std::string("tcp")) ? total / 8 : total;
+        Point p = run_point(tls, op, size, bytes);
+        const std::string size_s = size >= (1 << 20) ? std::to_string(size >> 20) + "MiB" : std::to_string(size >> 10) + "KiB";
+        if (!p.ok) {
+          std::printf("%-4s %-8s %-4s %10s %14s %8s   (%s)\n", tls.name, size_s.c_str(), opn, "error",
+                      pt > 0 ? fmt(pt).c_str() : "-", "-", p.error.c_str());
+        } else {
+          std::printf("%-4s %-8s %-4s %10s %14s %8s\n", tls.name, size_s.c_str(), opn, fmt(p.gbps).c_str(),
+                      pt > 0 ? fmt(pt).c_str() : "-", pt > 0 ? fmt(p.gbps / pt).c_str() : "-");
+        }
+        std::fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}

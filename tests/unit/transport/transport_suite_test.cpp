@@ -1,0 +1,363 @@
+// One suite over every transport (loopback, ucx am/put over tcp, ucx over
+// shared memory): the same scenarios, the same expectations.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <numeric>
+
+#include "tests/unit/transport/transport_test_util.h"
+#include "transport/wire.h"
+
+namespace kvgate::transport::testing {
+namespace {
+
+constexpr size_t kRegionBytes = size_t{8} << 20;
+constexpr size_t kPageBytes = 64 << 10;
+
+class TransportSuite : public ::testing::TestWithParam<TransportParam> {
+ protected:
+  void SetUp() override {
+    setenv("UCX_NET_DEVICES", "lo", 0);
+    region_.assign(kRegionBytes, std::byte{0});
+    TransportOptions ro;
+    ro.cluster_token = "secret";
+    ro.region = region_.data();
+    ro.region_bytes = region_.size();
+    auto r = create_transport(GetParam().config, ro);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    receiver_ = std::move(*r);
+    sender_ = make_sender("secret");
+    ASSERT_TRUE(sender_);
+    auto addr = receiver_->address();
+    ASSERT_TRUE(addr.ok());
+    auto peer = sender_->connect(*addr);
+    ASSERT_TRUE(peer.ok()) << peer.status().to_string();
+    peer_ = *peer;
+  }
+
+  void TearDown() override {
+    if (sender_ && receiver_) destroy_while_progressing(sender_, receiver_.get(), &received_);
+  }
+
+  std::unique_ptr<Transport> make_sender(const std::string& token) {
+    TransportOptions so;
+    so.cluster_token = token;
+    auto s = create_transport(GetParam().config, so);
+    EXPECT_TRUE(s.ok()) << s.status().to_string();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+
+  // `n` pages of the region, scattered (reverse order, every other page).
+  std::vector<DestRange> pages(size_t first, size_t n) {
+    std::vector<DestRange> r;
+    for (size_t i = 0; i < n; ++i) r.push_back({(first + 2 * (n - 1 - i)) * kPageBytes, kPageBytes});
+    return r;
+  }
+
+  bool pump_until(const std::function<bool()>& done) {
+    return pump({sender_.get(), receiver_.get()}, {&sent_, &received_}, done);
+  }
+  bool both_done(size_t n = 1) { return sent_.size() >= n && received_.size() >= n; }
+
+  Bytes post(TransferId id, const std::vector<DestRange>& ranges, std::chrono::milliseconds deadline = 20000ms) {
+    auto g = receiver_->post_receive({id, ranges, Clock::now() + deadline});
+    EXPECT_TRUE(g.ok()) << g.status().to_string();
+    return g.ok() ? *g : Bytes{};
+  }
+
+  std::vector<std::byte> region_;
+  std::unique_ptr<Transport> receiver_, sender_;
+  PeerId peer_;
+  std::vector<TransferEvent> sent_, received_;
+};
+
+// Reads logical [offset, +n) of `ranges` out of the region.
+std::vector<std::byte> gather(const std::vector<std::byte>& region, const std::vector<DestRange>& ranges,
+                              uint64_t offset, uint64_t n) {
+  wire::RangeMap map(ranges);
+  std::vector<wire::Piece> pieces;
+  EXPECT_TRUE(map.map(offset, n, pieces).ok());
+  std::vector<std::byte> out(n);
+  for (const auto& p : pieces)
+    std::memcpy(out.data() + p.source_offset, region.data() + p.region_offset, p.length_bytes);
+  return out;
+}
+
+TEST_P(TransportSuite, ManySegmentsLandInScatteredPages) {
+  const auto ranges = pages(4, 48);  // 3 MiB in 48 scattered pages
+  const Bytes grant = post(TransferId(7), ranges);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(7), grant, Clock::now() + 20s).ok());
+  // Segment sizes from tiny (eager) to several pages (rendezvous, iov).
+  const std::vector<size_t> sizes = {100, 4096, 65536, 70000, 1, 200000, 131072, 333333, 64, 500000};
+  const size_t total = std::accumulate(sizes.begin(), sizes.end(), size_t{0});
+  ASSERT_LE(total, 48 * kPageBytes);
+  const auto src = random_bytes(total, 42);
+  uint64_t at = 0;
+  for (uint32_t i = 0; i < sizes.size(); ++i) {
+    ASSERT_TRUE(sender_->send_segment(peer_, TransferId(7), i, src.data() + at, sizes[i], at).ok());
+    at += sizes[i];
+  }
+  ASSERT_TRUE(sender_->finish(peer_, TransferId(7)).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  ASSERT_EQ(received_.size(), 1u);
+  ASSERT_EQ(sent_.size(), 1u);
+  EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+  EXPECT_TRUE(sent_[0].status.ok()) << sent_[0].status.to_string();
+  EXPECT_EQ(received_[0].side, TransferSide::kReceive);
+  EXPECT_EQ(received_[0].bytes, total);
+  EXPECT_EQ(received_[0].segments, sizes.size());
+  EXPECT_EQ(sent_[0].bytes, total);
+  EXPECT_TRUE(gather(region_, ranges, 0, total) == src);
+  // Bytes outside the posted pages are untouched.
+  EXPECT_EQ(region_[0], std::byte{0});
+  EXPECT_EQ(region_[5 * kPageBytes], std::byte{0});
+}
+
+TEST_P(TransportSuite, CorruptedSegmentIsDataLossAndFreesState) {
+  const auto ranges = pages(0, 4);
+  const Bytes grant = post(TransferId(9), ranges);
+  receiver_->set_test_hooks({.before_verify = [](TransferId, uint32_t seg, std::span<std::byte> landed) {
+    if (seg == 1) landed[3] ^= std::byte{0x40};
+  }});
+  const auto src = random_bytes(3 * 65536, 1);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(9), grant, Clock::now() + 20s).ok());
+  for (uint32_t i = 0; i < 3; ++i)
+    ASSERT_TRUE(sender_->send_segment(peer_, TransferId(9), i, src.data() + i * 65536, 65536, i * 65536).ok());
+  ASSERT_TRUE(sender_->finish(peer_, TransferId(9)).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kDataLoss) << received_[0].status.to_string();
+  EXPECT_NE(received_[0].status.message().find("segment 1"), std::string::npos);
+  EXPECT_EQ(sent_[0].status.code(), StatusCode::kDataLoss) << sent_[0].status.to_string();
+  // State is freed on both sides: the same id can be posted and sent again.
+  receiver_->set_test_hooks({});
+  sent_.clear();
+  received_.clear();
+  const Bytes grant2 = post(TransferId(9), ranges);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(9), grant2, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(9), 0, src.data(), 1000, 0).ok());
+  ASSERT_TRUE(sender_->finish(peer_, TransferId(9)).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+  EXPECT_TRUE(sent_[0].status.ok());
+}
+
+TEST_P(TransportSuite, DeadlineExceededOnBothSides) {
+  const auto ranges = pages(0, 2);
+  // The receiver's deadline passes while the sender never finishes.
+  const Bytes grant = post(TransferId(3), ranges, 50ms);
+  const auto src = random_bytes(4096, 3);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(3), grant, Clock::now() + 60s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(3), 0, src.data(), src.size(), 0).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kDeadlineExceeded) << received_[0].status.to_string();
+  EXPECT_EQ(sent_[0].status.code(), StatusCode::kDeadlineExceeded) << sent_[0].status.to_string();
+  // The sender's own deadline, with a receiver that waits longer.
+  sent_.clear();
+  received_.clear();
+  const Bytes grant2 = post(TransferId(4), ranges, 60s);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(4), grant2, Clock::now() + 50ms).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_EQ(sent_[0].status.code(), StatusCode::kDeadlineExceeded) << sent_[0].status.to_string();
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kDeadlineExceeded) << received_[0].status.to_string();
+}
+
+TEST_P(TransportSuite, OverrunIsOutOfRange) {
+  const auto ranges = pages(0, 2);  // 128 KiB granted
+  const Bytes grant = post(TransferId(5), ranges);
+  TestHooks hooks;
+  hooks.skip_sender_range_check = true;  // let the receiver catch it (am)
+  sender_->set_test_hooks(hooks);
+  const auto src = random_bytes(100000, 5);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(5), grant, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(5), 0, src.data(), 50000, 0).ok());
+  (void)sender_->send_segment(peer_, TransferId(5), 1, src.data(), 100000, 100000);  // ends at 200000
+  (void)sender_->finish(peer_, TransferId(5));
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kOutOfRange) << received_[0].status.to_string();
+  EXPECT_EQ(sent_[0].status.code(), StatusCode::kOutOfRange) << sent_[0].status.to_string();
+  // Nothing was written past the pages (the page after the grant's last one).
+  EXPECT_EQ(region_[1 * kPageBytes], std::byte{0});
+}
+
+TEST_P(TransportSuite, PeerLossMidTransferIsUnavailable) {
+  const auto src = random_bytes(4 * 65536, 11);
+  // A first transfer completes the handshake, so the receiver knows the peer.
+  const Bytes grant0 = post(TransferId(10), pages(0, 1));
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(10), grant0, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(10), 0, src.data(), 100, 0).ok());
+  ASSERT_TRUE(sender_->finish(peer_, TransferId(10)).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  sent_.clear();
+  received_.clear();
+
+  const Bytes grant = post(TransferId(11), pages(2, 8));
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(11), grant, Clock::now() + 20s).ok());
+  // UCX 1.13 aborts the *receiving* process when a software-emulated put
+  // (tcp) from a peer that already died is processed (the put handler's
+  // ack hits the failed endpoint: "Fatal: unexpected error"); see
+  // transport/README.md. So over put the sender dies before its data.
+  const bool put = GetParam().name.find("put") != std::string::npos;
+  for (uint32_t i = 0; i < 2 && !put; ++i)
+    ASSERT_TRUE(sender_->send_segment(peer_, TransferId(11), i, src.data() + i * 65536, 65536, i * 65536).ok());
+  std::vector<TransferEvent> none;
+  sender_->progress(none);  // sends Begin: the receiver learns who sends 11
+  destroy_while_progressing(sender_, receiver_.get(), &received_);  // dies mid-transfer
+  ASSERT_TRUE(pump({receiver_.get()}, {&received_}, [&] { return !received_.empty(); }));
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kUnavailable) << received_[0].status.to_string();
+  EXPECT_EQ(received_[0].id, TransferId(11));
+}
+
+TEST_P(TransportSuite, WrongClusterTokenIsRefusedAndCounted) {
+  auto intruder = make_sender("wrong");
+  ASSERT_TRUE(intruder);
+  TestHooks hooks;
+  hooks.send_before_handshake = true;
+  intruder->set_test_hooks(hooks);
+  auto peer = intruder->connect(*receiver_->address());
+  ASSERT_TRUE(peer.ok());
+  const auto ranges = pages(0, 2);
+  const Bytes grant = post(TransferId(13), ranges);
+  const auto src = random_bytes(1000, 13);
+  ASSERT_TRUE(intruder->begin_send(*peer, TransferId(13), grant, Clock::now() + 200ms).ok());
+  ASSERT_TRUE(intruder->send_segment(*peer, TransferId(13), 0, src.data(), src.size(), 0).ok());
+  std::vector<TransferEvent> intruder_events;
+  ASSERT_TRUE(pump({intruder.get(), receiver_.get()}, {&intruder_events, &received_}, [&] {
+    return receiver_->refused_peers() == 1 && receiver_->counters().dropped_messages >= 1 &&
+           !intruder_events.empty();
+  }));
+  EXPECT_EQ(intruder_events[0].status.code(), StatusCode::kDeadlineExceeded);
+  EXPECT_TRUE(received_.empty());  // the posted transfer was not touched
+  EXPECT_EQ(region_[0], std::byte{0});
+  ASSERT_TRUE(receiver_->cancel_receive(TransferId(13)).ok());
+  ASSERT_TRUE(pump_until([&] { return !received_.empty(); }));
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kCancelled);
+  EXPECT_EQ(received_[0].peer, PeerId());
+  destroy_while_progressing(intruder, receiver_.get(), &received_);
+}
+
+TEST_P(TransportSuite, ManyConcurrentTransfers) {
+  constexpr int kTransfers = 48;
+  constexpr size_t kBytes = 96 << 10;  // two pages each, 3 segments
+  std::vector<std::vector<std::byte>> srcs;
+  std::vector<std::vector<DestRange>> ranges;
+  for (int t = 0; t < kTransfers; ++t) {
+    ranges.push_back({{(2 * t + 1) * kPageBytes, kPageBytes}, {(2 * t) * kPageBytes, kPageBytes}});
+    srcs.push_back(random_bytes(kBytes, 100 + t));
+    const Bytes grant = post(TransferId(1000 + t), ranges.back());
+    ASSERT_TRUE(sender_->begin_send(peer_, TransferId(1000 + t), grant, Clock::now() + 20s).ok());
+  }
+  for (int t = 0; t < kTransfers; ++t) {
+    for (uint32_t s = 0; s < 3; ++s) {
+      const size_t off = s * (kBytes / 3);
+      ASSERT_TRUE(sender_->send_segment(peer_, TransferId(1000 + t), s, srcs[t].data() + off, kBytes / 3, off).ok());
+    }
+    ASSERT_TRUE(sender_->finish(peer_, TransferId(1000 + t)).ok());
+  }
+  ASSERT_TRUE(pump_until([&] { return both_done(kTransfers); }));
+  for (const auto& e : received_) EXPECT_TRUE(e.status.ok()) << e.status.to_string();
+  for (const auto& e : sent_) EXPECT_TRUE(e.status.ok()) << e.status.to_string();
+  for (int t = 0; t < kTransfers; ++t) EXPECT_TRUE(gather(region_, ranges[t], 0, kBytes) == srcs[t]) << t;
+}
+
+TEST_P(TransportSuite, MalformedMessagesAreCountedNotFatal) {
+  // Complete the handshake first (a transfer), so the raw bytes arrive on a
+  // live endpoint.
+  const Bytes grant = post(TransferId(21), pages(0, 1));
+  const auto src = random_bytes(512, 21);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(21), grant, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(21), 0, src.data(), src.size(), 0).ok());
+  ASSERT_TRUE(sender_->finish(peer_, TransferId(21)).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  ASSERT_TRUE(received_[0].status.ok());
+
+  std::vector<Bytes> bad;
+  bad.push_back({});                                   // empty
+  bad.push_back(Bytes(7, std::byte{0xAB}));            // garbage
+  Bytes good = wire::encode({wire::WireType::kManifest, 1, wire::Manifest{99, 0, {}}});
+  bad.push_back(Bytes(good.begin(), good.end() - 3));  // truncated
+  Bytes unknown = good;
+  unknown[5] = std::byte{77};                          // unknown type
+  bad.push_back(unknown);
+  Bytes huge = good;
+  huge.resize(good.size() - 4);
+  const uint32_t lots = 0xFFFFFFF0u;                   // segment count far past the bytes
+  std::memcpy(huge.data() + huge.size() - 4, &lots, 4);
+  bad.push_back(huge);
+  for (const auto& b : bad) ASSERT_TRUE(sender_->debug_send_raw(peer_, b).ok());
+  ASSERT_TRUE(pump_until([&] { return receiver_->counters().malformed_messages >= bad.size(); }));
+  EXPECT_EQ(receiver_->counters().malformed_messages, bad.size());
+  // A well-formed message from no authenticated endpoint is dropped.
+  const auto dropped = receiver_->counters().dropped_messages;
+  ASSERT_TRUE(sender_->debug_send_raw(peer_, wire::encode({wire::WireType::kGoodbye, 12345, wire::Goodbye{}})).ok());
+  ASSERT_TRUE(pump_until([&] { return receiver_->counters().dropped_messages > dropped; }));
+  // The connection still works.
+  sent_.clear();
+  received_.clear();
+  const Bytes grant2 = post(TransferId(22), pages(0, 1));
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(22), grant2, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(22), 0, src.data(), src.size(), 0).ok());
+  ASSERT_TRUE(sender_->finish(peer_, TransferId(22)).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+}
+
+TEST_P(TransportSuite, CallerErrorsAreInvalidArgument) {
+  EXPECT_EQ(receiver_->post_receive({TransferId(1), {}, Clock::now() + 1s}).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(receiver_->post_receive({TransferId(1), {{kRegionBytes - 10, 20}}, Clock::now() + 1s}).status().code(),
+            StatusCode::kOutOfRange);
+  const Bytes grant = post(TransferId(1), pages(0, 1));
+  EXPECT_EQ(receiver_->post_receive({TransferId(1), pages(0, 1), Clock::now() + 1s}).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(sender_->begin_send(peer_, TransferId(2), grant, Clock::now() + 1s).code(),
+            StatusCode::kInvalidArgument);  // grant of another transfer
+  EXPECT_EQ(sender_->begin_send(PeerId(999), TransferId(1), grant, Clock::now() + 1s).code(),
+            StatusCode::kInvalidArgument);
+  ASSERT_TRUE(sender_->begin_send(peer_, TransferId(1), grant, Clock::now() + 20s).ok());
+  const auto src = random_bytes(64, 1);
+  EXPECT_EQ(sender_->send_segment(peer_, TransferId(1), 0, src.data(), 0, 0).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(1), 1, src.data(), 64, 64).ok());
+  EXPECT_EQ(sender_->send_segment(peer_, TransferId(1), 1, src.data(), 64, 64).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(sender_->finish(peer_, TransferId(1)).code(), StatusCode::kInvalidArgument);  // 0 missing
+  ASSERT_TRUE(sender_->send_segment(peer_, TransferId(1), 0, src.data(), 64, 0).ok());
+  ASSERT_TRUE(sender_->finish(peer_, TransferId(1)).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTransports, TransportSuite, ::testing::ValuesIn(all_transports()),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(TransportFactory, NcclIsUnimplemented) {
+  TransportConfig c;
+  c.kind = TransportKind::kNccl;
+  auto t = create_transport(c, {});
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(t.status().message().find("nccl"), std::string::npos);
+}
+
+#if KVGATE_HAVE_UCX
+TEST(TransportFactory, UcxTagIsUnimplemented) {
+  TransportConfig c;
+  c.kind = TransportKind::kUcx;
+  c.ucx_op = UcxOp::kTag;
+  auto t = create_transport(c, {});
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), StatusCode::kUnimplemented);
+}
+#endif
+
+TEST(TransportFactory, AddressOfAnotherKindIsRejected) {
+  TransportConfig c;
+  c.kind = TransportKind::kLoopback;
+  auto t = create_transport(c, {});
+  ASSERT_TRUE(t.ok());
+  const Bytes junk(40, std::byte{1});
+  EXPECT_EQ((*t)->connect(junk).status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvgate::transport::testing
