@@ -13,6 +13,7 @@ int run_bench(const std::vector<std::string>& args);
 int run_eval(const std::vector<std::string>& args);
 int run_config(const std::vector<std::string>& args);
 int run_calibrate(const std::vector<std::string>& args);
+int run_serve(const std::vector<std::string>& args);
 
 // Prints "kvgate: error: <message>" to stderr.
 void print_error(const std::string& message);

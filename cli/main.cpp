@@ -19,6 +19,7 @@ commands:
   eval       quality of a KV policy: perplexity of real text and passkey retrieval
   config     the configuration schema: --print-defaults, or check FILE
   calibrate  layer grouping and Attention-Gate training for a model (gate side file)
+  serve      the OpenAI-compatible HTTP API with the CPU engine in this process
 
 Run 'kvgate <command> --help' for the options of a command.
 )";
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
   if (cmd == "eval") return run_eval(args);
   if (cmd == "config") return run_config(args);
   if (cmd == "calibrate") return run_calibrate(args);
+  if (cmd == "serve") return run_serve(args);
   print_error("unknown command '" + cmd + "' (see 'kvgate --help')");
   return 2;
 }
