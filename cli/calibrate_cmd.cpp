@@ -54,6 +54,10 @@ int run_calibrate(const std::vector<std::string>& args) {
   p.add_option("gate-heads", "N", "attention gate: heads h'", "2");
   p.add_option("gate-head-dim", "N", "attention gate: head width d'", "4");
   p.add_option("keep-rate", "R", "target share of distant tokens kept", "0.3");
+  p.add_option("teacher", "T",
+               "token importance the gates learn: mean (attention received from the queries for "
+               "which it is distant) or max (the largest attention one of them gives it)",
+               "mean");
   p.add_option("keep-weight", "X", "weight of the keep-rate term in the loss", "1.0");
   p.add_option("grouping-sequences", "N", "sequences for the layer grouping", "8");
   p.add_option("grouping-tokens", "N", "tokens per grouping sequence", "2048");
@@ -110,6 +114,12 @@ int run_calibrate(const std::vector<std::string>& args) {
   auto kind = engine::parse_gate_kind(p.get("kind"));
   if (!kind.ok()) return fail(invalid_argument("option '--kind': " + kind.status().message()));
   opt.kind = *kind;
+  if (p.get("teacher") == "max") {
+    opt.teacher = engine::CalibrationOptions::Teacher::kMax;
+  } else if (p.get("teacher") != "mean") {
+    print_error("option '--teacher' must be mean or max, got '" + p.get("teacher") + "'");
+    return 2;
+  }
   if (Status s = opt.validate(); !s.ok()) return fail(s);
   const std::string out_path = p.has("out") ? p.get("out") : gate_path_for_model(p.get("model"));
 

@@ -591,6 +591,11 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
         const auto block = gate.blocks.slot_block(s);
         float* imp = sq.importance.data() + s * t_len;
         for (int64_t l = block.first_layer; l < block.end_layer(); ++l) {
+          if (opt.teacher == CalibrationOptions::Teacher::kMax) {
+            const float* row = stats.received_distant_max.data() + (l * n_kv + h) * t_len;
+            for (int64_t t = 0; t < t_len; ++t) imp[t] += row[t] / static_cast<float>(block.n_layers);
+            continue;
+          }
           const float* row = stats.received_distant_row(l, h);
           for (int64_t t = 0; t < t_len; ++t) {
             const int64_t n_queries = t_len - t - opt.n_window_tokens;
@@ -733,7 +738,8 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
   KVGATE_ASSIGN_OR_RETURN(gate.model, fingerprint_model(forward.model()));
   gate.calibration_note = "grouping " + std::to_string(rep.grouping_tokens_seen) + " tokens, training " +
                           std::to_string(rep.training_tokens_seen) + " tokens, " +
-                          std::to_string(opt.epochs) + " epochs, seed " + std::to_string(opt.seed);
+                          std::to_string(opt.epochs) + " epochs, seed " + std::to_string(opt.seed) + ", teacher " +
+                          (opt.teacher == CalibrationOptions::Teacher::kMax ? "max" : "mean");
   KVGATE_RETURN_IF_ERROR(gate.validate());
   return gate;
 }

@@ -51,6 +51,12 @@ struct CalibrationOptions {
   double keep_rate_weight = 1.0;  // λ
   double target_keep_rate = 0.3;
   int64_t min_distant_queries = 32;  // a token is eligible with at least this many
+  // Teacher importance: kMean, the mean attention a token receives from the
+  // queries for which it is distant; kMax, the largest attention any one of
+  // them gives it (a token one later query needs sharply — a name, a number
+  // — matters even if the average is low).
+  enum class Teacher { kMean, kMax };
+  Teacher teacher = Teacher::kMean;
   int64_t n_sink_tokens = 4;
   int64_t n_window_tokens = 256;
   uint64_t seed = 1;

@@ -445,7 +445,7 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
       if (stats_ != nullptr) {
         // Per-share partial sums; reduced into stats_ after the region.
         const int64_t nt = stats_->n_tokens;
-        float* recv = stats_scratch_.data() + (tid * 3 * c.n_kv_heads + kvh) * nt;
+        float* recv = stats_scratch_.data() + (tid * 4 * c.n_kv_heads + kvh) * nt;
         for (int64_t j = 0; j < len; ++j) recv[j] += scores[j];
         if (row_pos_[r] >= stats_->observe_from) {
           float* obs = recv + c.n_kv_heads * nt;
@@ -454,8 +454,12 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
         if (stats_->distant_window > 0) {
           // Keys at least W before the query: j <= pos - W.
           float* dist = recv + 2 * c.n_kv_heads * nt;
+          float* dmax = recv + 3 * c.n_kv_heads * nt;
           const int64_t n_far = row_pos_[r] - stats_->distant_window + 1;
-          for (int64_t j = 0; j < n_far; ++j) dist[j] += scores[j];
+          for (int64_t j = 0; j < n_far; ++j) {
+            dist[j] += scores[j];
+            dmax[j] = std::max(dmax[j], scores[j]);
+          }
         }
       }
       float* out = attn_.data() + r * c.q_dim() + h * c.head_dim;
@@ -470,7 +474,7 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
   if (stats_ != nullptr) {
     const int64_t nt = stats_->n_tokens;
     for (int t = 0; t < pool_.size(); ++t) {
-      float* part = stats_scratch_.data() + t * 3 * c.n_kv_heads * nt;
+      float* part = stats_scratch_.data() + t * 4 * c.n_kv_heads * nt;
       for (int64_t h = 0; h < c.n_kv_heads; ++h) {
         float* recv = stats_->received_row(layer, h);
         float* obs = stats_->observed_row(layer, h);
@@ -480,10 +484,14 @@ void CpuForward::attention(int64_t layer, std::span<const BatchItem> items, int6
         }
         if (stats_->distant_window > 0) {
           float* dist = stats_->received_distant_row(layer, h);
-          for (int64_t j = 0; j < nt; ++j) dist[j] += part[(2 * c.n_kv_heads + h) * nt + j];
+          float* dmax = stats_->received_distant_max.data() + (layer * c.n_kv_heads + h) * nt;
+          for (int64_t j = 0; j < nt; ++j) {
+            dist[j] += part[(2 * c.n_kv_heads + h) * nt + j];
+            dmax[j] = std::max(dmax[j], part[(3 * c.n_kv_heads + h) * nt + j]);
+          }
         }
       }
-      std::fill(part, part + 3 * c.n_kv_heads * nt, 0.0f);
+      std::fill(part, part + 4 * c.n_kv_heads * nt, 0.0f);
     }
   }
 }
@@ -497,6 +505,7 @@ void AttentionStats::reset(int64_t layers, int64_t kv_heads, int64_t tokens, int
   observed.assign(static_cast<size_t>(layers * kv_heads * tokens), 0.0f);
   distant_window = 0;
   received_distant.clear();
+  received_distant_max.clear();
   capture_from = -1;
   captured.clear();
 }
@@ -504,6 +513,7 @@ void AttentionStats::reset(int64_t layers, int64_t kv_heads, int64_t tokens, int
 void AttentionStats::enable_distant(int64_t window) {
   distant_window = window;
   received_distant.assign(static_cast<size_t>(n_layers * n_kv_heads * n_tokens), 0.0f);
+  received_distant_max.assign(static_cast<size_t>(n_layers * n_kv_heads * n_tokens), 0.0f);
 }
 
 void AttentionStats::enable_capture(int64_t q_heads, int64_t from_pos) {
@@ -525,7 +535,7 @@ Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, floa
       return invalid_argument("attention capture is not sized for this model's query heads");
     }
     stats_ = stats;
-    stats_scratch_.assign(static_cast<size_t>(pool_.size()) * 3 * c.n_kv_heads * stats->n_tokens, 0.0f);
+    stats_scratch_.assign(static_cast<size_t>(pool_.size()) * 4 * c.n_kv_heads * stats->n_tokens, 0.0f);
   }
   struct Reset {
     AttentionStats** p;

@@ -146,6 +146,10 @@ struct AttentionStats {
   //    [layer][q_head][query - capture_from][key] (keys past the query: 0).
   int64_t distant_window = 0;
   std::vector<float> received_distant;
+  // The largest attention any single such query (of the KV head's group)
+  // gives the key: "was it ever needed sharply", where the sum says "how
+  // much on average".
+  std::vector<float> received_distant_max;
   int64_t capture_from = -1;
   int64_t n_q_heads = 0;
   std::vector<float> captured;

@@ -161,6 +161,63 @@ TEST(CompressedForward, WindowAndPodCompressAndStayClose) {
 // Every query's attention sums to 1, so the attention a layer's keys
 // receive sums to (queries x query heads per KV head); chunked prefill
 // records the same statistics as one pass.
+// The calibration extras: attention from distant queries (sum and max) and
+// raw score capture, checked against the totals they must respect.
+TEST(AttentionStats, DistantSumMaxAndCapturedScoresAreConsistent) {
+  REQUIRE_MODEL();
+  const auto& c = L->model->config();
+  const auto prompt = L->tokenizer->encode(
+      "It was a bright cold day in April, and the clocks were striking thirteen. Winston Smith, "
+      "his chin nuzzled into his breast in an effort to escape the vile wind, slipped quickly.",
+      false, false);
+  const int64_t t = static_cast<int64_t>(prompt.size());
+  const int64_t group = c.n_heads / c.n_kv_heads;
+  const int64_t w = 8;
+  CpuForward fwd(*L->model, ForwardOptions{});
+  KvCache cache(c, t);
+  AttentionStats st;
+  st.reset(c.n_layers, c.n_kv_heads, t, t);
+  st.enable_distant(w);
+  st.enable_capture(c.n_heads, t - 3);
+  std::vector<float> logits(c.n_vocab);
+  ASSERT_TRUE(fwd.prefill(cache, prompt, logits.data(), &st).ok());
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+      const float* sum = st.received_distant_row(l, h);
+      const float* mx = st.received_distant_max.data() + (l * c.n_kv_heads + h) * t;
+      for (int64_t j = 0; j < t; ++j) {
+        // Queries at positions >= j + w count: t - j - w of them.
+        const int64_t n_queries = t - j - w;
+        if (n_queries <= 0) {
+          EXPECT_EQ(sum[j], 0.0f) << l << " " << h << " " << j;
+          EXPECT_EQ(mx[j], 0.0f);
+          continue;
+        }
+        // max <= sum <= (query rows: n_queries x group heads) * max, and a
+        // probability is at most 1.
+        EXPECT_GT(sum[j], 0.0f);
+        EXPECT_LE(mx[j], sum[j] * (1 + 1e-6f));
+        EXPECT_LE(sum[j], static_cast<float>(n_queries * group) * mx[j] * (1 + 1e-5f));
+        EXPECT_LE(mx[j], 1.0f);
+      }
+    }
+  }
+  // Captured rows are raw scores (not probabilities): finite over the
+  // causal keys, zero past the query, and not a distribution (a softmax
+  // output would sum to 1).
+  for (int64_t qi = 0; qi < st.n_captured(); ++qi) {
+    const int64_t pos = st.capture_from + qi;
+    const float* row = st.captured_row(c.n_layers - 1, 0, qi);
+    double total = 0;
+    for (int64_t j = 0; j <= pos; ++j) {
+      EXPECT_TRUE(std::isfinite(row[j]));
+      total += row[j];
+    }
+    EXPECT_GT(std::fabs(total - 1.0), 1e-2);
+    for (int64_t j = pos + 1; j < t; ++j) EXPECT_EQ(row[j], 0.0f);
+  }
+}
+
 TEST(AttentionStats, SumToQueriesTimesGroupAndSurviveChunking) {
   REQUIRE_MODEL();
   const auto& c = L->model->config();
