@@ -47,6 +47,9 @@ else
 fi
 
 "${root}/scripts/fetch-model.sh"
+# The calibration and evaluation texts (kvgate calibrate / eval, and the
+# calibration test); a failure here is reported but does not stop the build.
+"${root}/scripts/fetch-eval-data.sh" || echo "setup: could not fetch the evaluation texts (kvgate eval/calibrate need them)" >&2
 
 echo "setup: building in ${build}"
 if [[ ! -f "${build}/build.ninja" ]]; then
