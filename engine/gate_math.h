@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "engine/cpu/isa.h"
@@ -43,10 +44,23 @@ inline void gate_project(const GateModel& gate, int64_t slot, const float* x, fl
   for (int64_t i = 0; i < dim; ++i) out[2 * dim + i] = cpu::dot_f32(w.wv.data() + i * e, x, e, isa);
 }
 
+// fp16 -> fp32 by table (the gate reads short fp16 rows, where a call per
+// element would dominate); built once, 256 KiB.
+inline const float* fp16_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t i = 0; i < 65536; ++i) t[i] = fp16_to_fp32(static_cast<fp16_t>(i));
+    return t;
+  }();
+  return table.data();
+}
+
 // Logit of the attention kind: query q (D floats, from gate_project) over
-// n context rows, row(c) giving fp16 K (D) then V (D). Per gate head a:
-// softmax over the rows of q_a·k_a / sqrt(d'), o_a = Σ p v_a; logit =
-// Σ_a wo_a·o_a + bias. n >= 1.
+// n context rows, row(c) giving K (D) then V (D) as fp16 (the cache's rows)
+// or as float (already rounded through fp16, the prefill's copy). Per gate
+// head a: softmax over the rows of q_a·k_a / sqrt(d'), o_a = Σ p v_a;
+// logit = Σ_a wo_a·o_a + bias. One pass with an online softmax (one exp
+// per row and head). n >= 1.
 template <typename RowFn>
 float gate_attention_logit(const GateModel& gate, int64_t slot, const float* q, int64_t n,
                            RowFn row, std::vector<float>& scratch) {
@@ -55,32 +69,41 @@ float gate_attention_logit(const GateModel& gate, int64_t slot, const float* q, 
   const int64_t hd = gate.gate_head_dim;
   const int64_t dim = heads * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  if (static_cast<int64_t>(scratch.size()) < n * heads + 2 * dim) {
-    scratch.resize(static_cast<size_t>(n * heads + 2 * dim));
-  }
-  float* scores = scratch.data();  // [head][n]
-  float* o = scores + n * heads;   // D
-  float* kv = o + dim;             // D, one row's fp32 K or V
-  float maxs[64];  // heads <= 64 (GateModel::validate)
+  if (static_cast<int64_t>(scratch.size()) < 3 * dim) scratch.resize(static_cast<size_t>(3 * dim));
+  float* o = scratch.data();  // D accumulators
+  float* kv = o + dim;        // 2D, one row in fp32
+  float maxs[64];             // heads <= 64 (GateModel::validate)
   float sums[64];
   std::fill(maxs, maxs + heads, -INFINITY);
   std::fill(sums, sums + heads, 0.0f);
-  for (int64_t c = 0; c < n; ++c) {
-    const fp16_t* r = row(c);
-    for (int64_t i = 0; i < dim; ++i) kv[i] = fp16_to_fp32(r[i]);
-    for (int64_t a = 0; a < heads; ++a) {
-      const float s = dot_f32(q + a * hd, kv + a * hd, hd) * scale;
-      scores[a * n + c] = s;
-      maxs[a] = std::max(maxs[a], s);
-    }
-  }
   std::fill(o, o + dim, 0.0f);
+  const float* lut = fp16_table();
+  using Row = decltype(row(int64_t{0}));
   for (int64_t c = 0; c < n; ++c) {
-    const fp16_t* r = row(c) + dim;
+    const float* r;
+    if constexpr (std::is_same_v<Row, const float*>) {
+      r = row(c);
+    } else {
+      const fp16_t* h = row(c);
+      for (int64_t i = 0; i < 2 * dim; ++i) kv[i] = lut[h[i]];
+      r = kv;
+    }
     for (int64_t a = 0; a < heads; ++a) {
-      const float p = std::exp(scores[a * n + c] - maxs[a]);
+      const float* ka = r + a * hd;
+      const float* va = r + dim + a * hd;
+      float sc = 0.0f;
+      for (int64_t i = 0; i < hd; ++i) sc += q[a * hd + i] * ka[i];
+      sc *= scale;
+      float* oa = o + a * hd;
+      if (sc > maxs[a]) {
+        const float f = std::exp(maxs[a] - sc);  // 0 on the first row
+        sums[a] *= f;
+        for (int64_t i = 0; i < hd; ++i) oa[i] *= f;
+        maxs[a] = sc;
+      }
+      const float p = std::exp(sc - maxs[a]);
       sums[a] += p;
-      for (int64_t i = 0; i < hd; ++i) o[a * hd + i] += p * fp16_to_fp32(r[a * hd + i]);
+      for (int64_t i = 0; i < hd; ++i) oa[i] += p * va[i];
     }
   }
   float logit = w.bias;

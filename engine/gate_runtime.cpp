@@ -104,6 +104,9 @@ Status GatePrefill::finish(const GateDecision& decision, std::vector<uint8_t>& f
     if (first_layout_slot[gate_slot_[s]] < 0) first_layout_slot[gate_slot_[s]] = static_cast<int32_t>(s);
   }
   std::vector<fp16_t> kv16(static_cast<size_t>(attention ? t_end * row : 0));
+  // The same rows in fp32 (exactly the fp16 values): the context of every
+  // token reads them, converting once here instead of per read.
+  std::vector<float> kv32(static_cast<size_t>(attention ? t_end * row : 0));
   std::vector<int32_t> context;
   context.reserve(static_cast<size_t>(t_end));
   std::vector<float> scratch;
@@ -119,7 +122,10 @@ Status GatePrefill::finish(const GateDecision& decision, std::vector<uint8_t>& f
       const int64_t width = 3 * dim;
       for (int64_t t = 0; t < t_end; ++t) {
         const float* p = proj_.data() + (t * n_gate_slots + g) * width;
-        for (int64_t e = 0; e < row; ++e) kv16[t * row + e] = fp32_to_fp16(p[dim + e]);
+        for (int64_t e = 0; e < row; ++e) {
+          kv16[t * row + e] = fp32_to_fp16(p[dim + e]);
+          kv32[t * row + e] = fp16_to_fp32(kv16[t * row + e]);
+        }
       }
       // Retained distant tokens, in position order, as the cache holds them.
       std::vector<int32_t> retained;
@@ -138,7 +144,7 @@ Status GatePrefill::finish(const GateDecision& decision, std::vector<uint8_t>& f
         const float* q = proj_.data() + (t * n_gate_slots + g) * width;
         gate_logits[t] = gate_attention_logit(
             gate_, g, q, static_cast<int64_t>(context.size()),
-            [&](int64_t c) { return kv16.data() + context[c] * row; }, scratch);
+            [&](int64_t c) -> const float* { return kv32.data() + context[c] * row; }, scratch);
         gate_flags[t] = gate_logits[t] >= threshold ? 1 : 0;
       }
     }
