@@ -544,7 +544,9 @@ TEST(GatePolicies, RunEndToEndFromTheSharedPrefill) {
     auto fp = kvstore::footprint(layout, n + m, retained);
     ASSERT_TRUE(fp.ok());
     EXPECT_EQ((*seqs)[i]->kv_bytes(), fp->total_bytes()) << (*seqs)[i]->plan().name;
-    if (i < 3) EXPECT_GT(fp->gate_bytes, 0) << (*seqs)[i]->plan().name;
+    if (i < 3) {
+      EXPECT_GT(fp->gate_bytes, 0) << (*seqs)[i]->plan().name;
+    }
   }
 }
 
