@@ -190,6 +190,7 @@ void fields(IO& io, M& m) {
   io.field("prompt_tokens", m.prompt_tokens);
   io.field("first_token_id", m.first_token_id);
   io.field("generation", m.generation);
+  io.field("kv_policy", m.kv_policy);
 }
 
 template <typename IO, Is<TransferResult> M>

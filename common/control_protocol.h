@@ -333,6 +333,7 @@ struct TransferManifest {
   uint32_t prompt_tokens = 0;   // the next position is this count (DESIGN §1)
   TokenId first_token_id = -1;  // sampled by the prefill node from the last logits
   GenerationParams generation;
+  KvPolicySpec kv_policy;  // PrefillJob::kv_policy: how the decode node continues the cache
   bool operator==(const TransferManifest&) const = default;
 };
 

@@ -9,50 +9,6 @@
 
 namespace kvgate::coordinator {
 
-namespace {
-
-std::string default_gate_path(const std::string& model_path) {
-  const std::string ext = ".gguf";
-  if (model_path.size() >= ext.size() &&
-      model_path.compare(model_path.size() - ext.size(), ext.size(), ext) == 0) {
-    return model_path.substr(0, model_path.size() - ext.size()) + ".gate.gguf";
-  }
-  return model_path + ".gate.gguf";
-}
-
-}  // namespace
-
-Result<engine::KvPolicyConfig> kv_policy_from_config(const KvConfig& kv,
-                                                     const std::string& model_path,
-                                                     const engine::LlamaModel& model) {
-  engine::KvPolicyConfig p;
-  auto policy = engine::parse_kv_policy(kv_policy_config_name(kv.policy));
-  if (!policy.ok()) return invalid_argument("kv.policy: " + policy.status().message());
-  p.policy = *policy;
-  std::string gate_path = kv.gate_file;
-  if (gate_path.empty() && p.policy != engine::KvPolicy::kDense) {
-    std::error_code ec;
-    const std::string candidate = default_gate_path(model_path);
-    if (std::filesystem::is_regular_file(candidate, ec)) gate_path = candidate;
-  }
-  if (!gate_path.empty()) {
-    auto gate = engine::load_gate_for_model(gate_path, model);
-    if (!gate.ok()) return gate.status();
-    p.gate = std::make_shared<const engine::GateModel>(std::move(*gate));
-  }
-  const KvConfig defaults;
-  if (!p.gate || kv.sink_tokens != defaults.sink_tokens) p.n_sink_tokens = kv.sink_tokens;
-  if (!p.gate || kv.window_tokens != defaults.window_tokens) p.n_window_tokens = kv.window_tokens;
-  if (!p.gate || kv.pod_group_layers != defaults.pod_group_layers) {
-    p.pod_group_layers = kv.pod_group_layers;
-  }
-  p.keep_rate = kv.keep_rate;
-  p.budget_tokens = kv.budget_tokens;
-  p.snapkv_observe_tokens = kv.snapkv_observe_tokens;
-  if (Status s = p.validate(); !s.ok()) return invalid_argument("kv: " + s.message());
-  return p;
-}
-
 LocalBackend::LocalBackend(std::shared_ptr<const engine::LlamaModel> model,
                            engine::Tokenizer tokenizer, LocalBackendOptions options,
                            std::shared_ptr<const engine::PolicyPlan> plan)

@@ -28,6 +28,7 @@
 #include "coordinator/backend.h"
 #include "coordinator/openai_api.h"
 #include "engine/kv_policy.h"
+#include "engine/kv_policy_spec.h"
 #include "engine/model.h"
 #include "engine/policy_cache.h"
 #include "engine/tokenizer.h"
@@ -42,15 +43,9 @@ struct LocalBackendOptions {
   int64_t max_queued_requests = 256;  // more: RESOURCE_EXHAUSTED (-> 429)
 };
 
-// The KV policy a config asks for, with its gate loaded: kv.gate_file, or
-// the side file next to the model (MODEL.gate.gguf) when it exists and the
-// policy is not dense. kv.sink_tokens / window_tokens / pod_group_layers are
-// applied when no gate is loaded or when they differ from the schema
-// defaults (otherwise the gate's calibrated values win, engine/kv_policy.h).
-// Errors name the key or the file.
-Result<engine::KvPolicyConfig> kv_policy_from_config(const KvConfig& kv,
-                                                     const std::string& model_path,
-                                                     const engine::LlamaModel& model);
+// engine::kv_policy_from_config (engine/kv_policy_spec.h) turns the `kv`
+// section into the policy: the gate side file is loaded there.
+using engine::kv_policy_from_config;
 
 class LocalBackend final : public Backend {
  public:
