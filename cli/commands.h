@@ -14,6 +14,7 @@ int run_eval(const std::vector<std::string>& args);
 int run_config(const std::vector<std::string>& args);
 int run_calibrate(const std::vector<std::string>& args);
 int run_serve(const std::vector<std::string>& args);
+int run_up(const std::vector<std::string>& args);
 
 // Prints "kvgate: error: <message>" to stderr.
 void print_error(const std::string& message);
