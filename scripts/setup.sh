@@ -51,6 +51,8 @@ fi
 # The calibration and evaluation texts (kvgate calibrate / eval, and the
 # calibration test); a failure here is reported but does not stop the build.
 "${root}/scripts/fetch-eval-data.sh" || echo "setup: could not fetch the evaluation texts (kvgate eval/calibrate need them)" >&2
+# The official openai Python client for the integration tests (.pydeps/).
+"${root}/scripts/fetch-test-deps.sh"
 
 echo "setup: building in ${build}"
 if [[ ! -f "${build}/build.ninja" ]]; then
