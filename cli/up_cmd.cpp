@@ -10,13 +10,8 @@
 // child also gets SIGTERM if this process dies (PR_SET_PDEATHSIG). A child
 // that exits on its own ends the cluster: the others are stopped and the
 // exit code is 1, naming the node.
-#include <arpa/inet.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -31,6 +26,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/http_client.h"
 #include "common/config.h"
 
 namespace kvgate::cli {
@@ -82,94 +78,6 @@ Result<pid_t> spawn(const std::string& exe, const std::string& config_path, cons
   }
   setpgid(pid, pid);  // also from the parent: no race with the first signal
   return pid;
-}
-
-struct HttpResponse {
-  int status = 0;
-  std::string body;
-};
-
-// One blocking HTTP/1.1 exchange with Connection: close, bounded by `timeout`.
-Result<HttpResponse> http_exchange(const HostPort& at, const std::string& request,
-                                   std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  const std::string port = std::to_string(at.port);
-  if (getaddrinfo(at.host.c_str(), port.c_str(), &hints, &res) != 0 || res == nullptr) {
-    return unavailable("cannot resolve " + at.to_string());
-  }
-  const int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) {
-    freeaddrinfo(res);
-    return unavailable(std::string("socket: ") + std::strerror(errno));
-  }
-  auto wait_for = [&](short events) -> bool {
-    while (true) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) return false;
-      pollfd p{fd, events, 0};
-      const int r = poll(&p, 1, static_cast<int>(left.count()));
-      if (r > 0) return true;
-      if (r < 0 && errno != EINTR) return false;
-    }
-  };
-  Status failure;
-  int rc = connect(fd, res->ai_addr, res->ai_addrlen);
-  freeaddrinfo(res);
-  if (rc < 0 && errno != EINPROGRESS) failure = unavailable("connect " + at.to_string());
-  if (failure.ok() && rc < 0) {
-    int err = 0;
-    socklen_t len = sizeof err;
-    if (!wait_for(POLLOUT) || getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
-      failure = unavailable("connect " + at.to_string());
-    }
-  }
-  size_t sent = 0;
-  while (failure.ok() && sent < request.size()) {
-    const ssize_t n = send(fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
-    if (n > 0) {
-      sent += static_cast<size_t>(n);
-    } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-      if (!wait_for(POLLOUT)) failure = Status(StatusCode::kDeadlineExceeded, "sending to " + at.to_string());
-    } else {
-      failure = unavailable("send to " + at.to_string());
-    }
-  }
-  std::string raw;
-  while (failure.ok()) {
-    char buf[16384];
-    const ssize_t n = recv(fd, buf, sizeof buf, 0);
-    if (n > 0) {
-      raw.append(buf, static_cast<size_t>(n));
-    } else if (n == 0) {
-      break;
-    } else if (errno == EAGAIN || errno == EINTR) {
-      if (!wait_for(POLLIN)) failure = Status(StatusCode::kDeadlineExceeded, "waiting for " + at.to_string());
-    } else {
-      failure = unavailable("recv from " + at.to_string());
-    }
-  }
-  close(fd);
-  if (!failure.ok()) return failure;
-  HttpResponse out;
-  if (raw.rfind("HTTP/1.", 0) != 0 || raw.size() < 12) {
-    return data_loss("not an HTTP response from " + at.to_string());
-  }
-  out.status = std::atoi(raw.c_str() + 9);
-  const size_t body = raw.find("\r\n\r\n");
-  if (body != std::string::npos) out.body = raw.substr(body + 4);
-  // Chunked bodies are not expected: requests below ask for a whole body.
-  return out;
-}
-
-std::string http_host(const HostPort& at) {
-  // A wildcard listen address is reached on the loopback interface.
-  if (at.host == "0.0.0.0" || at.host.empty()) return "127.0.0.1";
-  if (at.host == "::" || at.host == "[::]") return "::1";
-  return at.host;
 }
 
 // The first API key of the coordinator's key file ("" with auth disabled).
@@ -312,10 +220,9 @@ int run_up(const std::vector<std::string>& args) {
                  std::string(role_name(n->role)).c_str(), static_cast<int>(*pid));
   }
 
-  const HostPort api{http_host(coordinator->config.coordinator.listen),
+  const HostPort api{reachable_host(coordinator->config.coordinator.listen.host),
                      coordinator->config.coordinator.listen.port};
-  const std::string host_header = api.host + ":" + std::to_string(api.port);
-  const std::string url = "http://" + host_header;
+  const std::string url = "http://" + api.to_string();
   const auto startup_deadline = Clock::now() + local.startup_timeout;
   std::string last_health = "no answer yet";
   bool healthy = false;
@@ -333,9 +240,7 @@ int run_up(const std::vector<std::string>& args) {
       stop_all();
       return 1;
     }
-    auto r = http_exchange(api,
-                           "GET /health HTTP/1.1\r\nHost: " + host_header +
-                               "\r\nConnection: close\r\n\r\n",
+    auto r = http_exchange(api, http_request("GET", api, "/health"),
                            std::chrono::milliseconds(1000));
     if (r.ok() && r->status == 200) {
       healthy = true;
@@ -368,10 +273,7 @@ int run_up(const std::vector<std::string>& args) {
         {"max_tokens", *max_tokens},
         {"temperature", 0}};
     const std::string payload = body.dump();
-    std::string req = "POST /v1/chat/completions HTTP/1.1\r\nHost: " + host_header +
-                      "\r\nContent-Type: application/json\r\nConnection: close\r\n";
-    if (!key->empty()) req += "Authorization: Bearer " + *key + "\r\n";
-    req += "Content-Length: " + std::to_string(payload.size()) + "\r\n\r\n" + payload;
+    const std::string req = http_request("POST", api, "/v1/chat/completions", *key, payload);
     const auto t0 = Clock::now();
     auto r = http_exchange(api, req, std::chrono::milliseconds(600000));
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
