@@ -6,21 +6,14 @@
 #include <utility>
 
 namespace kvgate::kvstore {
-namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-}  // namespace
-
-CompressedKvCache::CompressedKvCache(const KvLayout& layout, PagePool* pool, int64_t page_tokens,
-                                     int64_t gate_rows_per_page)
+CompressedKvCache::CompressedKvCache(const KvLayout& layout, PageSource* pool,
+                                     const PageGeometry& geometry)
     : layout_(layout),
       pool_(pool),
-      page_tokens_(page_tokens),
-      positions_per_page_(pool->page_bytes() / kPositionBytes),
-      gate_rows_per_page_(gate_rows_per_page),
+      page_bytes_(geometry.page_bytes),
+      page_tokens_(geometry.page_tokens),
+      positions_per_page_(geometry.positions_per_page),
+      gate_rows_per_page_(geometry.gate_rows_per_page),
       gate_row_elems_(layout.gate_row_elems()) {
   const BlockMap& map = layout_.blocks;
   distant_.resize(map.n_slots());
@@ -30,23 +23,14 @@ CompressedKvCache::CompressedKvCache(const KvLayout& layout, PagePool* pool, int
   pending_flags_.assign(layout_.n_window_tokens * map.n_slots(), 0);
 }
 
-Result<CompressedKvCache> CompressedKvCache::create(const KvLayout& layout, PagePool* pool) {
+Result<CompressedKvCache> CompressedKvCache::create(const KvLayout& layout, PageSource* pool) {
   KVGATE_RETURN_IF_ERROR(validate_layout(layout));
-  if (pool == nullptr) return invalid_argument("compressed cache: no page pool");
-  const int64_t row_bytes = kKvElementBytes * layout.head_dim;
-  if (pool->page_bytes() % row_bytes != 0) {
-    return invalid_argument("compressed cache: page of " + std::to_string(pool->page_bytes()) +
-                            " bytes is not a whole number of " + std::to_string(row_bytes) +
-                            "-byte K/V rows");
+  if (pool == nullptr) return invalid_argument("compressed cache: no page source");
+  Result<PageGeometry> geometry = page_geometry(layout, pool->page_bytes());
+  if (!geometry.ok()) {
+    return invalid_argument("compressed cache: " + geometry.status().message());
   }
-  const int64_t gate_row_bytes = layout.gate_state_bytes_per_token;
-  if (gate_row_bytes > 0 && pool->page_bytes() % gate_row_bytes != 0) {
-    return invalid_argument("compressed cache: page of " + std::to_string(pool->page_bytes()) +
-                            " bytes is not a whole number of " + std::to_string(gate_row_bytes) +
-                            "-byte gate state rows");
-  }
-  const int64_t gate_rows_per_page = gate_row_bytes > 0 ? pool->page_bytes() / gate_row_bytes : 0;
-  return CompressedKvCache(layout, pool, pool->page_bytes() / row_bytes, gate_rows_per_page);
+  return CompressedKvCache(layout, pool, *geometry);
 }
 
 CompressedKvCache::CompressedKvCache(CompressedKvCache&& other) noexcept {
@@ -58,6 +42,7 @@ CompressedKvCache& CompressedKvCache::operator=(CompressedKvCache&& other) noexc
   release();
   layout_ = std::move(other.layout_);
   pool_ = std::exchange(other.pool_, nullptr);
+  page_bytes_ = other.page_bytes_;
   page_tokens_ = other.page_tokens_;
   positions_per_page_ = other.positions_per_page_;
   gate_rows_per_page_ = other.gate_rows_per_page_;
@@ -107,8 +92,8 @@ void CompressedKvCache::release() {
 
 PageId CompressedKvCache::take_page() {
   Result<PageId> page = pool_->allocate();
-  // Callers check free_pages() first and the pool has one owner thread.
-  assert(page.ok() && "page pool ran dry after the free-page check");
+  // Callers check free_pages() first and the source has one owner thread.
+  assert(page.ok() && "page source ran dry after the free-page check");
   ++n_pages_held_;
   return *page;
 }
@@ -303,7 +288,7 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
   }
   if (need > pool_->free_pages()) {
     return resource_exhausted("compressed cache: token " + std::to_string(position) + " needs " +
-                              std::to_string(need) + " pages, pool has " +
+                              std::to_string(need) + " pages, the page source has " +
                               std::to_string(pool_->free_pages()) + " free");
   }
 
@@ -333,7 +318,7 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
 }
 
 Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& layout,
-                                                              PagePool* pool, int64_t n_tokens,
+                                                              PageSource* pool, int64_t n_tokens,
                                                               const DenseKv& kv,
                                                               std::span<const uint8_t> flags,
                                                               const DenseGate& gate) {
@@ -360,25 +345,23 @@ Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& la
   const int64_t n_slots = map.n_slots();
   const int64_t n_sink = layout.n_sink_tokens;
   const int64_t window_begin = std::max(n_sink, n_tokens - layout.n_window_tokens);
-  const int64_t pt = cache.page_tokens_;
-  const int64_t ppp = cache.positions_per_page_;
-  const int64_t grp = cache.gate_rows_per_page_;  // 0 without gate state
+  const PageGeometry geo = cache.geometry();
+  const int64_t grp = geo.gate_rows_per_page;  // 0 without gate state
 
   // Pages of the final state, checked up front (as append() does per token).
-  const int64_t ring_pages = ceil_div(layout.proximal_tokens(n_tokens), pt);
-  const int64_t gate_ring_pages = grp > 0 ? ceil_div(layout.proximal_tokens(n_tokens), grp) : 0;
+  const int64_t ring_pages = geo.ring_pages(layout.proximal_tokens(n_tokens));
+  const int64_t gate_ring_pages = geo.gate_ring_pages(layout.proximal_tokens(n_tokens));
   int64_t need =
       ring_pages * 2 * layout.n_layers() * layout.n_kv_heads() + gate_ring_pages * n_slots;
   for (int64_t s = 0; s < n_slots; ++s) {
     const uint8_t* f = flags.data() + s * n_tokens;
     int64_t r = 0;
     for (int64_t j = n_sink; j < window_begin; ++j) r += f[j];
-    need += ceil_div(r, pt) * (1 + map.slot_block(s).n_layers) + ceil_div(r, ppp) +
-            (grp > 0 ? ceil_div(r, grp) : 0);
+    need += geo.retained_pages(r, map.slot_block(s).n_layers);
   }
   if (need > pool->free_pages()) {
     return resource_exhausted("compressed cache: " + std::to_string(n_tokens) + " tokens need " +
-                              std::to_string(need) + " pages, pool has " +
+                              std::to_string(need) + " pages, the page source has " +
                               std::to_string(pool->free_pages()) + " free");
   }
 

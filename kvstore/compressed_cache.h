@@ -1,5 +1,6 @@
 // CompressedKvCache: one request's KV cache in the block-gated PoD layout
-// (DESIGN.md §4, §5), stored in pages of a PagePool.
+// (DESIGN.md §4, §5), stored in pages of a PageSource (a PagePool, or a
+// request's lease on one: LeasePages).
 //
 // Storage:
 //   - per (layer, KV head), a ring of n_sink + n_window rows holding the
@@ -17,8 +18,9 @@
 //     gate_row_elems() fp16 values, opaque to the cache.
 // Every K/V list is a sequence of pages of page_tokens() rows of head_dim
 // fp16 each (page_tokens = page_bytes / (2·head_dim)); positions are packed
-// page_bytes / 4 per page; gate rows gate_rows_per_page() per page. All
-// pages come from the one pool.
+// page_bytes / 4 per page; gate rows gate_rows_per_page() per page (the
+// PageGeometry of kvstore/footprint.h). All pages come from the one page
+// source; capacity_bytes() equals state_capacity_bytes() of the state.
 //
 // Eviction is deferred: a token's flags (one per slot) are given when it is
 // appended, or later through set_flags() while it is in the window, and
@@ -31,8 +33,12 @@
 // bytes() equals the footprint formula (kvstore/footprint.h) for the current
 // state exactly; capacity_bytes() is what the pages hold (>= bytes()).
 //
+// A cache can also be made from a wire image (kvstore/wire_image.h): the
+// pages a prefill node's cache held, landed in a decode node's lease, are
+// adopted in place and continue exactly as the exported cache would have.
+//
 // Threading: one owner thread (the engine loop), the same one that owns the
-// pool. Views returned by proximal()/distant()/gate_proximal()/
+// page source. Views returned by proximal()/distant()/gate_proximal()/
 // gate_distant() stay valid until the next append()/begin_append() or the
 // cache's destruction. Destruction returns every page.
 #pragma once
@@ -96,9 +102,11 @@ struct KvPageSpan {
 
 // A segment (proximal or distant) of one (layer, head) as page spans, for
 // kernels to iterate without copying. Cheap to copy; borrows the cache.
+// page() resolves one page through the page source (one indirect call per
+// page, not per row, in the kernels).
 class SegmentView {
  public:
-  SegmentView(const PagePool* pool, const PageId* k_ids, const PageId* v_ids, int64_t id_stride,
+  SegmentView(const PageSource* pool, const PageId* k_ids, const PageId* v_ids, int64_t id_stride,
               int64_t n_tokens, int64_t page_tokens, int64_t head_dim)
       : pool_(pool),
         k_ids_(k_ids),
@@ -126,7 +134,7 @@ class SegmentView {
   }
 
  private:
-  const PagePool* pool_;
+  const PageSource* pool_;
   const PageId* k_ids_;
   const PageId* v_ids_;
   int64_t id_stride_;
@@ -148,7 +156,7 @@ struct GatePageSpan {
 class GateRowsView {
  public:
   GateRowsView() = default;
-  GateRowsView(const PagePool* pool, const PageId* ids, int64_t id_stride, int64_t n_rows,
+  GateRowsView(const PageSource* pool, const PageId* ids, int64_t id_stride, int64_t n_rows,
                int64_t rows_per_page, int64_t row_elems)
       : pool_(pool),
         ids_(ids),
@@ -173,7 +181,7 @@ class GateRowsView {
   }
 
  private:
-  const PagePool* pool_ = nullptr;
+  const PageSource* pool_ = nullptr;
   const PageId* ids_ = nullptr;
   int64_t id_stride_ = 0;
   int64_t n_rows_ = 0;
@@ -184,11 +192,11 @@ class GateRowsView {
 class CompressedKvCache {
  public:
   // An empty cache (no tokens, no pages). Errors (INVALID_ARGUMENT):
-  // invalid layout, no pool, a pool whose page_bytes is not a multiple of
-  // 2·head_dim (whole K/V rows) or, with gate state, of
-  // gate_state_bytes_per_token (whole gate rows). `pool` must outlive the
-  // cache.
-  static Result<CompressedKvCache> create(const KvLayout& layout, PagePool* pool);
+  // invalid layout, no page source, a page size that page_geometry()
+  // rejects (not whole K/V rows, positions or gate rows). `pool` (a
+  // PagePool, or a LeasePages to draw against a lease) must outlive the
+  // cache; the cache does not own it.
+  static Result<CompressedKvCache> create(const KvLayout& layout, PageSource* pool);
 
   // The state reached by appending tokens 0..n_tokens-1 one at a time (with
   // their flags given), built in one pass (prefill). flags[slot * n_tokens +
@@ -196,7 +204,7 @@ class CompressedKvCache {
   // token's gate rows: required (non-null rows, when n_tokens > 0) iff the
   // layout has gate state, and must be empty without it. Errors as for
   // append(); on error no page stays allocated.
-  static Result<CompressedKvCache> build_from_dense(const KvLayout& layout, PagePool* pool,
+  static Result<CompressedKvCache> build_from_dense(const KvLayout& layout, PageSource* pool,
                                                     int64_t n_tokens, const DenseKv& kv,
                                                     std::span<const uint8_t> flags,
                                                     const DenseGate& gate = {});
@@ -212,7 +220,8 @@ class CompressedKvCache {
   // or is empty: flags given later with set_flags(). If a token leaves the
   // window, its flags are applied now. kv.gate must be given iff the layout
   // has gate state. Errors: INVALID_ARGUMENT (position, flags, null rows),
-  // RESOURCE_EXHAUSTED (the pool lacks the pages: the cache is unchanged).
+  // RESOURCE_EXHAUSTED (the page source lacks the pages — an empty pool or
+  // a used-up lease: the cache is unchanged).
   // Does not block.
   Status append(int64_t position, const TokenKv& kv, std::span<const uint8_t> flags);
 
@@ -280,9 +289,19 @@ class CompressedKvCache {
   Footprint footprint() const;
   int64_t bytes() const { return footprint().total_bytes(); }
   // Bytes of the pages this cache holds (page-granular, >= bytes()).
-  int64_t capacity_bytes() const { return n_pages_held_ * pool_->page_bytes(); }
+  int64_t capacity_bytes() const { return n_pages_held_ * page_bytes_; }
+  // Pages this cache holds (capacity_bytes() / page bytes).
+  int64_t n_pages() const { return n_pages_held_; }
+  // How its pages are cut (kvstore/footprint.h).
+  PageGeometry geometry() const {
+    return {page_bytes_, page_tokens_, positions_per_page_, gate_rows_per_page_};
+  }
 
  private:
+  // kvstore/wire_image.cpp: lists the pages (export) and builds a cache on
+  // landed pages (adopt); it reads and sets the members below directly.
+  friend struct WireAccess;
+
   // Retained distant tokens of one (block, head) slot.
   struct DistantList {
     std::vector<PageId> k_pages;               // base-layer keys
@@ -292,8 +311,7 @@ class CompressedKvCache {
     int64_t n_tokens = 0;
   };
 
-  CompressedKvCache(const KvLayout& layout, PagePool* pool, int64_t page_tokens,
-                    int64_t gate_rows_per_page);
+  CompressedKvCache(const KvLayout& layout, PageSource* pool, const PageGeometry& geometry);
 
   // flags holds n_slots() x n_tokens entries, each 0 or 1.
   Status validate_flags(std::span<const uint8_t> flags, int64_t n_tokens) const;
@@ -304,7 +322,7 @@ class CompressedKvCache {
   // Pages needed to retain one more token in `slot`.
   int64_t retain_pages_needed(int64_t slot) const;
   // The helpers below take pages without checking: callers have made sure
-  // the pool has them (so a failure never leaves half a token behind).
+  // the page source has them (so a failure never leaves half a token behind).
   // Adds one page to every (layer, head) ring, K and V.
   void grow_ring();
   // Adds one page to every slot's gate ring.
@@ -320,7 +338,8 @@ class CompressedKvCache {
   void release();
 
   KvLayout layout_;
-  PagePool* pool_ = nullptr;  // null once moved from
+  PageSource* pool_ = nullptr;  // not owned; null once moved from
+  int64_t page_bytes_ = 0;
   int64_t page_tokens_ = 0;
   int64_t positions_per_page_ = 0;
   int64_t gate_rows_per_page_ = 0;  // 0 without gate state

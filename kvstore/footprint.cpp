@@ -123,4 +123,90 @@ Result<int64_t> predict_bytes(const KvLayout& layout, int64_t prompt_tokens, int
   return f.total_bytes();
 }
 
+Result<PageGeometry> page_geometry(const KvLayout& layout, int64_t page_bytes) {
+  KVGATE_RETURN_IF_ERROR(validate_layout(layout));
+  const std::string page = "page of " + std::to_string(page_bytes) + " bytes";
+  if (page_bytes <= 0) return invalid_argument("page geometry: " + page + " is not positive");
+  const int64_t row_bytes = kKvElementBytes * layout.head_dim;
+  if (page_bytes % row_bytes != 0) {
+    return invalid_argument("page geometry: " + page + " is not a whole number of " +
+                            std::to_string(row_bytes) + "-byte K/V rows");
+  }
+  if (page_bytes % kPositionBytes != 0) {
+    return invalid_argument("page geometry: " + page + " is not a whole number of " +
+                            std::to_string(kPositionBytes) + "-byte positions");
+  }
+  const int64_t gate_row_bytes = layout.gate_state_bytes_per_token;
+  if (gate_row_bytes > 0 && page_bytes % gate_row_bytes != 0) {
+    return invalid_argument("page geometry: " + page + " is not a whole number of " +
+                            std::to_string(gate_row_bytes) + "-byte gate state rows");
+  }
+  PageGeometry g;
+  g.page_bytes = page_bytes;
+  g.page_tokens = page_bytes / row_bytes;
+  g.positions_per_page = page_bytes / kPositionBytes;
+  g.gate_rows_per_page = gate_row_bytes > 0 ? page_bytes / gate_row_bytes : 0;
+  return g;
+}
+
+namespace {
+
+// Pages of the state (n_tokens, R per slot through `retained(slot)`);
+// inputs validated. At most ~2^31 · (2·L·H + slots · (g + 3)): no overflow
+// for any layout validate_layout() accepts with int32 layer indices.
+template <typename RetainedFn>
+int64_t pages_of_state(const KvLayout& layout, const PageGeometry& geo, int64_t n_tokens,
+                       RetainedFn retained) {
+  const BlockMap& map = layout.blocks;
+  const int64_t p = layout.proximal_tokens(n_tokens);
+  int64_t pages = 2 * layout.n_layers() * layout.n_kv_heads() * geo.ring_pages(p) +
+                  map.n_slots() * geo.gate_ring_pages(p);
+  for (int64_t s = 0; s < map.n_slots(); ++s) {
+    pages += geo.retained_pages(retained(s), map.slot_block(s).n_layers);
+  }
+  return pages;
+}
+
+}  // namespace
+
+Result<int64_t> state_pages(const KvLayout& layout, int64_t page_bytes, int64_t n_tokens,
+                            std::span<const int64_t> retained_tokens) {
+  // footprint() validates the layout, the length and every count.
+  KVGATE_RETURN_IF_ERROR(footprint(layout, n_tokens, retained_tokens).status());
+  KVGATE_ASSIGN_OR_RETURN(const PageGeometry geo, page_geometry(layout, page_bytes));
+  return pages_of_state(layout, geo, n_tokens, [&](int64_t s) { return retained_tokens[s]; });
+}
+
+Result<int64_t> state_capacity_bytes(const KvLayout& layout, int64_t page_bytes, int64_t n_tokens,
+                                     std::span<const int64_t> retained_tokens) {
+  KVGATE_ASSIGN_OR_RETURN(const int64_t pages,
+                          state_pages(layout, page_bytes, n_tokens, retained_tokens));
+  return pages * page_bytes;
+}
+
+Result<int64_t> predict_capacity_bytes(const KvLayout& layout, int64_t page_bytes,
+                                       int64_t prompt_tokens, int64_t max_new_tokens,
+                                       double keep_rate) {
+  // Same validation and the same R as predict_footprint().
+  KVGATE_RETURN_IF_ERROR(
+      predict_footprint(layout, prompt_tokens, max_new_tokens, keep_rate).status());
+  KVGATE_ASSIGN_OR_RETURN(const PageGeometry geo, page_geometry(layout, page_bytes));
+  const int64_t t = prompt_tokens + max_new_tokens;
+  const int64_t r = retained_for_keep_rate(keep_rate, layout.distant_tokens(t));
+  return pages_of_state(layout, geo, t, [r](int64_t) { return r; }) * page_bytes;
+}
+
+Result<int64_t> predict_capacity_bytes(const KvLayout& layout, int64_t page_bytes,
+                                       int64_t prompt_tokens, int64_t max_new_tokens,
+                                       std::span<const int64_t> budget_tokens) {
+  KVGATE_RETURN_IF_ERROR(
+      predict_footprint(layout, prompt_tokens, max_new_tokens, budget_tokens).status());
+  KVGATE_ASSIGN_OR_RETURN(const PageGeometry geo, page_geometry(layout, page_bytes));
+  const int64_t t = prompt_tokens + max_new_tokens;
+  const int64_t distant = layout.distant_tokens(t);
+  return pages_of_state(layout, geo, t,
+                        [&](int64_t s) { return std::min(budget_tokens[s], distant); }) *
+         page_bytes;
+}
+
 }  // namespace kvgate::kvstore

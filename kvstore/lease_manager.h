@@ -33,10 +33,9 @@
 // is untouched): pages taken from the pool directly would not be accounted.
 // A lease's pages are laid out for the transfer in pages() order.
 //
-// Caches: LeasePages (below) is a per-lease view of the pool with the calls
-// CompressedKvCache makes on its PagePool (allocate, free, free_pages, data,
-// page_bytes), so a cache's pages are charged to its request's lease. See
-// kvstore/README.md for the plan.
+// Caches: LeasePages (below) is a request's lease as a PageSource, so a
+// CompressedKvCache built on it (decode node: adopt_wire_image of the
+// landed KV) takes and returns its pages against that lease.
 //
 // Time is passed in (`now`), never read here, so behaviour is deterministic.
 // A lease is expired once now >= its deadline (granted_at + ttl); until
@@ -217,24 +216,39 @@ class LeaseManager {
   std::vector<int64_t> page_slot_;
 };
 
-// A per-lease view of the pool with the calls CompressedKvCache makes on its
-// PagePool, so a later change can draw a cache's pages against its
-// request's lease (the cache then takes a page source instead of a
-// PagePool*). allocate() past the lease is OUT_OF_RANGE "reservation
-// overrun". Cheap to copy; borrows the manager (same owner thread).
-class LeasePages {
+// A request's lease as a PageSource: a CompressedKvCache created on it
+// (CompressedKvCache::create(layout, &lease_pages), adopt_wire_image) draws
+// and returns its pages against the lease, so the cache cannot outgrow what
+// the request reserved. allocate() past the lease is OUT_OF_RANGE
+// "reservation overrun"; free_pages() is the lease's remaining budget, which
+// is what the cache checks before taking anything, so an append past the
+// lease is RESOURCE_EXHAUSTED and leaves the cache unchanged (extend() the
+// lease, then retry).
+//
+// Ownership and lifetime: a small value (manager pointer + lease id) that
+// borrows the manager. A cache keeps the PageSource* it was given, so the
+// owner (the decode engine's per-sequence state) keeps this object at a
+// stable address — e.g. in a std::unique_ptr next to the cache — for as
+// long as the cache lives, and destroys in this order: the cache (its
+// pages go back to the lease), then this object, then release() the lease.
+// Copies are equivalent views of the same lease. Same owner thread as the
+// manager.
+class LeasePages final : public PageSource {
  public:
   LeasePages(LeaseManager* manager, LeaseId lease) : manager_(manager), lease_(lease) {}
+  LeasePages(const LeasePages&) = default;
+  LeasePages& operator=(const LeasePages&) = default;
 
-  Result<PageId> allocate() { return manager_->take_page(lease_); }
-  Status free(PageId page) { return manager_->return_page(lease_, page); }
+  Result<PageId> allocate() override { return manager_->take_page(lease_); }
+  Status free(PageId page) override { return manager_->return_page(lease_, page); }
   // Pages this view may still allocate (the lease's budget, not the pool's).
-  int64_t free_pages() const { return manager_->pages_left(lease_); }
-  int64_t page_bytes() const { return manager_->page_bytes(); }
+  int64_t free_pages() const override { return manager_->pages_left(lease_); }
+  int64_t page_bytes() const override { return manager_->page_bytes(); }
   // Unchecked, as PagePool::data: `page` must be held.
-  std::byte* data(PageId page) { return manager_->pool()->data(page); }
-  const std::byte* data(PageId page) const { return manager_->pool()->data(page); }
+  std::byte* data(PageId page) override { return manager_->pool()->data(page); }
+  const std::byte* data(PageId page) const override { return manager_->pool()->data(page); }
   LeaseId lease() const { return lease_; }
+  LeaseManager* manager() const { return manager_; }
 
  private:
   LeaseManager* manager_;

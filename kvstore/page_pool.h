@@ -1,3 +1,8 @@
+// PageSource: where a CompressedKvCache takes its pages from — a PagePool
+// directly (prefill node, tests, local generation) or a request's lease on
+// the decode node's pool (LeasePages, kvstore/lease_manager.h), so that a
+// cache can never outgrow what its request reserved.
+//
 // PagePool: fixed-size pages carved from one arena allocated at start-up,
 // so the arena can be registered with the transport once (DESIGN.md §5) and
 // the per-token path never calls the system allocator.
@@ -6,7 +11,7 @@
 // RESOURCE_EXHAUSTED when no page is free. Accounting is in bytes.
 //
 // Threading: not synchronized. One owner thread (the engine loop that owns
-// the caches drawing from it) calls every method.
+// the caches drawing from it) calls every method, of a PageSource too.
 #pragma once
 
 #include <cstddef>
@@ -25,7 +30,36 @@ struct PageId {
   bool operator==(const PageId&) const = default;
 };
 
-class PagePool {
+// The calls a cache makes on its pages. Implementations hand out pages of
+// one fixed size; data() of a page is valid while the page is allocated.
+// A cache holds a PageSource* and never owns it: the source must outlive
+// every cache drawing from it.
+class PageSource {
+ public:
+  virtual ~PageSource() = default;
+
+  // A page, or an error (RESOURCE_EXHAUSTED for an empty pool, OUT_OF_RANGE
+  // "reservation overrun" past a lease). Callers that must not fail half
+  // way check free_pages() first.
+  virtual Result<PageId> allocate() = 0;
+  // Returns a page taken from this source (INVALID_ARGUMENT otherwise).
+  virtual Status free(PageId page) = 0;
+  // Unchecked: `page` must be allocated from this source.
+  virtual std::byte* data(PageId page) = 0;
+  virtual const std::byte* data(PageId page) const = 0;
+  virtual int64_t page_bytes() const = 0;
+  // Pages allocate() can still hand out (the budget of this source).
+  virtual int64_t free_pages() const = 0;
+
+ protected:
+  PageSource() = default;
+  PageSource(const PageSource&) = default;
+  PageSource& operator=(const PageSource&) = default;
+};
+
+// Final, so calls through a PagePool* or PagePool& (the kernels' and the
+// lease manager's) are direct and data() stays inline.
+class PagePool final : public PageSource {
  public:
   // Pages are 64-byte aligned, so page_bytes must be a multiple of 64.
   // capacity_bytes is rounded down to whole pages and must hold at least one.
@@ -37,23 +71,25 @@ class PagePool {
   PagePool& operator=(const PagePool&) = delete;
 
   // A free page, or RESOURCE_EXHAUSTED. O(1).
-  Result<PageId> allocate();
+  Result<PageId> allocate() override;
   // Returns a page. INVALID_ARGUMENT for an id not from this pool or a page
   // already free (the pool is unchanged then). O(1).
-  Status free(PageId page);
+  Status free(PageId page) override;
 
   // Unchecked: `page` must be allocated from this pool.
-  std::byte* data(PageId page) { return arena_.get() + page.value * page_bytes_; }
-  const std::byte* data(PageId page) const { return arena_.get() + page.value * page_bytes_; }
+  std::byte* data(PageId page) override { return arena_.get() + page.value * page_bytes_; }
+  const std::byte* data(PageId page) const override {
+    return arena_.get() + page.value * page_bytes_;
+  }
 
   // The arena, for registering with a transport.
   std::byte* arena() { return arena_.get(); }
 
-  int64_t page_bytes() const { return page_bytes_; }
+  int64_t page_bytes() const override { return page_bytes_; }
   int64_t n_pages() const { return n_pages_; }
   int64_t capacity_bytes() const { return n_pages_ * page_bytes_; }
   int64_t used_pages() const { return n_pages_ - static_cast<int64_t>(free_list_.size()); }
-  int64_t free_pages() const { return static_cast<int64_t>(free_list_.size()); }
+  int64_t free_pages() const override { return static_cast<int64_t>(free_list_.size()); }
   int64_t used_bytes() const { return used_pages() * page_bytes_; }
   int64_t free_bytes() const { return free_pages() * page_bytes_; }
 

@@ -12,32 +12,52 @@
 // exported one would have.
 //
 // Wire order, block by block, so a block of layers can be shipped as soon
-// as it is computed (segments()): for block b (in BlockMap order, its
-// layers' rings and its (block, head) slots):
-//   ring K and V pages of every layer of b and every KV head,
-//   for each slot of b: retained base K pages, V pages per block layer,
-//   position pages, gate pages; then b's slots' gate ring pages.
-// A layout whose blocks differ per KV head orders by (first layer of the
-// slot, head). The exact rule is in wire_image.cpp and the descriptor
-// carries every count the decoder needs; no count is inferred from the
-// pages' contents.
+// as it is computed (segments). The (block, head) slots are taken in order
+// of their block's last layer, then head; slots with the same last layer
+// form one segment (with the same blocks for every head — a uniform map —
+// that is one segment per block; a per-head ragged map gets one segment per
+// distinct block end, so segments stay in the order layers get computed).
+// Within a slot s of head h and layers [f, e), its pages are, in order:
+//   for each layer l in [f, e): the K ring pages of (l, h), then its V ring
+//     pages (ring page 0 first);
+//   the retained base-layer K pages, then the V pages of block layer 0, 1,
+//     ..., g-1, then the position pages, then the gate row pages;
+//   the slot's gate ring pages (with gate state).
+// Every (layer, head) ring belongs to exactly one slot, so every page of
+// the cache appears once. The descriptor carries every count the decoder
+// needs; no count is inferred from the pages' contents.
 //
-// Descriptor (little-endian): magic "KVGW", u32 version kWireImageVersion,
-// the layout (n_layers, n_kv_heads, head_dim, n_sink, n_window, elem bytes,
-// gate bytes, every slot's layers), page_bytes, n_tokens, retained tokens
-// per slot, pending flags of the window tokens [window row][slot], page
-// counts per part, then a CRC32C of everything before it.
+// Descriptor (little-endian): magic "KVGW", u32 version kWireImageVersion;
+// the layout: u32 n_layers, n_kv_heads, head_dim, elem_bytes, gate bytes
+// per token; u64 n_sink, n_window, page_bytes; per KV head u32 n_blocks
+// then (u32 first_layer, u32 n_layers) per block; the state: u64 n_tokens,
+// u64 retained tokens per slot (BlockMap slot order), u64 window rows with
+// pending flags (min(max(n_tokens - n_sink, 0), n_window)), their flags
+// [ring row - n_sink][slot] as bytes 0/1; the page counts: u64 pages per
+// K/V ring, u64 pages per gate ring, u64 total pages; then u32 CRC32C of
+// everything before it.
 //
-// Errors of adopt_wire_image (all name what is wrong, "wire image: ..."):
+// Errors of check_wire_descriptor/adopt_wire_image (all "wire image: ..."):
 // bad magic or CRC, truncated or trailing bytes        kDataLoss
+// retained positions out of order (adopt: pages that
+// did not land in wire order)                          kDataLoss
 // another version                                      kUnimplemented
 // a layout or page size other than the receiver's,
-// counts that disagree with each other or the pages   kInvalidArgument
-// the page source cannot hold the image               kResourceExhausted
+// counts that disagree with each other or the layout,
+// a flag other than 0/1, bad `pages` ids               kInvalidArgument
+// fewer `pages` than the image needs (the source —
+// a lease — could not hold it)                         kResourceExhausted
 // Nothing here trusts a count before checking it against the bytes and the
-// layout, so a hostile descriptor never makes it allocate much or crash.
+// receiver's layout, and adopt checks the page count against `pages` before
+// sizing anything, so a hostile descriptor never makes it allocate much or
+// crash.
 //
-// Threading: the owner thread of the cache and its page source.
+// adopt_wire_image() reads the landed position pages through
+// PageSource::data() (host memory, as every pool is today; a device-memory
+// pool would need those pages staged or the check moved to a kernel).
+//
+// Threading: the owner thread of the cache and its page source; no call
+// blocks.
 #pragma once
 
 #include <cstddef>
@@ -54,7 +74,8 @@ namespace kvgate::kvstore {
 
 inline constexpr uint32_t kWireImageVersion = 1;
 
-// A run of consecutive wire pages belonging to one block of layers.
+// A run of consecutive wire pages belonging to one block of layers (the
+// slots whose block ends at last_layer).
 struct WireSegment {
   int64_t first_page = 0;  // index into WireImage::pages
   int64_t n_pages = 0;
@@ -65,31 +86,44 @@ struct WireSegment {
 struct WireImage {
   std::vector<std::byte> descriptor;  // TransferManifest::layout_descriptor
   std::vector<PageId> pages;          // the exporting cache's pages, in wire order
-  std::vector<WireSegment> segments;  // cover pages exactly, in order, non-empty
+  // Cover pages exactly, in order, each non-empty, last_layer increasing
+  // (an empty cache, no tokens, has no pages and no segments).
+  std::vector<WireSegment> segments;
   int64_t page_bytes = 0;
   int64_t total_bytes() const { return static_cast<int64_t>(pages.size()) * page_bytes; }
 };
 
 // The cache's pages and descriptor. The pages stay the cache's: keep the
-// cache alive and unchanged until the transfer finished. Errors: none for a
-// valid cache (INTERNAL on a broken invariant).
+// cache alive and unchanged until the transfer finished. Errors:
+// FAILED_PRECONDITION for a moved-from cache, INTERNAL on a broken
+// invariant; none otherwise. Allocates the descriptor and page list.
 Result<WireImage> export_wire_image(const CompressedKvCache& cache);
 
 // Pages a cache of this state needs, i.e. export_wire_image(...).pages.size()
-// — what the prefill node compares with its grant before shipping.
+// (== cache.n_pages(), == state_pages() of its state) — what the prefill
+// node compares with its grant before shipping.
 int64_t wire_image_pages(const CompressedKvCache& cache);
 
 // Parses and checks a descriptor against the receiver's layout and page
 // size without adopting anything; returns the number of pages it needs.
-Result<int64_t> check_wire_descriptor(std::span<const std::byte> descriptor,
-                                      const KvLayout& layout, int64_t page_bytes);
+// Does not allocate beyond one vector of the layout's slot count.
+Result<int64_t> check_wire_descriptor(std::span<const std::byte> descriptor, const KvLayout& layout,
+                                      int64_t page_bytes);
 
 // The cache the descriptor describes, built on `pages` (wire order, taken
-// from `source`, their content already landed). The cache owns those pages
-// from then on (returns them to `source` when destroyed) and draws new
-// pages from `source`. `pages` must hold at least the descriptor's count;
-// surplus pages are returned to `source`. On error no page is kept: the
-// caller still owns all of `pages`.
+// from `source`, their content already landed): the first
+// check_wire_descriptor() pages; it behaves exactly as the exported cache
+// (same tokens, ring rows, retained lists, positions, gate rows, pending
+// flags, bytes() and capacity_bytes()). The cache owns those pages from
+// then on (returns them to `source` when destroyed) and draws new pages
+// from `source` (a LeasePages: the request's lease, which must outlive the
+// cache). Surplus pages past the image are returned to `source` (last
+// first). `pages` may be the source's own list (LeaseManager::pages()): the
+// ids are copied before any is returned. Every id must be distinct and
+// held by `source`. On error no page is kept and none returned: the caller
+// still owns all of `pages` (except if `source` refuses a surplus page,
+// a caller bug reported as INVALID_ARGUMENT after the ones before it went
+// back).
 Result<CompressedKvCache> adopt_wire_image(const KvLayout& layout, PageSource* source,
                                            std::span<const std::byte> descriptor,
                                            std::span<const PageId> pages);

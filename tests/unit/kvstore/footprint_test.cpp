@@ -141,5 +141,118 @@ TEST(Footprint, PredictorBudgetEqualsCacheWithExactlyThatManyRetained) {
   EXPECT_FALSE(predict_bytes(layout, prompt, gen, std::vector<int64_t>(n_slots + 1, 0)).ok());
 }
 
+TEST(Footprint, PageGeometryAndCapacityByHand) {
+  // 4 layers, 2 heads; head 0 blocks {0-1, 2-3}, head 1 {0, 1-3}; d = 8,
+  // 2 sinks, window 3, gate rows of 16 bytes; pages of 64 bytes: 4 K/V
+  // rows, 16 positions, 4 gate rows.
+  auto map = BlockMap::create(4, {{{0, 2}, {2, 2}}, {{0, 1}, {1, 3}}});
+  ASSERT_TRUE(map.ok());
+  const KvLayout layout = make_layout(*map, 8, 2, 3, 16);
+  auto geo = page_geometry(layout, 64);
+  ASSERT_TRUE(geo.ok()) << geo.status().to_string();
+  EXPECT_EQ(geo->page_tokens, 4);
+  EXPECT_EQ(geo->positions_per_page, 16);
+  EXPECT_EQ(geo->gate_rows_per_page, 4);
+  // t = 40: P = 5 -> 2 pages per ring (16 rings) and per gate ring (4);
+  // R = {0, 5, 17, 4}: K/V pages ceil(R/4)·(1+g), positions ceil(R/16),
+  // gate rows ceil(R/4).
+  const std::vector<int64_t> r = {0, 5, 17, 4};
+  const int64_t want = 2 * 16 + 2 * 4 + (0) + (2 * 3 + 1 + 2) + (5 * 2 + 2 + 5) + (1 * 4 + 1 + 1);
+  EXPECT_EQ(*state_pages(layout, 64, 40, r), want);
+  EXPECT_EQ(*state_capacity_bytes(layout, 64, 40, r), want * 64);
+  EXPECT_EQ(*state_pages(layout, 64, 0, std::vector<int64_t>(4, 0)), 0);
+  // Errors: page sizes that do not cut into whole rows, bad counts.
+  EXPECT_EQ(page_geometry(layout, 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(page_geometry(layout, 24).status().code(), StatusCode::kInvalidArgument);  // K/V: 16
+  KvLayout gate24 = layout;
+  gate24.gate_state_bytes_per_token = 24;
+  EXPECT_EQ(page_geometry(gate24, 64).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(page_geometry(gate24, 192).ok());
+  EXPECT_FALSE(state_pages(layout, 64, 40, std::vector<int64_t>{0, 5, 36, 4}).ok());  // > distant
+  EXPECT_FALSE(state_pages(layout, 64, 40, std::vector<int64_t>{0, 5}).ok());
+  EXPECT_FALSE(predict_capacity_bytes(layout, 64, 10, 10, 1.5).ok());
+  EXPECT_FALSE(predict_capacity_bytes(layout, 100, 10, 10, 0.5).ok());
+  EXPECT_FALSE(predict_capacity_bytes(layout, 64, 10, 10, std::vector<int64_t>{1, 2}).ok());
+}
+
+// predict_capacity_bytes against real caches: random ragged layouts, page
+// sizes, gate state, flag patterns and lengths; a prompt built in one pass,
+// then max_new appends. At the end the cache's capacity_bytes() equals the
+// budget form for its own retained counts and the keep-rate form when every
+// slot kept exactly retained_for_keep_rate() tokens; at every length before
+// it is at most the final prediction (pages are never freed while a cache
+// lives), and equals state_capacity_bytes() of its state.
+TEST(Footprint, CapacityPredictionEqualsRealCachePages) {
+  std::mt19937 rng(31);
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  for (int iter = 0; iter < 60; ++iter) {
+    const int64_t head_dim = int64_t{4} << pick(0, 2);
+    const int64_t page_bytes = 64 << pick(0, 2);
+    const int64_t gate_bytes = pick(0, 1) ? 0 : (int64_t{8} << pick(0, 3));
+    const KvLayout layout = make_layout(testing::random_block_map(pick(1, 6), pick(1, 3), rng),
+                                        head_dim, pick(0, 4), pick(1, 9), gate_bytes);
+    const int64_t prompt = pick(0, 80);
+    const int64_t max_new = pick(0, 30);
+    const int64_t t = prompt + max_new;
+    const double keep_rates[] = {0.0, 0.25, 0.3, 0.5, 1.0};
+    const double rate = keep_rates[pick(0, 4)];
+    SCOPED_TRACE("iter " + std::to_string(iter) + " " + layout.blocks.to_string() + " prompt " +
+                 std::to_string(prompt) + " new " + std::to_string(max_new) + " rate " +
+                 std::to_string(rate));
+    // Flags: each slot keeps exactly retained_for_keep_rate(rate, distant)
+    // of the tokens that are distant at t (random ones); tokens still in
+    // the window at t get random flags (pending, never applied).
+    testing::History hist(layout, t, 0.5, rng);
+    const int64_t n_slots = layout.blocks.n_slots();
+    const int64_t distant = layout.distant_tokens(t);
+    const int64_t keep = retained_for_keep_rate(rate, distant);
+    for (int64_t s = 0; s < n_slots; ++s) {
+      std::vector<int64_t> js;
+      for (int64_t j = layout.n_sink_tokens; j < layout.n_sink_tokens + distant; ++j) {
+        js.push_back(j);
+      }
+      std::shuffle(js.begin(), js.end(), rng);
+      for (size_t i = 0; i < js.size(); ++i) {
+        hist.flags[s * t + js[i]] = static_cast<int64_t>(i) < keep ? 1 : 0;
+      }
+    }
+    auto pool = PagePool::create(page_bytes, int64_t{1} << 24);
+    ASSERT_TRUE(pool.ok());
+    auto built = CompressedKvCache::build_from_dense(layout, pool->get(), prompt, hist.dense(),
+                                                     hist.prefix_flags(prompt), hist.dense_gate());
+    ASSERT_TRUE(built.ok()) << built.status().to_string();
+    CompressedKvCache& cache = *built;
+    std::vector<int64_t> capacities = {cache.capacity_bytes()};
+    for (int64_t j = prompt; j < t; ++j) {
+      ASSERT_TRUE(cache.append(j, hist.token(j), hist.token_flags(j)).ok());
+      capacities.push_back(cache.capacity_bytes());
+      std::vector<int64_t> r(n_slots);
+      for (int64_t s = 0; s < n_slots; ++s) r[s] = cache.retained_tokens(s);
+      ASSERT_EQ(*state_capacity_bytes(layout, page_bytes, j + 1, r), cache.capacity_bytes());
+      ASSERT_EQ(cache.capacity_bytes(), (*pool)->used_bytes());
+    }
+    std::vector<int64_t> r(n_slots);
+    for (int64_t s = 0; s < n_slots; ++s) {
+      r[s] = cache.retained_tokens(s);
+      ASSERT_EQ(r[s], keep);
+    }
+    auto by_rate = predict_capacity_bytes(layout, page_bytes, prompt, max_new, rate);
+    ASSERT_TRUE(by_rate.ok()) << by_rate.status().to_string();
+    EXPECT_EQ(*by_rate, cache.capacity_bytes());
+    auto by_budget = predict_capacity_bytes(layout, page_bytes, prompt, max_new, r);
+    ASSERT_TRUE(by_budget.ok());
+    EXPECT_EQ(*by_budget, cache.capacity_bytes());
+    // A budget past the distant count clamps, as predict_bytes does.
+    std::vector<int64_t> big(n_slots, distant + 5);
+    EXPECT_EQ(*predict_capacity_bytes(layout, page_bytes, prompt, max_new, big),
+              *state_capacity_bytes(layout, page_bytes, t, std::vector<int64_t>(n_slots, distant)));
+    for (int64_t c : capacities) EXPECT_LE(c, *by_rate);
+    // Page-granular: at least the exact bytes.
+    EXPECT_GE(*by_rate, *predict_bytes(layout, prompt, max_new, rate));
+  }
+}
+
 }  // namespace
 }  // namespace kvgate::kvstore

@@ -12,6 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "kvstore/compressed_cache.h"
+#include "tests/unit/kvstore/kv_test_util.h"
+
 namespace kvgate::kvstore {
 namespace {
 
@@ -647,6 +650,56 @@ TEST(LeaseManager, RandomOperationsMatchANaiveModel) {
   }
   EXPECT_EQ(m.stats().free_bytes, kPages * kPage);
   EXPECT_EQ(f.pool->used_pages(), 0);
+}
+
+// A cache drawing on a lease through LeasePages (as a PageSource*): its
+// pages are charged to the lease; an append past the lease is
+// RESOURCE_EXHAUSTED and changes nothing; an extend makes room; destroying
+// the cache returns every page to the lease.
+TEST(LeaseManager, CacheOnLeasePagesStaysWithinTheLease) {
+  // 64-byte pages hold 4 K/V rows of head_dim 8; 2 layers x 1 head, dense
+  // map, 1 sink + window 2; every token kept.
+  auto pool = PagePool::create(64, 64 * 256);
+  ASSERT_TRUE(pool.ok());
+  auto m = LeaseManager::create(pool->get());
+  ASSERT_TRUE(m.ok());
+  auto lease = (*m)->grant(RequestId{3}, 64 * 6, milliseconds(10), t0);
+  ASSERT_TRUE(lease.ok());
+  auto pages = std::make_unique<LeasePages>(m->get(), *lease);
+  const KvLayout layout = testing::make_layout(*BlockMap::dense(2, 1), 8, 1, 2);
+  std::mt19937 rng(3);
+  const testing::History hist(layout, 64, 1.0, rng);
+  {
+    auto cache = CompressedKvCache::create(layout, pages.get());
+    ASSERT_TRUE(cache.ok()) << cache.status().to_string();
+    int64_t j = 0;
+    Status st;
+    for (; j < 64; ++j) {
+      const int64_t held = cache->n_pages();
+      st = cache->append(j, hist.token(j), hist.token_flags(j));
+      if (!st.ok()) {
+        EXPECT_EQ(cache->n_tokens(), j);
+        EXPECT_EQ(cache->n_pages(), held);
+        break;
+      }
+      EXPECT_EQ((*m)->info(*lease)->taken_pages, cache->n_pages());
+    }
+    EXPECT_EQ(st.code(), StatusCode::kResourceExhausted) << st.to_string();
+    EXPECT_LE(cache->n_pages(), 6);
+    EXPECT_EQ(pages->free_pages(), 6 - cache->n_pages());
+    // The view itself refuses past the lease, as "reservation overrun".
+    while (pages->free_pages() > 0) ASSERT_TRUE((*m)->take_page(*lease).ok());
+    PageSource& src = *pages;
+    EXPECT_EQ(src.allocate().status().code(), StatusCode::kOutOfRange);
+    ASSERT_TRUE((*m)->extend(*lease, 64 * 16, t0).ok());
+    EXPECT_TRUE(cache->append(j, hist.token(j), hist.token_flags(j)).ok());
+    EXPECT_EQ(cache->n_tokens(), j + 1);
+  }
+  // The cache's pages are back; the stray pages taken above stay taken.
+  const int64_t stray = (*m)->info(*lease)->taken_pages;
+  EXPECT_EQ((*pool)->used_pages(), stray);
+  ASSERT_TRUE((*m)->release(*lease).ok());
+  EXPECT_EQ((*pool)->used_pages(), 0);
 }
 
 }  // namespace

@@ -62,5 +62,25 @@ TEST(PagePool, RejectsBadFreesAndBadShapes) {
   EXPECT_FALSE(PagePool::create(128, 64).ok());    // no whole page
 }
 
+// The pool through the PageSource interface a cache uses: same pages, same
+// data, same accounting, same errors.
+TEST(PagePool, IsAPageSource) {
+  auto pool = PagePool::create(128, 128 * 3);
+  ASSERT_TRUE(pool.ok());
+  PageSource& src = **pool;
+  EXPECT_EQ(src.page_bytes(), 128);
+  EXPECT_EQ(src.free_pages(), 3);
+  auto a = src.allocate();
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(src.data(*a), (*pool)->data(*a));
+  EXPECT_EQ(static_cast<const PageSource&>(src).data(*a), (*pool)->arena() + a->value * 128);
+  EXPECT_EQ(src.free_pages(), 2);
+  EXPECT_EQ((*pool)->used_pages(), 1);
+  ASSERT_TRUE(src.free(*a).ok());
+  EXPECT_EQ(src.free(*a).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(src.allocate().ok() && src.allocate().ok() && src.allocate().ok());
+  EXPECT_EQ(src.allocate().status().code(), StatusCode::kResourceExhausted);
+}
+
 }  // namespace
 }  // namespace kvgate::kvstore
