@@ -139,6 +139,7 @@ void fields(IO& io, M& m) {
   io.field("sampling", m.sampling);
   io.field("max_new_tokens", m.max_new_tokens);
   io.list("stop_strings", m.stop_strings, kMaxStopStrings);
+  io.field("ignore_eos", m.ignore_eos);
 }
 
 template <typename IO, Is<KvPolicyParam> M>

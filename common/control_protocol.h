@@ -277,6 +277,7 @@ struct GenerationParams {
   SamplingParams sampling;
   uint32_t max_new_tokens = 0;
   std::vector<std::string> stop_strings;  // at most kMaxStopStrings
+  bool ignore_eos = false;                // keep generating past end-of-sequence tokens
   bool operator==(const GenerationParams&) const = default;
 };
 

@@ -53,6 +53,7 @@ GenerationParams sample_generation() {
   g.sampling = {0.7f, 40, 0.9f, 0.05f, 1.1f, 32, 0xDEADBEEFCAFEull};
   g.max_new_tokens = 512;
   g.stop_strings = {"</s>", "", "\n\nUser:", "\xe2\x98\x83"};
+  g.ignore_eos = true;
   return g;
 }
 
