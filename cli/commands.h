@@ -16,6 +16,7 @@ int run_config(const std::vector<std::string>& args);
 int run_calibrate(const std::vector<std::string>& args);
 int run_serve(const std::vector<std::string>& args);
 int run_up(const std::vector<std::string>& args);
+int run_coordinator(const std::vector<std::string>& args);
 
 // Prints "kvgate: error: <message>" to stderr.
 void print_error(const std::string& message);

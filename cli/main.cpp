@@ -20,6 +20,7 @@ commands:
   config     the configuration schema: --print-defaults, or check FILE
   calibrate  layer grouping and Attention-Gate training for a model (gate side file)
   serve      the OpenAI-compatible HTTP API with the CPU engine in this process
+  coordinator  the cluster's HTTP API: places requests on prefill and decode nodes
   up         start a whole cluster from a config file (configs/local.yaml), one process per node
 
 Run 'kvgate <command> --help' for the options of a command.
@@ -53,6 +54,7 @@ int main(int argc, char** argv) {
   if (cmd == "calibrate") return run_calibrate(args);
   if (cmd == "serve") return run_serve(args);
   if (cmd == "up") return run_up(args);
+  if (cmd == "coordinator") return run_coordinator(args);
   print_error("unknown command '" + cmd + "' (see 'kvgate --help')");
   return 2;
 }
