@@ -17,6 +17,8 @@ int run_calibrate(const std::vector<std::string>& args);
 int run_serve(const std::vector<std::string>& args);
 int run_up(const std::vector<std::string>& args);
 int run_coordinator(const std::vector<std::string>& args);
+int run_decode(const std::vector<std::string>& args);
+int run_prefill(const std::vector<std::string>& args);
 
 // Prints "kvgate: error: <message>" to stderr.
 void print_error(const std::string& message);

@@ -12,16 +12,18 @@ constexpr const char* kUsage = R"(usage: kvgate <command> [options]
 kvgate serves long-context LLM requests with compressed KV caches.
 
 commands:
-  generate   generate a completion for a prompt on this machine (CPU engine)
-  tokenize   print the token ids of a text as a JSON array
-  bench      benchmarks: 'kvgate bench engine' measures prefill and decode speed
-             against llama.cpp on the same model and machine
-  eval       quality of a KV policy: perplexity of real text and passkey retrieval
-  config     the configuration schema: --print-defaults, or check FILE
-  calibrate  layer grouping and Attention-Gate training for a model (gate side file)
-  serve      the OpenAI-compatible HTTP API with the CPU engine in this process
+  generate     generate a completion for a prompt on this machine (CPU engine)
+  tokenize     print the token ids of a text as a JSON array
+  bench        benchmarks: 'kvgate bench engine' measures prefill and decode speed
+               against llama.cpp on the same model and machine
+  eval         quality of a KV policy: perplexity of real text and passkey retrieval
+  config       the configuration schema: --print-defaults, or check FILE
+  calibrate    layer grouping and Attention-Gate training for a model (gate side file)
+  serve        the OpenAI-compatible HTTP API with the CPU engine in this process
   coordinator  the cluster's HTTP API: places requests on prefill and decode nodes
-  up         start a whole cluster from a config file (configs/local.yaml), one process per node
+  prefill      a prefill node: full-attention prefill, compresses the KV cache, ships it over UCX
+  decode       a decode node: holds compressed KV caches, batches decode steps, streams tokens
+  up           start a whole cluster from a config file (configs/local.yaml), one process per node
 
 Run 'kvgate <command> --help' for the options of a command.
 )";
@@ -55,6 +57,8 @@ int main(int argc, char** argv) {
   if (cmd == "serve") return run_serve(args);
   if (cmd == "up") return run_up(args);
   if (cmd == "coordinator") return run_coordinator(args);
+  if (cmd == "decode") return run_decode(args);
+  if (cmd == "prefill") return run_prefill(args);
   print_error("unknown command '" + cmd + "' (see 'kvgate --help')");
   return 2;
 }

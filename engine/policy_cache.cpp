@@ -75,20 +75,127 @@ int64_t page_bytes_for(const kvstore::KvLayout& layout) {
   return bytes;
 }
 
-// A pool that can never be the limit of one sequence of capacity_tokens:
-// the footprint with every distant token retained, plus one partly filled
-// page per page list (a K and a V ring per (layer, head); per slot its base
-// keys, positions, gate ring and gate list, and a V list per block layer).
 Result<std::unique_ptr<kvstore::PagePool>> make_pool(const kvstore::KvLayout& layout,
                                                      int64_t capacity_tokens) {
   const int64_t page_bytes = page_bytes_for(layout);
-  KVGATE_ASSIGN_OR_RETURN(int64_t most, kvstore::predict_bytes(layout, capacity_tokens, 0, 1.0));
-  const int64_t pairs = layout.n_layers() * layout.n_kv_heads();
-  const int64_t lists = 3 * pairs + 4 * layout.blocks.n_slots();
-  return kvstore::PagePool::create(page_bytes, most + (lists + 1) * page_bytes);
+  KVGATE_ASSIGN_OR_RETURN(int64_t bytes, compressed_pool_bytes(layout, capacity_tokens, page_bytes));
+  return kvstore::PagePool::create(page_bytes, bytes);
+}
+
+// What the prefill must observe for a set of plans: attention statistics
+// (h2o, snapkv; one observation window for all) and a GatePrefill per gate
+// plan (gates[i] for plans[i]), fanned out with the forward's own observer.
+struct PrefillObservers {
+  std::shared_ptr<AttentionStats> stats;
+  std::vector<std::unique_ptr<GatePrefill>> gates;
+  FanOutObserver fan;
+  bool any_gate = false;
+};
+
+Status make_observers(CpuForward& forward, std::span<const std::shared_ptr<const PolicyPlan>> plans,
+                      int64_t n, PrefillObservers& obs) {
+  const LlamaConfig& c = forward.model().config();
+  int64_t observe_tokens = 0;
+  for (const auto& plan : plans) {
+    if (plan->config.policy != KvPolicy::kSnapKv) continue;
+    if (observe_tokens != 0 && observe_tokens != plan->config.snapkv_observe_tokens) {
+      return invalid_argument(
+          "snapkv policies of one prefill must share snapkv_observe_tokens (one prefill records "
+          "one observation window)");
+    }
+    observe_tokens = plan->config.snapkv_observe_tokens;
+  }
+  if (std::any_of(plans.begin(), plans.end(),
+                  [](const auto& p) { return policy_needs_stats(p->config); })) {
+    obs.stats = std::make_shared<AttentionStats>();
+    obs.stats->reset(c.n_layers, c.n_kv_heads, n, std::max<int64_t>(0, n - observe_tokens));
+  }
+  obs.gates.resize(plans.size());
+  obs.fan.add(forward.layer_observer());
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (!policy_uses_gate(plans[i]->config)) continue;
+    obs.gates[i] = std::make_unique<GatePrefill>(*plans[i]->config.gate, plans[i]->layout, n,
+                                                 forward.options().isa);
+    obs.fan.add(obs.gates[i].get());
+    obs.any_gate = true;
+  }
+  return Status();
+}
+
+// The full-attention prefill of `tokens` into a dense cache of
+// capacity_tokens, with the observers installed for its duration.
+Result<std::unique_ptr<KvCache>> run_dense_prefill(CpuForward& forward, PrefillObservers& obs,
+                                                   std::span<const int32_t> tokens,
+                                                   int64_t capacity_tokens, float* logits,
+                                                   double* prefill_seconds) {
+  auto dense = std::make_unique<KvCache>(forward.model().config(), capacity_tokens);
+  const auto t0 = Clock::now();
+  std::optional<ObserverScope> scope;
+  if (obs.any_gate) scope.emplace(forward, &obs.fan);
+  KVGATE_RETURN_IF_ERROR(forward.prefill(*dense, tokens, logits, obs.stats.get()));
+  if (prefill_seconds != nullptr) *prefill_seconds = seconds_since(t0);
+  return dense;
+}
+
+// The dense K/V of a prefilled cache as build_from_dense reads it.
+kvstore::DenseKv dense_view(const LlamaConfig& c, const KvCache& dense) {
+  const int64_t plane = c.n_kv_heads * dense.capacity() * c.head_dim;
+  return kvstore::DenseKv{dense.k(0, 0), dense.k(0, 0) + plane, c.head_dim, 2 * plane,
+                          dense.capacity() * c.head_dim};
+}
+
+// Flags (and gate rows) of the n prompt tokens under `plan`; `gate` is the
+// plan's GatePrefill (null for policies without a gate).
+Status prompt_flags(const PolicyPlan& plan, GatePrefill* gate, const AttentionStats* stats,
+                    int64_t n, std::vector<uint8_t>& flags, std::vector<fp16_t>& gate_rows,
+                    kvstore::DenseGate& dense_gate) {
+  dense_gate = {};
+  if (gate != nullptr) {
+    KVGATE_RETURN_IF_ERROR(gate->finish(plan.config.effective_gate_decision(), flags, gate_rows));
+    dense_gate = gate->dense_gate(gate_rows);
+    return Status();
+  }
+  return policy_flags(plan.config, plan.layout, 0, n, flags, stats);
+}
+
+Status check_prefill_args(const LlamaConfig& c, std::span<const int32_t> tokens,
+                          int64_t capacity_tokens, std::span<float> logits) {
+  const auto n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return invalid_argument("prompt is empty");
+  if (capacity_tokens < n) {
+    return invalid_argument("capacity of " + std::to_string(capacity_tokens) +
+                            " tokens is below the prompt's " + std::to_string(n));
+  }
+  if (static_cast<int64_t>(logits.size()) < c.n_vocab) {
+    return invalid_argument("logits buffer smaller than the vocabulary");
+  }
+  return Status();
 }
 
 }  // namespace
+
+Result<int64_t> compressed_pool_bytes(const kvstore::KvLayout& layout, int64_t capacity_tokens,
+                                      int64_t page_bytes) {
+  if (page_bytes <= 0) return invalid_argument("page_bytes must be > 0");
+  // The footprint with every distant token retained, plus one partly filled
+  // page per page list (a K and a V ring per (layer, head); per slot its
+  // base keys, positions, gate ring and gate list, and a V list per block
+  // layer), so the pool is never the limit of one sequence.
+  KVGATE_ASSIGN_OR_RETURN(int64_t most, kvstore::predict_bytes(layout, capacity_tokens, 0, 1.0));
+  const int64_t pairs = layout.n_layers() * layout.n_kv_heads();
+  const int64_t lists = 3 * pairs + 4 * layout.blocks.n_slots();
+  return most + (lists + 1) * page_bytes;
+}
+
+double cache_keep_rate(const kvstore::CompressedKvCache& cache) {
+  const kvstore::KvLayout& layout = cache.layout();
+  const int64_t distant = layout.distant_tokens(cache.n_tokens());
+  const int64_t n_slots = layout.blocks.n_slots();
+  if (distant == 0 || n_slots == 0) return 1.0;
+  int64_t retained = 0;
+  for (int64_t s = 0; s < n_slots; ++s) retained += cache.retained_tokens(s);
+  return static_cast<double>(retained) / (static_cast<double>(n_slots) * static_cast<double>(distant));
+}
 
 Result<std::shared_ptr<const PolicyPlan>> plan_kv_policy(const LlamaConfig& config,
                                                          const KvPolicyConfig& policy) {
@@ -119,14 +226,7 @@ int64_t PolicySequence::kv_bytes() const {
 }
 
 double PolicySequence::keep_rate() const {
-  if (dense_) return 1.0;
-  const kvstore::KvLayout& layout = cache_->layout();
-  const int64_t distant = layout.distant_tokens(cache_->n_tokens());
-  const int64_t n_slots = layout.blocks.n_slots();
-  if (distant == 0 || n_slots == 0) return 1.0;
-  int64_t retained = 0;
-  for (int64_t s = 0; s < n_slots; ++s) retained += cache_->retained_tokens(s);
-  return static_cast<double>(retained) / (static_cast<double>(n_slots) * static_cast<double>(distant));
+  return dense_ ? 1.0 : cache_keep_rate(*cache_);
 }
 
 Status PolicySequence::decode(int32_t token, std::span<float> logits) {
@@ -167,58 +267,16 @@ Result<std::vector<std::unique_ptr<PolicySequence>>> prefill_for_policies(
   const LlamaConfig& c = forward.model().config();
   const auto n = static_cast<int64_t>(tokens.size());
   if (plans.empty()) return invalid_argument("no KV policy to prefill for");
-  if (n == 0) return invalid_argument("prompt is empty");
-  if (capacity_tokens < n) {
-    return invalid_argument("capacity of " + std::to_string(capacity_tokens) +
-                            " tokens is below the prompt's " + std::to_string(n));
-  }
-  if (static_cast<int64_t>(logits.size()) < c.n_vocab) {
-    return invalid_argument("logits buffer smaller than the vocabulary");
-  }
+  KVGATE_RETURN_IF_ERROR(check_prefill_args(c, tokens, capacity_tokens, logits));
 
-  // What the prefill must observe.
-  std::shared_ptr<AttentionStats> stats;
-  int64_t observe_tokens = 0;
-  for (const auto& plan : plans) {
-    if (plan->config.policy != KvPolicy::kSnapKv) continue;
-    if (observe_tokens != 0 && observe_tokens != plan->config.snapkv_observe_tokens) {
-      return invalid_argument(
-          "snapkv policies of one prefill must share snapkv_observe_tokens (one prefill records "
-          "one observation window)");
-    }
-    observe_tokens = plan->config.snapkv_observe_tokens;
-  }
-  if (std::any_of(plans.begin(), plans.end(),
-                  [](const auto& p) { return policy_needs_stats(p->config); })) {
-    stats = std::make_shared<AttentionStats>();
-    stats->reset(c.n_layers, c.n_kv_heads, n, std::max<int64_t>(0, n - observe_tokens));
-  }
-  std::vector<std::unique_ptr<GatePrefill>> gates(plans.size());
-  FanOutObserver fan;
-  fan.add(forward.layer_observer());
-  for (size_t i = 0; i < plans.size(); ++i) {
-    if (!policy_uses_gate(plans[i]->config)) continue;
-    gates[i] = std::make_unique<GatePrefill>(*plans[i]->config.gate, plans[i]->layout, n,
-                                             forward.options().isa);
-    fan.add(gates[i].get());
-  }
-
-  auto dense = std::make_unique<KvCache>(c, capacity_tokens);
-  {
-    const auto t0 = Clock::now();
-    std::optional<ObserverScope> scope;
-    if (std::any_of(gates.begin(), gates.end(), [](const auto& g) { return g != nullptr; })) {
-      scope.emplace(forward, &fan);
-    }
-    KVGATE_RETURN_IF_ERROR(forward.prefill(*dense, tokens, logits.data(), stats.get()));
-    if (prefill_seconds != nullptr) *prefill_seconds = seconds_since(t0);
-  }
+  PrefillObservers obs;
+  KVGATE_RETURN_IF_ERROR(make_observers(forward, plans, n, obs));
+  KVGATE_ASSIGN_OR_RETURN(auto dense, run_dense_prefill(forward, obs, tokens, capacity_tokens,
+                                                        logits.data(), prefill_seconds));
 
   // Fork: compressed caches are built from the dense K/V first; the dense
   // cache itself then goes to the last dense plan (earlier ones get copies).
-  const int64_t plane = c.n_kv_heads * dense->capacity() * c.head_dim;
-  const kvstore::DenseKv kv{dense->k(0, 0), dense->k(0, 0) + plane, c.head_dim, 2 * plane,
-                            dense->capacity() * c.head_dim};
+  const kvstore::DenseKv kv = dense_view(c, *dense);
   std::vector<std::unique_ptr<PolicySequence>> out;
   out.reserve(plans.size());
   int64_t last_dense = -1;
@@ -235,27 +293,55 @@ Result<std::vector<std::unique_ptr<PolicySequence>>> prefill_for_policies(
     }
     const auto t0 = Clock::now();
     kvstore::DenseGate dense_gate;
-    if (gates[i]) {
-      KVGATE_RETURN_IF_ERROR(
-          gates[i]->finish(plan.config.effective_gate_decision(), flags, gate_rows));
-      dense_gate = gates[i]->dense_gate(gate_rows);
+    KVGATE_RETURN_IF_ERROR(
+        prompt_flags(plan, obs.gates[i].get(), obs.stats.get(), n, flags, gate_rows, dense_gate));
+    if (obs.gates[i]) {
       seq->gate_decoder_ =
           std::make_unique<GateDecoder>(*plan.config.gate, plan.layout, forward.options().isa);
       seq->gate_decision_ = plan.config.effective_gate_decision();
-    } else {
-      KVGATE_RETURN_IF_ERROR(policy_flags(plan.config, plan.layout, 0, n, flags, stats.get()));
-      if (policy_needs_stats(plan.config)) seq->stats_ = stats;
+    } else if (policy_needs_stats(plan.config)) {
+      seq->stats_ = obs.stats;
     }
     KVGATE_ASSIGN_OR_RETURN(seq->pool_, make_pool(plan.layout, capacity_tokens));
     KVGATE_ASSIGN_OR_RETURN(auto built, kvstore::CompressedKvCache::build_from_dense(
                                             plan.layout, seq->pool_.get(), n, kv, flags, dense_gate));
     seq->cache_.emplace(std::move(built));
     seq->compress_seconds_ = seconds_since(t0);
-    gates[i].reset();  // its per-token projections are no longer needed
+    obs.gates[i].reset();  // its per-token projections are no longer needed
     out.push_back(std::move(seq));
   }
   if (last_dense >= 0) out[last_dense]->dense_ = std::move(dense);
   return out;
+}
+
+Result<CompressedPrefill> prefill_compressed(CpuForward& forward,
+                                             const std::shared_ptr<const PolicyPlan>& plan,
+                                             std::span<const int32_t> tokens,
+                                             kvstore::PagePool* pool, std::span<float> logits) {
+  const LlamaConfig& c = forward.model().config();
+  const auto n = static_cast<int64_t>(tokens.size());
+  if (!plan) return invalid_argument("no KV policy to prefill for");
+  if (pool == nullptr) return invalid_argument("no page pool to build the cache in");
+  KVGATE_RETURN_IF_ERROR(check_prefill_args(c, tokens, n, logits));
+  // Fail before the prefill when the pool cannot take whole rows.
+  KVGATE_RETURN_IF_ERROR(kvstore::CompressedKvCache::create(plan->layout, pool).status());
+
+  PrefillObservers obs;
+  KVGATE_RETURN_IF_ERROR(make_observers(forward, std::span(&plan, 1), n, obs));
+  double prefill_seconds = 0.0;
+  KVGATE_ASSIGN_OR_RETURN(auto dense,
+                          run_dense_prefill(forward, obs, tokens, n, logits.data(), &prefill_seconds));
+
+  const auto t0 = Clock::now();
+  std::vector<uint8_t> flags;
+  std::vector<fp16_t> gate_rows;
+  kvstore::DenseGate dense_gate;
+  KVGATE_RETURN_IF_ERROR(
+      prompt_flags(*plan, obs.gates[0].get(), obs.stats.get(), n, flags, gate_rows, dense_gate));
+  KVGATE_ASSIGN_OR_RETURN(auto built,
+                          kvstore::CompressedKvCache::build_from_dense(
+                              plan->layout, pool, n, dense_view(c, *dense), flags, dense_gate));
+  return CompressedPrefill{std::move(built), prefill_seconds, seconds_since(t0)};
 }
 
 }  // namespace kvgate::engine

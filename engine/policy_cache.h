@@ -12,6 +12,12 @@
 // GateDecoder as the layer observer for the step). Used by `kvgate generate`
 // (one policy) and `kvgate eval` (a comparison table from one prefill).
 //
+// prefill_compressed() is the prefill node's form (docs/cluster.md step 4):
+// one prefill, one policy, and a CompressedKvCache for EVERY policy — dense
+// included, as the single-layer layout with every flag 1, which is exactly
+// dense attention — built in a page pool the caller chose (its page size
+// must equal the decode node's, which adopts the pages as they are).
+//
 // Threading: everything here is driven by the thread that owns the
 // CpuForward (the engine thread); calls block. A PolicyPlan is immutable and
 // may be shared.
@@ -49,6 +55,36 @@ Result<std::shared_ptr<const PolicyPlan>> plan_kv_policy(const LlamaConfig& conf
                                                          const KvPolicyConfig& policy);
 
 class PolicySequence;
+
+// Bytes of a pool (pages of page_bytes) that can never be the limit of one
+// cache of `layout` growing to capacity_tokens: the footprint with every
+// distant token retained plus one partly filled page per page list.
+// INVALID_ARGUMENT for page_bytes <= 0; the footprint's errors.
+Result<int64_t> compressed_pool_bytes(const kvstore::KvLayout& layout, int64_t capacity_tokens,
+                                      int64_t page_bytes);
+
+// Retained distant tokens over all (block, head) slots divided by
+// n_slots x distant tokens; 1 while nothing is distant.
+double cache_keep_rate(const kvstore::CompressedKvCache& cache);
+
+struct CompressedPrefill {
+  kvstore::CompressedKvCache cache;  // draws from the caller's pool
+  double prefill_seconds = 0.0;      // the full-attention forward pass
+  double compress_seconds = 0.0;     // flags (gates) and building the cache
+};
+
+// One full-attention prefill of `tokens` with the plan's observers (gate,
+// attention statistics; the forward's own observer still sees it), then
+// the plan's compressed cache of exactly the prompt, built in `pool` (which
+// must outlive the cache and hold whole K/V and gate rows per page:
+// INVALID_ARGUMENT before any work otherwise; RESOURCE_EXHAUSTED if it is
+// too small — size it with compressed_pool_bytes). Dense gets the
+// single-layer layout with every flag 1. The last token's logits go to
+// `logits`. Errors as for prefill_for_policies.
+Result<CompressedPrefill> prefill_compressed(CpuForward& forward,
+                                             const std::shared_ptr<const PolicyPlan>& plan,
+                                             std::span<const int32_t> tokens,
+                                             kvstore::PagePool* pool, std::span<float> logits);
 
 // Runs one full-attention prefill of `tokens` (the forward's current layer
 // observer, if any, still sees it) and returns one sequence per plan, in

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "engine/cpu/ops.h"
 
@@ -16,16 +17,6 @@ using engine::cpu::Isa;
 // Rows scored before the accumulator is rescaled: one rescale per chunk at
 // most instead of one per new maximum.
 constexpr int64_t kScoreChunk = 64;
-
-// Online partial attention over every page of a segment.
-void accumulate_segment(PartialAttention& state, float* acc, const SegmentView& seg, const float* q,
-                        float scale, Isa isa) {
-  const int64_t d = seg.head_dim();
-  for (int64_t i = 0; i < seg.n_pages(); ++i) {
-    const KvPageSpan page = seg.page(i);
-    accumulate_attention(state, acc, page.k, page.v, page.n_tokens, d, q, d, scale, isa);
-  }
-}
 
 }  // namespace
 
@@ -102,23 +93,56 @@ Status attend(const CompressedKvCache& cache, int64_t layer, int64_t q_head, int
   KVGATE_ASSIGN_OR_RETURN(const SegmentView near, cache.proximal(layer, h));
   KVGATE_ASSIGN_OR_RETURN(const SegmentView far, cache.distant(layer, h));
 
+  // One softmax over every held token, visited in position order — sinks,
+  // then the retained distant tokens (kept in increasing position), then
+  // the window (ring rows rotated back into position order) — with the same
+  // steps as the dense engine (scores, softmax, probabilities rounded to
+  // fp16, then meeting V in that order). So when every token is held (the
+  // dense layout: blocks of one layer, every flag 1) the result is bit for
+  // bit the dense engine's, and a disaggregated `dense` request reproduces
+  // the single-process output exactly.
   const int64_t d = layout.head_dim;  // <= kMaxHeadDim (validate_layout)
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // The queries meet fp16 keys rounded to fp16 (the engine has done so
+  // already; rounding again changes nothing), as llama.cpp does.
   float q16[kMaxHeadDim];
   float qb16[kMaxHeadDim];
-  float acc_far[kMaxHeadDim];
   for (int64_t e = 0; e < d; ++e) q16[e] = fp16_to_fp32(fp32_to_fp16(q[e]));
   for (int64_t e = 0; e < d; ++e) qb16[e] = fp16_to_fp32(fp32_to_fp16(q_base[e]));
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-
-  // Proximal partial accumulates in `out`, distant in acc_far; then merge.
-  PartialAttention state;
+  const int64_t n_near = near.n_tokens();
+  const int64_t n_far = far.n_tokens();
+  const int64_t n_sink_rows = std::min(layout.n_sink_tokens, n_near);
+  const int64_t n_window_rows = n_near - n_sink_rows;
+  const int64_t first_window_pos = cache.n_tokens() - n_window_rows;
+  // Ring row of the i-th window token in position order.
+  auto window_row = [&](int64_t i) {
+    const int64_t pos = first_window_pos + i;
+    return layout.n_sink_tokens + (pos - layout.n_sink_tokens) % layout.n_window_tokens;
+  };
+  const int64_t total = n_near + n_far;
+  // Grown once per thread to the longest context seen; no allocation after.
+  thread_local std::vector<float> scores;
+  if (scores.size() < static_cast<size_t>(total)) scores.resize(static_cast<size_t>(total));
+  float* sc = scores.data();
+  for (int64_t i = 0; i < n_sink_rows; ++i) {
+    sc[i] = engine::cpu::dot_f16_f32(near.k_row(i), q16, d, isa) * scale;
+  }
+  for (int64_t i = 0; i < n_far; ++i) {
+    sc[n_sink_rows + i] = engine::cpu::dot_f16_f32(far.k_row(i), qb16, d, isa) * scale;
+  }
+  for (int64_t i = 0; i < n_window_rows; ++i) {
+    sc[n_sink_rows + n_far + i] = engine::cpu::dot_f16_f32(near.k_row(window_row(i)), q16, d, isa) * scale;
+  }
+  engine::cpu::softmax_inplace(sc, total, isa);
   std::fill(out, out + d, 0.0f);
-  accumulate_segment(state, out, near, q16, scale, isa);
-  PartialAttention far_state;
-  std::fill(acc_far, acc_far + d, 0.0f);
-  accumulate_segment(far_state, acc_far, far, qb16, scale, isa);
-  merge_partial(state, out, far_state, acc_far, d);
-  finish_partial(state, out, out, d);
+  auto add = [&](float p, const fp16_t* v) {
+    engine::cpu::axpy_f16(fp16_to_fp32(fp32_to_fp16(p)), v, out, d, isa);
+  };
+  for (int64_t i = 0; i < n_sink_rows; ++i) add(sc[i], near.v_row(i));
+  for (int64_t i = 0; i < n_far; ++i) add(sc[n_sink_rows + i], far.v_row(i));
+  for (int64_t i = 0; i < n_window_rows; ++i) {
+    add(sc[n_sink_rows + n_far + i], near.v_row(window_row(i)));
+  }
   return Status();
 }
 

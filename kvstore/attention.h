@@ -11,10 +11,14 @@
 //
 // Numerics: the query is rounded to fp16 once (as the dense engine and
 // llama.cpp do before meeting fp16 keys, which makes the products exact in
-// fp32); scores, exponentials and accumulation are fp32. Unlike the dense
-// engine, the probabilities are not rounded to fp16 before meeting V (they
-// are unnormalized here), so results differ from it by up to ~2^-11
-// relative.
+// fp32). attend() — what the engine uses — then follows the dense engine
+// step for step: every held token's score in position order (sinks, the
+// retained distant tokens, the window), one softmax, probabilities rounded
+// to fp16 before meeting V, accumulated in position order; with every token
+// held it equals dense attention bit for bit. The partial-attention kernels
+// below (online softmax over pages, merged by log-sum-exp, unnormalized
+// probabilities) are the form split kernels use (the CUDA decode kernel);
+// they agree with attend() to ~2^-11 relative.
 //
 // Pure functions; thread-safe; no allocation; no failure path in the
 // kernels (sizes are the caller's preconditions). The cache-level functions

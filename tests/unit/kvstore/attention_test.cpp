@@ -22,13 +22,16 @@ using testing::random_block_map;
 using testing::rule_table_set;
 
 // Tolerance: the reference reads the very same fp16 K/V values and the same
-// fp16-rounded query, in double; what differs is only fp32 arithmetic in the
-// kernel (dot products of d terms, exp, running sums over up to ~1000
-// tokens, the log-sum-exp merge), each step ~6e-8 relative. Outputs are
-// convex combinations of values in [-1, 1]; the largest error measured on
-// these tests is below 2e-7 on scalar and AVX-512 alike, so 2e-6 leaves a
-// 10x margin while a wrong key or value (errors ~1e-2) still fails.
-constexpr double kTol = 2e-6;
+// fp16-rounded query, computes in double, and rounds each normalized
+// probability to fp16 before it meets V, as attend() and the dense engine
+// do. What differs is fp32 arithmetic in the kernel (~6e-8 relative per
+// step) — and, rarely, a probability within that distance of an fp16
+// rounding midpoint that rounds the other way: one such flip moves an output
+// by one fp16 ulp of p times |v| <= 2^-11 * p (values in [-1, 1]). 5e-4
+// allows a flip of any p <= 1 while a wrong key or value (errors ~1e-2)
+// still fails by 20x. Bit-exactness against the dense engine itself is
+// checked in tests/unit/engine/compressed_forward_test.cpp.
+constexpr double kTol = 5e-4;
 
 // softmax(q·k / sqrt(d)) · v over `set`, in double, queries rounded to fp16
 // first. Entries for which is_distant(pos) are scored with q_base (the base
@@ -51,13 +54,12 @@ std::vector<double> reference(const std::vector<Entry>& set, const float* q, con
   }
   std::vector<double> out(d, 0.0);
   double sum = 0;
+  for (size_t j = 0; j < set.size(); ++j) sum += std::exp(scores[j] - m);
   for (size_t j = 0; j < set.size(); ++j) {
-    const double p = std::exp(scores[j] - m);
-    sum += p;
+    const double p = fp16_to_fp32(fp32_to_fp16(static_cast<float>(std::exp(scores[j] - m) / sum)));
     const auto& v = std::get<2>(set[j]);
     for (int64_t e = 0; e < d; ++e) out[e] += p * fp16_to_fp32(v[e]);
   }
-  for (auto& x : out) x /= sum;
   return out;
 }
 

@@ -1,0 +1,155 @@
+#include "engine/batch_decode.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "kvstore/footprint.h"
+
+namespace kvgate::engine {
+
+namespace {
+
+// Sets the forward's layer observer for a scope and restores the previous
+// one, so a gate decoder never outlives its step on a shared forward.
+class ObserverScope {
+ public:
+  ObserverScope(CpuForward& forward, LayerInputObserver* observer)
+      : forward_(forward), previous_(forward.layer_observer()) {
+    forward_.set_layer_observer(observer);
+  }
+  ~ObserverScope() { forward_.set_layer_observer(previous_); }
+  ObserverScope(const ObserverScope&) = delete;
+  ObserverScope& operator=(const ObserverScope&) = delete;
+
+ private:
+  CpuForward& forward_;
+  LayerInputObserver* previous_;
+};
+
+}  // namespace
+
+int64_t max_append_pages(const kvstore::CompressedKvCache& cache) {
+  const kvstore::KvLayout& layout = cache.layout();
+  const int64_t n = cache.n_tokens();
+  const int64_t page_tokens = cache.page_tokens();
+  const int64_t gate_rows = cache.gate_rows_per_page();
+  const int64_t n_slots = layout.blocks.n_slots();
+  int64_t need = 0;
+  if (n < layout.n_proximal_capacity()) {
+    // The ring still fills: row n is new; a page round when it starts a page.
+    if (n % page_tokens == 0) need += 2 * layout.n_layers() * layout.n_kv_heads();
+    if (gate_rows > 0 && n % gate_rows == 0) need += n_slots;
+    return need;
+  }
+  // Token n - n_window leaves the window now (never a sink here: n >= cap).
+  const int64_t positions_per_page = cache.geometry().positions_per_page;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const int64_t r = cache.retained_tokens(s);
+    const int64_t g = layout.blocks.slot_block(s).n_layers;
+    if (r % page_tokens == 0) need += 1 + g;
+    if (r % positions_per_page == 0) need += 1;
+    if (gate_rows > 0 && r % gate_rows == 0) need += 1;
+  }
+  return need;
+}
+
+BatchDecoder::BatchDecoder(CpuForward& forward) : forward_(forward) {}
+
+void BatchDecoder::forget_plan(const PolicyPlan* plan) {
+  gate_decoders_.erase(plan);
+}
+
+Status BatchDecoder::step(std::span<const DecodeItem> items, std::span<float> logits,
+                          std::span<Status> statuses) {
+  const int64_t n_vocab = forward_.model().config().n_vocab;
+  if (statuses.size() != items.size()) {
+    return invalid_argument("batch decode: " + std::to_string(statuses.size()) +
+                            " statuses for " + std::to_string(items.size()) + " items");
+  }
+  if (static_cast<int64_t>(logits.size()) < static_cast<int64_t>(items.size()) * n_vocab) {
+    return invalid_argument("batch decode: logits buffer smaller than items x vocabulary");
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (items[i].plan == nullptr || items[i].cache == nullptr) {
+      return invalid_argument("batch decode: item " + std::to_string(i) + " has no plan or cache");
+    }
+  }
+  // Group by plan, keeping item order within a group (stable).
+  order_.resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) order_[i] = i;
+  std::stable_sort(order_.begin(), order_.end(),
+                   [&](size_t a, size_t b) { return items[a].plan < items[b].plan; });
+  const auto max_group = static_cast<size_t>(std::max<int64_t>(1, forward_.options().max_batch_tokens));
+  size_t at = 0;
+  while (at < order_.size()) {
+    size_t end = at + 1;
+    while (end < order_.size() && items[order_[end]].plan == items[order_[at]].plan &&
+           end - at < max_group) {
+      ++end;
+    }
+    const std::span<const size_t> members(order_.data() + at, end - at);
+    const Status s = run_group(members, items, logits);
+    for (size_t m : members) statuses[m] = s;
+    at = end;
+  }
+  return Status();
+}
+
+Status BatchDecoder::run_group(std::span<const size_t> members, std::span<const DecodeItem> items,
+                               std::span<float> logits) {
+  const int64_t n_vocab = forward_.model().config().n_vocab;
+  const PolicyPlan& plan = *items[members[0]].plan;
+  const size_t n = members.size();
+  batch_.clear();
+  if (flags_.size() < n) flags_.resize(n);
+  group_logits_.resize(n * static_cast<size_t>(n_vocab));
+
+  Status run;
+  if (policy_uses_gate(plan.config)) {
+    if (!plan.config.gate) {
+      return failed_precondition(std::string("batch decode: policy '") + plan.name +
+                                 "' has no gate model");
+    }
+    auto& decoder = gate_decoders_[&plan];
+    if (!decoder) {
+      decoder = std::make_unique<GateDecoder>(*plan.config.gate, plan.layout, forward_.options().isa);
+    }
+    caches_.clear();
+    for (size_t m : members) {
+      caches_.push_back(items[m].cache);
+      // Empty flags: deferred, the gate decoder sets them at each base layer.
+      batch_.push_back(CompressedItem{items[m].cache, items[m].token, {}, true});
+    }
+    decoder->bind(caches_, plan.config.effective_gate_decision());
+    {
+      ObserverScope scope(forward_, decoder.get());
+      run = forward_.forward_compressed(batch_, group_logits_.data());
+    }
+    if (run.ok()) run = decoder->status();
+  } else {
+    for (size_t k = 0; k < n; ++k) {
+      const DecodeItem& item = items[members[k]];
+      // policy_flags reads only the prompt length for tokens past the prompt
+      // (no per-token statistics exist for them).
+      AttentionStats prompt_only;
+      prompt_only.n_tokens = item.prompt_tokens;
+      const AttentionStats* stats = policy_needs_stats(plan.config) ? &prompt_only : nullptr;
+      if (policy_needs_stats(plan.config) && item.cache->n_tokens() < item.prompt_tokens) {
+        return invalid_argument("batch decode: a sequence shorter than its prompt");
+      }
+      KVGATE_RETURN_IF_ERROR(
+          policy_flags(plan.config, plan.layout, item.cache->n_tokens(), 1, flags_[k], stats));
+      batch_.push_back(CompressedItem{item.cache, item.token, flags_[k], true});
+    }
+    run = forward_.forward_compressed(batch_, group_logits_.data());
+  }
+  if (!run.ok()) return run;
+  for (size_t k = 0; k < n; ++k) {
+    std::memcpy(logits.data() + members[k] * static_cast<size_t>(n_vocab),
+                group_logits_.data() + k * static_cast<size_t>(n_vocab),
+                static_cast<size_t>(n_vocab) * sizeof(float));
+  }
+  return Status();
+}
+
+}  // namespace kvgate::engine
