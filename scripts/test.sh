@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: makes sure packages, model and build are in
-# place (scripts/setup.sh --no-run), then runs every ctest test.
+# place (scripts/setup.sh --no-run), then runs every ctest test. Then, where
+# the CUDA toolkit is installed, the CUDA leg: the CUDA backend is compiled
+# (-DKVGATE_CUDA=ON, in ${build}-cuda) so it cannot rot, and its `gpu`
+# tests run — on a machine without a GPU they skip, saying so.
 # Extra arguments go to ctest (e.g. -L unit, -R tokenizer).
+# KVGATE_CUDA_LEG=0 skips the CUDA leg.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${KVGATE_BUILD_DIR:-${root}/build}"
+jobs="${KVGATE_JOBS:-2}"
 "${root}/scripts/setup.sh" --no-run
-cd "${build}"
-ctest --output-on-failure --timeout 600 -j "${KVGATE_JOBS:-2}" "$@"
+(cd "${build}" && ctest --output-on-failure --timeout 600 -j "${jobs}" "$@")
+
+nvcc="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
+if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
+  cuda_build="${build}-cuda"
+  echo "test: CUDA leg in ${cuda_build} (compile the CUDA backend; gpu tests run where a GPU is)"
+  if [[ ! -f "${cuda_build}/build.ninja" ]]; then
+    cmake -S "${root}" -B "${cuda_build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DKVGATE_CUDA=ON -DCMAKE_CUDA_COMPILER="${nvcc}"
+  fi
+  cmake --build "${cuda_build}" -j "${jobs}" --target kvgate_engine_cuda cuda_conformance_test
+  (cd "${cuda_build}" && ctest --output-on-failure --timeout 600 -L gpu)
+else
+  echo "test: CUDA leg skipped (no ${nvcc}, or KVGATE_CUDA_LEG=0)"
+fi

@@ -1,0 +1,66 @@
+// Internal to engine/cuda: the kernel launchers, one per kernel, defined in
+// the .cu files. Raw device pointers, sizes and a stream; no validation
+// (cuda_ops.cpp validates through the plans first) and no synchronization:
+// each returns the launch error (cudaGetLastError) and the work runs
+// asynchronously on `stream`. C++17 (nvcc), nothing from the serving code.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "engine/cuda/kernel_params.h"
+
+namespace kvgate::engine::cuda::kernels {
+
+// ---- gemv.cu
+// Activations x [n_tokens][cols] to 8-bit blocks (Q8_0 rule, plus Q8_1's s
+// when with_sum): qs [n_tokens][cols], d and s [n_tokens][cols / 32].
+cudaError_t quantize_q8(const float* x, int64_t n_tokens, int64_t cols, int8_t* qs, float* d,
+                        float* s, bool with_sum, cudaStream_t stream);
+// y[t * rows + r] = W[r] . x[t]. Q4_1 uses qs, d, s; Q8_0 uses qs, d.
+cudaError_t gemv_q4_1(const void* w, int64_t rows, int64_t cols, const int8_t* qs, const float* d,
+                      const float* s, int64_t n_tokens, float* y, cudaStream_t stream);
+cudaError_t gemv_q8_0(const void* w, int64_t rows, int64_t cols, const int8_t* qs, const float* d,
+                      int64_t n_tokens, float* y, cudaStream_t stream);
+cudaError_t gemv_f16(const void* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
+                     float* y, cudaStream_t stream);
+
+// ---- dequant.cu
+// n_elems (multiple of 32) weights of Q4_1 (q4_1) or Q8_0 rows to fp16.
+cudaError_t dequantize_to_f16(bool q4_1, const void* w, int64_t n_elems, void* out,
+                              cudaStream_t stream);
+// out[i] = fp16(x[i]), round to nearest even.
+cudaError_t f32_to_f16(const float* x, int64_t n, void* out, cudaStream_t stream);
+
+// ---- ops.cu
+// Row-wise: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight. out may alias x.
+cudaError_t rms_norm(const float* x, const float* weight, float* out, int64_t n_rows, int64_t n,
+                     float eps, cudaStream_t stream);
+// In place on x [n_rows][n_heads][head_dim]: row r rotated at positions[r]
+// (device int32 array), theta_i = pos * theta_scale^i built by repeated
+// float multiplication as engine/cpu/ops.cpp builds it.
+cudaError_t rope_norm(float* x, int64_t n_rows, int64_t n_heads, int64_t head_dim,
+                      const int32_t* positions, float theta_scale, cudaStream_t stream);
+// out = gate / (1 + e^-gate) * up. out may alias either.
+cudaError_t swiglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
+// Gather: dst + i * page_bytes <- pages[i]; scatter: pages[i] <- src + i * page_bytes.
+cudaError_t gather_pages(const void* const* pages, int64_t n_pages, int64_t page_bytes,
+                         void* staging, cudaStream_t stream);
+cudaError_t scatter_pages(const void* staging, int64_t n_pages, int64_t page_bytes,
+                          void* const* pages, cudaStream_t stream);
+
+// ---- attention.cu
+// Split pass then merge pass; layout of `partials` in launch_plan.h.
+cudaError_t decode_attention(const AttnTask* tasks, int64_t n_tasks, int64_t group,
+                             int64_t head_dim, int64_t page_tokens, int64_t n_splits,
+                             int64_t rows_per_split, float scale, float* partials,
+                             size_t shared_bytes, cudaStream_t stream);
+
+// ---- sampling.cu
+cudaError_t argmax_rows(const float* logits, int64_t n_rows, int64_t vocab, int32_t* out,
+                        cudaStream_t stream);
+cudaError_t sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const SampleRow* rows,
+                        int32_t* out, size_t shared_bytes, cudaStream_t stream);
+
+}  // namespace kvgate::engine::cuda::kernels

@@ -1,0 +1,199 @@
+#include "engine/cuda/launch_plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+namespace kvgate::engine::cuda {
+namespace {
+
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y / z
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+size_t align_up(size_t v, size_t a) {
+  return (v + a - 1) / a * a;
+}
+
+std::string str(int64_t v) {
+  return std::to_string(v);
+}
+
+}  // namespace
+
+bool gemv_supports(GgmlType type) {
+  return type == GgmlType::kF16 || type == GgmlType::kQ4_1 || type == GgmlType::kQ8_0;
+}
+
+Result<GemvPlan> plan_gemv(GgmlType type, int64_t rows, int64_t cols, int64_t n_tokens) {
+  if (!gemv_supports(type)) {
+    return unimplemented("cuda gemv: weight type " + str(static_cast<int64_t>(type)) +
+                         " is not supported (F16, Q4_1, Q8_0)");
+  }
+  if (rows < 1 || cols < 1 || n_tokens < 1) {
+    return invalid_argument("cuda gemv: rows (" + str(rows) + "), cols (" + str(cols) +
+                            ") and tokens (" + str(n_tokens) + ") must be >= 1");
+  }
+  if (cols > std::numeric_limits<int32_t>::max()) {
+    return invalid_argument("cuda gemv: cols " + str(cols) + " exceeds 2^31 - 1");
+  }
+  GemvPlan p;
+  p.type = type;
+  p.rows = rows;
+  p.cols = cols;
+  p.n_tokens = n_tokens;
+  p.block_threads = kGemvWarps * kWarpSize;
+  p.grid_blocks = ceil_div(rows, kGemvWarps);
+  p.token_passes = ceil_div(n_tokens, kGemvMaxTokens);
+  if (p.grid_blocks > kMaxGridX) return invalid_argument("cuda gemv: too many rows " + str(rows));
+  if (type == GgmlType::kF16) {
+    if (cols % 2 != 0) {
+      return unimplemented("cuda gemv: F16 rows need an even column count, got " + str(cols));
+    }
+    p.row_bytes = cols * 2;
+  } else {
+    if (cols % kQuantBlock != 0) {
+      return invalid_argument("cuda gemv: cols " + str(cols) + " is not a multiple of 32");
+    }
+    const int64_t nb = cols / kQuantBlock;
+    p.row_bytes =
+        nb * (type == GgmlType::kQ4_1 ? int64_t{sizeof(BlockQ4_1)} : int64_t{sizeof(BlockQ8_0)});
+    p.quant_blocks = n_tokens * nb;
+    p.acts_qs_offset = 0;
+    p.acts_d_offset = align_up(static_cast<size_t>(n_tokens * cols), 256);
+    p.acts_s_offset = p.acts_d_offset + align_up(static_cast<size_t>(n_tokens * nb) * 4, 256);
+    p.workspace_bytes = p.acts_s_offset + static_cast<size_t>(n_tokens * nb) * 4;
+  }
+  if (rows > std::numeric_limits<int64_t>::max() / p.row_bytes) {
+    return invalid_argument("cuda gemv: weight of " + str(rows) + " rows overflows");
+  }
+  return p;
+}
+
+Result<GemmPlan> plan_gemm(GgmlType source_type, int64_t rows, int64_t cols, int64_t max_tokens) {
+  if (!gemv_supports(source_type)) {
+    return unimplemented("cuda gemm: weight type " + str(static_cast<int64_t>(source_type)) +
+                         " is not supported (F16, Q4_1, Q8_0)");
+  }
+  constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();  // cuBLAS takes int
+  if (rows < 1 || cols < 1 || max_tokens < 1 || rows > kMaxDim || cols > kMaxDim ||
+      max_tokens > kMaxDim) {
+    return invalid_argument("cuda gemm: rows (" + str(rows) + "), cols (" + str(cols) +
+                            ") and tokens (" + str(max_tokens) + ") must be in [1, 2^31 - 1]");
+  }
+  if (cols % 8 != 0 || (source_type != GgmlType::kF16 && cols % kQuantBlock != 0)) {
+    return invalid_argument("cuda gemm: cols " + str(cols) + " is not a multiple of " +
+                            (source_type == GgmlType::kF16 ? "8" : "32"));
+  }
+  if (rows > std::numeric_limits<int64_t>::max() / 2 / cols ||
+      max_tokens > std::numeric_limits<int64_t>::max() / 2 / cols) {
+    return invalid_argument("cuda gemm: sizes overflow");
+  }
+  GemmPlan p;
+  p.source_type = source_type;
+  p.rows = rows;
+  p.cols = cols;
+  p.max_tokens = max_tokens;
+  p.weight_f16_bytes = static_cast<size_t>(rows * cols * 2);
+  p.workspace_bytes = static_cast<size_t>(max_tokens * cols * 2);
+  return p;
+}
+
+Result<AttentionPlan> plan_decode_attention(const AttentionShape& s) {
+  if (s.n_tasks < 1 || s.group < 1 || s.head_dim < 1 || s.page_tokens < 1 || s.sm_count < 1 ||
+      s.max_rows < 0) {
+    return invalid_argument("cuda attention: tasks (" + str(s.n_tasks) + "), group (" +
+                            str(s.group) + "), head_dim (" + str(s.head_dim) + "), page_tokens (" +
+                            str(s.page_tokens) + ") and sm_count (" + str(s.sm_count) +
+                            ") must be >= 1 and max_rows (" + str(s.max_rows) + ") >= 0");
+  }
+  if (s.head_dim > kAttnMaxHeadDim) {
+    return unimplemented("cuda attention: head_dim " + str(s.head_dim) + " > " +
+                         str(kAttnMaxHeadDim));
+  }
+  if (s.group > kAttnMaxGroup || s.group * s.head_dim > kAttnMaxGroupDims) {
+    return unimplemented("cuda attention: " + str(s.group) + " query heads per KV head of dim " +
+                         str(s.head_dim) + " exceed the kernel's " + str(kAttnMaxGroup) +
+                         " heads / " + str(kAttnMaxGroupDims) + " elements");
+  }
+  if (s.max_rows > std::numeric_limits<int32_t>::max()) {
+    return invalid_argument("cuda attention: max_rows " + str(s.max_rows) + " exceeds 2^31 - 1");
+  }
+  if (s.n_tasks > kMaxGridY) {
+    return invalid_argument("cuda attention: " + str(s.n_tasks) + " tasks exceed " +
+                            str(kMaxGridY) + " per launch");
+  }
+  AttentionPlan p;
+  p.shape = s;
+  // Enough blocks to cover the device (~4 per SM), but no split shorter
+  // than kAttnMinRowsPerSplit rows.
+  const int64_t wanted = ceil_div(4 * s.sm_count, s.n_tasks);
+  const int64_t useful =
+      std::max<int64_t>(1, s.max_rows / kAttnMinRowsPerSplit);  // floor: none short
+  int64_t splits = std::clamp<int64_t>(std::min(wanted, useful), 1, kAttnMaxSplits);
+  // Round the chunk to whole warps' worth of rows per block, then drop any
+  // split the rounding left empty.
+  p.rows_per_split = std::max<int64_t>(
+      kAttnWarps, ceil_div(std::max<int64_t>(s.max_rows, 1), splits * kAttnWarps) * kAttnWarps);
+  p.n_splits = std::max<int64_t>(1, ceil_div(s.max_rows, p.rows_per_split));
+  p.partial_stride = s.head_dim + 2;
+  p.workspace_bytes =
+      static_cast<size_t>(s.n_tasks * p.n_splits * s.group * p.partial_stride) * sizeof(float);
+  p.block_threads = kAttnWarps * kWarpSize;
+  // Rounded queries (q and q_base) + one partial per warp and head.
+  p.shared_bytes =
+      static_cast<size_t>(2 * s.group * s.head_dim + kAttnWarps * s.group * p.partial_stride) *
+      sizeof(float);
+  p.merge_blocks = s.n_tasks * s.group;
+  return p;
+}
+
+Status check_attn_tasks(const AttnTask* tasks, int64_t n_tasks, const AttentionPlan& plan) {
+  if (n_tasks < 1 || n_tasks > plan.shape.n_tasks || tasks == nullptr) {
+    return invalid_argument("cuda attention: " + str(n_tasks) + " tasks for a plan of " +
+                            str(plan.shape.n_tasks));
+  }
+  for (int64_t i = 0; i < n_tasks; ++i) {
+    const AttnTask& t = tasks[i];
+    const std::string which = "cuda attention: task " + str(i);
+    if (t.near_tokens < 0 || t.far_tokens < 0) {
+      return invalid_argument(which + " has a negative token count");
+    }
+    const int64_t rows = int64_t{t.near_tokens} + t.far_tokens;
+    if (rows > plan.shape.max_rows) {
+      return invalid_argument(which + " has " + str(rows) + " rows, the plan covers " +
+                              str(plan.shape.max_rows));
+    }
+    if (rows == 0) return invalid_argument(which + " has no rows");
+    if (t.q == nullptr || t.q_base == nullptr || t.out == nullptr) {
+      return invalid_argument(which + " lacks q, q_base or out");
+    }
+    if ((t.near_tokens > 0 && (t.near_k == nullptr || t.near_v == nullptr)) ||
+        (t.far_tokens > 0 && (t.far_k == nullptr || t.far_v == nullptr))) {
+      return invalid_argument(which + " lacks the page list of a non-empty segment");
+    }
+  }
+  return Status();
+}
+
+Result<PageCopyPlan> plan_page_copy(int64_t n_pages, int64_t page_bytes) {
+  if (n_pages < 0 || page_bytes < 1) {
+    return invalid_argument("cuda page copy: n_pages (" + str(n_pages) +
+                            ") must be >= 0 and page_bytes (" + str(page_bytes) + ") >= 1");
+  }
+  if (n_pages > kMaxGridX)
+    return invalid_argument("cuda page copy: too many pages " + str(n_pages));
+  if (n_pages > 0 && page_bytes > std::numeric_limits<int64_t>::max() / n_pages) {
+    return invalid_argument("cuda page copy: staging size overflows");
+  }
+  PageCopyPlan p;
+  p.n_pages = n_pages;
+  p.page_bytes = page_bytes;
+  p.staging_bytes = static_cast<size_t>(n_pages * page_bytes);
+  p.vectorized = page_bytes % 16 == 0;
+  return p;
+}
+
+}  // namespace kvgate::engine::cuda
