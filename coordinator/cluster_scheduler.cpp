@@ -17,6 +17,7 @@ struct ClusterScheduler::Request {
   TimePoint submitted_at{};
   TimePoint waiting_since{};    // submit or the last re-placement (placement_wait)
   TimePoint reserve_sent_at{};  // kReserving
+  TimePoint job_sent_at{};      // kPrefilling: for the prefill-rate estimate
   std::string waiting_reason;   // why it is not placed yet (for the 503)
   bool started = false;         // on_started called
   int64_t attempts = 0;         // prefill jobs sent (placements)
@@ -48,6 +49,31 @@ std::string id_str(RequestId id) {
 }
 
 }  // namespace
+
+std::chrono::milliseconds ClusterScheduler::expected_prefill_time(int64_t prompt_tokens,
+                                                                   int64_t queued_tokens) const {
+  const double rate = prefill_tokens_per_s_ > 0 ? prefill_tokens_per_s_
+                                                 : options_.initial_prefill_tokens_per_s;
+  const double seconds = 2.0 * static_cast<double>(prompt_tokens + queued_tokens) / rate;
+  return options_.prefill_allowance +
+         std::chrono::milliseconds(static_cast<int64_t>(std::min(seconds, 86400.0) * 1000.0));
+}
+
+void ClusterScheduler::observe_prefill(int64_t prompt_tokens, TimePoint::duration took) {
+  const double seconds = std::chrono::duration<double>(took).count();
+  if (seconds <= 0.0 || prompt_tokens <= 0) return;
+  const double sample = static_cast<double>(prompt_tokens) / seconds;
+  // Short prompts say little about throughput (fixed costs dominate); they
+  // still count, with the weight of their length.
+  const double w = std::min(0.3, static_cast<double>(prompt_tokens) / 4096.0);
+  prefill_tokens_per_s_ =
+      prefill_tokens_per_s_ > 0 ? (1.0 - w) * prefill_tokens_per_s_ + w * sample : sample;
+}
+
+int64_t ClusterScheduler::prefill_queued_tokens_of(NodeId node) const {
+  const NodeInfo* info = membership_.find(node);
+  return info ? static_cast<int64_t>(membership_.prefill_queued_tokens(*info)) : 0;
+}
 
 size_t utf8_complete_prefix(std::string_view text) {
   // Look back at most 3 bytes for the lead byte of the last sequence.
@@ -307,6 +333,7 @@ void ClusterScheduler::on_commit(NodeId from, const control::Commit& m, TimePoin
   r.phase = Phase::kDecoding;
   r.committed = true;
   const auto prompt = static_cast<int64_t>(r.req.prompt_tokens.size());
+  observe_prefill(prompt, now - r.job_sent_at);
   Status s = predictor_.observe(prompt, m.keep_rate);
   if (!s.ok()) log("request " + id_str(r.req.id) + ": Commit ignored for prediction: " + s.message());
   if (metrics_) {
@@ -449,7 +476,10 @@ void ClusterScheduler::try_place(Iter it, TimePoint now) {
   r.phase = Phase::kReserving;
   r.reserve_sent_at = now;
   membership_.add_reservation(r.decode, r.req.id, bytes);
-  send(r.decode, control::Reserve{r.req.id, bytes, options_.lease_ttl});
+  const auto prefill_time = expected_prefill_time(
+      static_cast<int64_t>(r.req.prompt_tokens.size()),
+      prefill.node ? prefill_queued_tokens_of(*prefill.node) : 0);
+  send(r.decode, control::Reserve{r.req.id, bytes, options_.lease_ttl + prefill_time});
 }
 
 void ClusterScheduler::send_prefill_job(Iter it, TimePoint now) {
@@ -491,9 +521,12 @@ void ClusterScheduler::send_prefill_job(Iter it, TimePoint now) {
   job.lease_id = r.grant.lease_id;
   job.granted_bytes = r.grant.granted_bytes;
   job.pool_descriptor = r.grant.pool_descriptor;
-  job.deadline_in = options_.transfer_deadline + options_.prefill_allowance;
+  job.deadline_in = options_.transfer_deadline +
+                    expected_prefill_time(static_cast<int64_t>(r.req.prompt_tokens.size()),
+                                          prefill_queued_tokens_of(*prefill.node));
   if (r.grant.expires_in.count() > 0) job.deadline_in = std::min(job.deadline_in, r.grant.expires_in);
   membership_.add_prefill_job(r.prefill, r.req.prompt_tokens.size());
+  r.job_sent_at = now;
   send(r.prefill, job);
   ++r.attempts;
   if (metrics_) {

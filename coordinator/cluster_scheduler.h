@@ -67,9 +67,20 @@ struct ClusterSchedulerOptions {
   std::chrono::milliseconds request_timeout{600000};   // coordinator.request_timeout
   std::chrono::milliseconds lease_ttl{30000};          // decode.lease_ttl (Reserve)
   std::chrono::milliseconds transfer_deadline{10000};  // transport.transfer_deadline
-  // PrefillJob.deadline_in = transfer_deadline + prefill_allowance, capped
-  // by the grant's expiry (the lease is gone after it anyway).
+  // The time a prefill may take before its KV arrives is not fixed: a long
+  // prompt behind a queue on a CPU node takes minutes. The scheduler keeps
+  // a running estimate of prefill throughput (prompt tokens per second from
+  // PrefillJob sent to Commit, over the last requests), and gives each
+  // request prefill_allowance + 2x the estimated time of its prompt plus the
+  // tokens queued ahead of it: added to lease_ttl in the Reserve (so the
+  // lease does not expire while the prefill is still computing) and to
+  // transfer_deadline in PrefillJob.deadline_in (capped by the grant's
+  // expiry).
   std::chrono::milliseconds prefill_allowance{30000};
+  // Until a Commit has been seen: a deliberately low rate (a long TTL only
+  // keeps bytes reserved longer when a node fails silently; a short one
+  // fails healthy requests).
+  double initial_prefill_tokens_per_s = 50.0;
   int64_t max_attempts = 3;           // coordinator.max_attempts
   int64_t max_queued_requests = 256;  // not yet placed; more: kResourceExhausted
   int64_t max_active_requests = 1024; // accepted and not ended; more: kResourceExhausted
@@ -145,6 +156,12 @@ class ClusterScheduler {
 
   // Placement.
   void try_place(Iter it, TimePoint now);
+  // prefill_allowance + 2x the estimated prefill time of `prompt_tokens`
+  // behind `queued_tokens` (options: the rate estimate).
+  std::chrono::milliseconds expected_prefill_time(int64_t prompt_tokens,
+                                                  int64_t queued_tokens) const;
+  void observe_prefill(int64_t prompt_tokens, TimePoint::duration took);
+  int64_t prefill_queued_tokens_of(NodeId node) const;
   void place_waiting(TimePoint now);
   void send_prefill_job(Iter it, TimePoint now);
   // Cancel to the nodes the request holds something on; stops tracking them.
@@ -179,6 +196,7 @@ class ClusterScheduler {
   // up on (cancelled, timed out, re-placed): the next ReserveGrant/Deny for
   // that (node, request) is the stale one (control connections are ordered).
   std::map<std::pair<NodeId, RequestId>, int> stale_answers_;
+  double prefill_tokens_per_s_ = 0.0;  // running estimate; 0 until the first Commit
 };
 
 // The longest prefix of `text` that does not end inside a UTF-8 sequence

@@ -14,7 +14,10 @@ Status JobQueue::push(QueuedJob job) {
   {
     std::lock_guard lock(mu_);
     if (closed_) return unavailable("prefill node is shutting down");
-    if (running_ == id ||
+    // A running job that was cancelled (a failed attempt of this request)
+    // no longer counts: the coordinator may place the next attempt here
+    // while the engine finishes the old one and throws its result away.
+    if ((running_ == id && !cancel_running_) ||
         std::any_of(jobs_.begin(), jobs_.end(),
                     [&](const QueuedJob& q) { return q.job.request_id == id; })) {
       return failed_precondition("request " + std::to_string(id.value()) +

@@ -25,6 +25,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <string>
@@ -248,7 +249,7 @@ std::string local_generate(const std::string& prompt, const std::string& policy,
 
 class ClusterProcesses {
  public:
-  explicit ClusterProcesses(const ClusterFiles& f) : f_(f) {}
+  explicit ClusterProcesses(std::string config) : config_(std::move(config)) {}
   ~ClusterProcesses() {
     for (auto& [name, p] : procs_) {
       if (p.pid > 0) {
@@ -259,7 +260,7 @@ class ClusterProcesses {
     }
   }
   void start(const std::string& role, const std::string& node) {
-    procs_[node] = spawn({role, "--config", f_.config, "--node", node});
+    procs_[node] = spawn({role, "--config", config_, "--node", node});
   }
   Proc& proc(const std::string& node) { return procs_[node]; }
   int stop(const std::string& node) {
@@ -284,7 +285,7 @@ class ClusterProcesses {
   }
 
  private:
-  const ClusterFiles& f_;
+  std::string config_;
   std::map<std::string, Proc> procs_;
 };
 
@@ -317,7 +318,7 @@ void expect_cluster_equals_local(const std::string& policy, const std::string& p
                                  int window_tokens) {
   ClusterFiles f =
       write_config(policy, policy == "gate+pod" ? "gatepod" : policy, window_tokens);
-  ClusterProcesses c(f);
+  ClusterProcesses c(f.config);
   c.start("coordinator", "coordinator");
   c.start("prefill", "prefill-0");
   c.start("decode", "decode-0");
@@ -391,7 +392,7 @@ TEST(Cluster, CompressedCompletionEqualsTheSingleProcessEngine) {
 TEST(Cluster, KilledDecodeNodeIsMarkedDownAndReplacementRestoresService) {
   if (!have_model()) GTEST_SKIP() << "model not found";
   ClusterFiles f = write_config("dense", "kill");
-  ClusterProcesses c(f);
+  ClusterProcesses c(f.config);
   c.start("coordinator", "coordinator");
   c.start("prefill", "prefill-0");
   c.start("decode", "decode-0");
@@ -424,6 +425,207 @@ TEST(Cluster, UpStartsEveryProcessAnswersAndStopsCleanly) {
       << up.out;
   EXPECT_NE(up.out.find("assistant: "), std::string::npos) << up.out;
   EXPECT_NE(up.err.find("every process stopped cleanly"), std::string::npos) << up.err;
+}
+
+// ------------------------------------------------- faults mid-request
+
+// A cluster of one coordinator, two prefill and two decode nodes.
+struct MultiFiles {
+  uint16_t http = free_port(), control = free_port();
+  uint16_t prefill[2] = {free_port(), free_port()}, prefill_metrics[2] = {free_port(), free_port()};
+  uint16_t decode[2] = {free_port(), free_port()}, decode_metrics[2] = {free_port(), free_port()};
+  std::string dir, config, key = "sk-multi";
+};
+
+MultiFiles write_multi_config(const std::string& name) {
+  MultiFiles f;
+  f.dir = testing::TempDir() + "kvgate_cluster_" + name + "_" + std::to_string(getpid());
+  std::filesystem::create_directories(f.dir);
+  std::ofstream(f.dir + "/keys") << f.key << "\n";
+  f.config = f.dir + "/cluster.yaml";
+  std::ofstream y(f.config);
+  y << "model:\n  path: " << KVGATE_TEST_MODEL << "\n  served_name: smol\n"
+    << "engine:\n  threads: 1\n"
+    << "kv:\n  policy: dense\n"
+    << "coordinator:\n  listen: \"127.0.0.1:" << f.http << "\"\n"
+    << "  control_listen: \"127.0.0.1:" << f.control << "\"\n"
+    << "  api_keys_file: " << f.dir << "/keys\n  placement_wait: 5s\n  max_attempts: 3\n"
+    << "cluster:\n  coordinators: [\"127.0.0.1:" << f.control << "\"]\n"
+    << "  token: \"cluster-test-token\"\n  heartbeat_interval: 100ms\n  node_deadline: 1s\n"
+    << "decode:\n  pool_bytes: 256MiB\n"
+    << "transport:\n  kind: ucx\n  ucx_tls: [tcp]\n"
+    << "local:\n  nodes:\n    - name: coordinator\n      role: coordinator\n";
+  for (int i = 0; i < 2; ++i) {
+    y << "    - name: prefill-" << i << "\n      role: prefill\n"
+      << "      prefill: {listen: \"127.0.0.1:" << f.prefill[i] << "\"}\n"
+      << "      metrics: {listen: \"127.0.0.1:" << f.prefill_metrics[i] << "\"}\n"
+      << "    - name: decode-" << i << "\n      role: decode\n"
+      << "      decode: {listen: \"127.0.0.1:" << f.decode[i] << "\"}\n"
+      << "      metrics: {listen: \"127.0.0.1:" << f.decode_metrics[i] << "\"}\n";
+  }
+  return f;
+}
+
+// The value of a Prometheus sample (its constant labels, if any, ignored), or -1.
+double metric(uint16_t port, const std::string& name) {
+  auto r = http_call(port, "GET", "/metrics");
+  if (!r || r->status != 200) return -1;
+  const std::regex re("(^|\n)" + name + "(\\{[^}]*\\})? ([0-9.e+-]+)");
+  std::smatch m;
+  if (!std::regex_search(r->body, m, re)) return -1;
+  return std::stod(m[3]);
+}
+
+// True once every decode node's pool is entirely free (no lease leaked).
+bool pools_free(const MultiFiles& f, std::initializer_list<int> nodes,
+                std::chrono::seconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    bool all = true;
+    for (int i : nodes) {
+      const double cap = metric(f.decode_metrics[i], "kvgate_decode_pool_capacity_bytes");
+      const double free = metric(f.decode_metrics[i], "kvgate_decode_pool_free_bytes");
+      all = all && cap > 0 && free == cap;
+    }
+    if (all) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // poll interval
+  }
+  return false;
+}
+
+std::string completion_body(const std::string& prompt, int max_tokens, bool stream) {
+  json b = {{"model", "smol"}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}};
+  if (stream) {
+    b["stream"] = true;
+    b["ignore_eos"] = true;
+  }
+  return b.dump();
+}
+
+class MultiCluster : public ClusterProcesses {
+ public:
+  explicit MultiCluster(const MultiFiles& m) : ClusterProcesses(m.config), m_(m) {}
+  void start_all() {
+    start("coordinator", "coordinator");
+    for (int i = 0; i < 2; ++i) {
+      start("prefill", "prefill-" + std::to_string(i));
+      start("decode", "decode-" + std::to_string(i));
+    }
+  }
+  // Ready once the coordinator is healthy and every node answers /metrics
+  // (health needs only one node of each role).
+  bool ready(std::chrono::seconds timeout) {
+    const auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      bool all = wait_health(m_.http, 200, std::chrono::seconds(1));
+      for (int i = 0; i < 2 && all; ++i) {
+        all = metric(m_.decode_metrics[i], "kvgate_decode_pool_capacity_bytes") > 0 &&
+              metric(m_.prefill_metrics[i], "kvgate_prefill_jobs_started_total") >= 0;
+      }
+      if (all) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));  // poll interval
+    }
+    return false;
+  }
+
+ private:
+  const MultiFiles& m_;
+};
+
+TEST(ClusterFaults, DecodeNodeKilledMidStreamFailsCleanlyAndLeavesNothingBehind) {
+  if (!have_model()) GTEST_SKIP() << "model not found";
+  MultiFiles f = write_multi_config("killdecode");
+  MultiCluster c(f);
+  c.start_all();
+  ASSERT_TRUE(c.ready(std::chrono::seconds(120))) << c.logs();
+
+  // A long streamed completion; once tokens flow, kill the decode node that
+  // holds it.
+  kvgate::coordinator::testing::HttpTestClient stream(f.http, std::chrono::seconds(60));
+  ASSERT_TRUE(stream.connected());
+  ASSERT_TRUE(stream.send_all(kvgate::coordinator::testing::HttpTestClient::request(
+      "POST", "/v1/completions", completion_body("Once upon a time", 2000, true),
+      {{"Authorization", "Bearer " + f.key}})));
+  const std::string first = stream.read_until("\"text\"");
+  ASSERT_NE(first.find("\"text\""), std::string::npos) << first << c.logs();
+  // The pool gauges follow within a heartbeat interval.
+  int victim = -1;
+  const auto find_deadline = Clock::now() + std::chrono::seconds(10);
+  while (victim < 0 && Clock::now() < find_deadline) {
+    for (int i = 0; i < 2; ++i) {
+      if (metric(f.decode_metrics[i], "kvgate_decode_pool_used_bytes") > 0) victim = i;
+    }
+    if (victim < 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));  // poll interval
+  }
+  ASSERT_GE(victim, 0) << "no decode node holds the request";
+  c.kill9("decode-" + std::to_string(victim));
+
+  // The stream ends with an error event naming the lost node, not with
+  // [DONE] as if it had finished.
+  const std::string rest = stream.read_until("data: [DONE]");
+  EXPECT_TRUE(stream.wait_closed());
+  EXPECT_NE(rest.find("\"error\""), std::string::npos) << rest.substr(rest.size() > 2000 ? rest.size() - 2000 : 0);
+
+  // The coordinator stays up and serves on the surviving decode node, with
+  // correct output, and that node's pool is entirely free afterwards.
+  const int survivor = 1 - victim;
+  auto ok = http_call(f.http, "POST", "/v1/completions",
+                      completion_body("The capital of France is", 12, false),
+                      {{"Authorization", "Bearer " + f.key}});
+  ASSERT_TRUE(ok);
+  ASSERT_EQ(ok->status, 200) << ok->body << c.logs();
+  EXPECT_EQ(json::parse(ok->body)["choices"][0]["text"].get<std::string>(),
+            local_generate("The capital of France is", "dense", 12, 256, /*chat=*/false));
+  EXPECT_TRUE(pools_free(f, {survivor}, std::chrono::seconds(10))) << c.logs();
+}
+
+TEST(ClusterFaults, PrefillNodeKilledMidJobIsReplacedAndTheAnswerIsRight) {
+  if (!have_model()) GTEST_SKIP() << "model not found";
+  MultiFiles f = write_multi_config("killprefill");
+  MultiCluster c(f);
+  c.start_all();
+  ASSERT_TRUE(c.ready(std::chrono::seconds(120))) << c.logs();
+
+  // A prompt long enough that its prefill takes seconds on one core.
+  std::string prompt = "Remember these notes.\n";
+  for (int i = 0; i < 70; ++i) {
+    prompt += "Note " + std::to_string(i) + ": the lantern by the gate was lit at dusk.\n";
+  }
+  prompt += "What was lit at dusk?";
+  std::optional<kvgate::coordinator::testing::HttpResponse> answer;
+  std::thread client([&] {
+    kvgate::coordinator::testing::HttpTestClient cl(f.http, std::chrono::seconds(300));
+    if (cl.connected() &&
+        cl.send_all(kvgate::coordinator::testing::HttpTestClient::request(
+            "POST", "/v1/completions", completion_body(prompt, 8, false),
+            {{"Authorization", "Bearer " + f.key}}))) {
+      answer = cl.read_response();
+    }
+  });
+  // Kill the prefill node once it has started the job (and before it ends:
+  // the job takes seconds, the check below a few milliseconds).
+  int victim = -1;
+  const auto deadline = Clock::now() + std::chrono::seconds(60);
+  while (victim < 0 && Clock::now() < deadline) {
+    for (int i = 0; i < 2; ++i) {
+      if (metric(f.prefill_metrics[i], "kvgate_prefill_jobs_started_total") > 0 &&
+          metric(f.prefill_metrics[i], "kvgate_prefill_jobs_done_total") <= 0) {
+        victim = i;
+      }
+    }
+    if (victim < 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));  // poll interval
+  }
+  ASSERT_GE(victim, 0) << c.logs();
+  c.kill9("prefill-" + std::to_string(victim));
+  client.join();
+
+  // Re-placed on the other prefill node: the right answer, no error.
+  ASSERT_TRUE(answer) << c.logs();
+  ASSERT_EQ(answer->status, 200) << answer->body << c.logs();
+  EXPECT_EQ(json::parse(answer->body)["choices"][0]["text"].get<std::string>(),
+            local_generate(prompt, "dense", 8, 256, /*chat=*/false));
+  // The lease of the failed attempt was released: every decode pool is free.
+  EXPECT_TRUE(pools_free(f, {0, 1}, std::chrono::seconds(10))) << c.logs();
 }
 
 }  // namespace

@@ -118,7 +118,9 @@ TEST_F(SchedulerTest, HappyPathReserveGrantJobCommitTokens) {
   const auto reserve = d->all<control::Reserve>()[0];
   EXPECT_EQ(reserve.request_id, RequestId(42));
   EXPECT_EQ(reserve.size_bytes, predicted());
-  EXPECT_EQ(reserve.lease_ttl, 3000ms);
+  // lease_ttl + prefill_allowance + 2 x the prefill of 20 prompt tokens at
+  // the initial 50 tokens/s: the lease outlives the prefill.
+  EXPECT_EQ(reserve.lease_ttl, 3000ms + 5000ms + 800ms);
   EXPECT_EQ(sink->started(), 0);
   EXPECT_EQ(p->sent.size(), 0u);
   EXPECT_EQ(s_->queued_requests(), 1u);
@@ -145,6 +147,7 @@ TEST_F(SchedulerTest, HappyPathReserveGrantJobCommitTokens) {
   EXPECT_EQ(sink->started(), 1);
   EXPECT_EQ(s_->queued_requests(), 0u);
 
+  advance(100ms);  // the prefill took 0.1 s: 200 prompt tokens/s
   from(1, control::Commit{RequestId(42), LeaseId(7), 4096, 0.5});
   EXPECT_EQ(s_->predictor().bucket_observations(20), 1);
   EXPECT_NEAR(s_->predictor().bucket_keep_rate(20), 0.4, 1e-12);
@@ -163,6 +166,13 @@ TEST_F(SchedulerTest, HappyPathReserveGrantJobCommitTokens) {
   // Nothing was cancelled anywhere.
   EXPECT_EQ(d->count<control::Cancel>(), 0u);
   EXPECT_EQ(p->count<control::Cancel>(), 0u);
+
+  // The next lease budgets the measured rate, 200 tokens/s, for its 20
+  // tokens behind the 20 the prefill node is still counted for (no
+  // heartbeat since the first job): 2 x 40 / 200 s.
+  submit(43);
+  ASSERT_EQ(d->count<control::Reserve>(), 2u);
+  EXPECT_EQ(d->all<control::Reserve>()[1].lease_ttl, 3000ms + 5000ms + 400ms);
 }
 
 TEST_F(SchedulerTest, LengthFinishAndUtf8HeldAcrossChunks) {
