@@ -76,6 +76,7 @@ struct KvConfig {
   double keep_rate = 0.3;
   int64_t budget_tokens = 0;  // 0 = keep-rate mode
   int64_t snapkv_observe_tokens = 32;
+  double gate_threshold_offset = 0.0;  // gate, gate+pod: added to every calibrated threshold
   std::string gate_file;  // "" = the side file next to the model
   bool operator==(const KvConfig&) const = default;
 };

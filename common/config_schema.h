@@ -391,6 +391,9 @@ inline const Table<N>& node_table() {
               "head), which makes the footprint exact before prefill; 0 = keep-rate mode.");
     t.integer("kv.snapkv_observe_tokens", &N::kv, &KvConfig::snapkv_observe_tokens, 1, 1 << 16,
               "Last prompt tokens whose attention ranks tokens under snapkv.");
+    t.real("kv.gate_threshold_offset", &N::kv, &KvConfig::gate_threshold_offset, -1e6, 1e6,
+           "gate, gate+pod: added to every calibrated gate threshold (logit units); higher "
+           "keeps fewer tokens (more KV saving, lower quality), 0 = as calibrated.");
     t.text("kv.gate_file", &N::kv, &KvConfig::gate_file, Txt::kPath,
            "Calibrated gate side file; \"\" = the one next to the model.");
     t.address("coordinator.listen", &N::coordinator, &CoordinatorConfig::listen,

@@ -43,6 +43,7 @@ Result<KvPolicyConfig> kv_policy_from_config(const KvConfig& kv, const std::stri
   p.keep_rate = kv.keep_rate;
   p.budget_tokens = kv.budget_tokens;
   p.snapkv_observe_tokens = kv.snapkv_observe_tokens;
+  p.gate_decision.threshold_offset = kv.gate_threshold_offset;
   if (Status s = p.validate(); !s.ok()) return invalid_argument("kv: " + s.message());
   return p;
 }
