@@ -1,15 +1,21 @@
-// kvgate_transport_bench: bandwidth of the ucx transport (am and put) for
-// KV images of 1 MiB to 256 MiB over tcp on lo and over shared memory, next
-// to ucx_perftest's best of tag_bw and put_bw run in the same invocation
-// with the same UCX_TLS/UCX_NET_DEVICES, printed as ratios.
+// kvgate_transport_bench: bandwidth of the ucx transport (am, tag and put)
+// for KV images of 1 MiB to 256 MiB over tcp on lo and over shared memory,
+// next to ucx_perftest's best of tag_bw and put_bw run in the same
+// invocation with the same UCX_TLS/UCX_NET_DEVICES, printed as ratios.
 //
 //   kvgate_transport_bench [--bytes-per-point N] [--no-perftest] [--quick]
+//       [--tls tcp,shm] [--ops am,tag,put,auto] [--sizes-mib 1,4,16,64,256]
+//       [--window N] [--segments N]
 //
 // Each point: a receiver (this thread) keeps `window` transfers posted in a
-// registered region, a sender (a second thread, owning its Transport)
-// ships each as one segment from a prepared buffer; bandwidth is payload
-// bytes / wall time from the first post to the last verified completion
-// (CRC32C on both sides included). Progress goes to stderr.
+// registered region (default by size: 32 up to 64 KiB, 8 up to 1 MiB, else
+// 2, as the decode node), a sender (a second thread, owning its Transport)
+// ships each as `segments` segments (default 1) from a prepared buffer;
+// bandwidth is payload bytes / wall time from the first post to the last
+// verified completion (CRC32C on both sides included). Progress goes to
+// stderr. Noise: on a shared 2-core machine any other busy process halves
+// both figures unevenly; without the perftest runs first the machine is
+// also measurably slower (use --no-perftest only for relative checks).
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -46,8 +52,15 @@ struct Point {
   std::string error;
 };
 
-Point run_point(const Tls& tls, UcxOp op, size_t size, size_t total_bytes) {
-  const size_t window = size <= (64 << 10) ? 32 : size <= (1 << 20) ? 8 : 2;
+struct Knobs {
+  size_t window = 0;    // transfers posted at once; 0: by size (as kvgate's decode node)
+  size_t segments = 1;  // segments per transfer, all in flight together
+};
+
+Point run_point(const Tls& tls, UcxOp op, size_t size, size_t total_bytes, const Knobs& knobs) {
+  const size_t window = knobs.window ? knobs.window : size <= (64 << 10) ? 32 : size <= (1 << 20) ? 8 : 2;
+  const size_t nseg = std::max<size_t>(1, std::min(knobs.segments, size));
+  const size_t seg_bytes = (size + nseg - 1) / nseg;
   const size_t n = std::max<size_t>(window * 2, total_bytes / size);
   TransportConfig c;
   c.kind = TransportKind::kUcx;
@@ -89,7 +102,11 @@ Point run_point(const Tls& tls, UcxOp op, size_t size, size_t total_bytes) {
       for (auto& [id, g] : mine) {
         const auto deadline = Clock::now() + std::chrono::seconds(60);
         Status st = (*s)->begin_send(*peer, TransferId(id), g, deadline);
-        if (st.ok()) st = (*s)->send_segment(*peer, TransferId(id), 0, src.data(), size, 0);
+        for (size_t k = 0; st.ok() && k * seg_bytes < size; ++k) {
+          const size_t off = k * seg_bytes;
+          st = (*s)->send_segment(*peer, TransferId(id), static_cast<uint32_t>(k), src.data() + off,
+                                  std::min(seg_bytes, size - off), off);
+        }
         if (st.ok()) st = (*s)->finish(*peer, TransferId(id));
         if (!st.ok()) sender_error = st.to_string();
       }
@@ -182,23 +199,75 @@ std::string fmt(double v) {
 
 }  // namespace
 
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  size_t at = 0;
+  while (at <= s.size()) {
+    const size_t comma = s.find(',', at);
+    out.push_back(s.substr(at, comma == std::string::npos ? std::string::npos : comma - at));
+    if (comma == std::string::npos) break;
+    at = comma + 1;
+  }
+  return out;
+}
+
+const char* op_name(UcxOp op) {
+  switch (op) {
+    case UcxOp::kAm: return "am";
+    case UcxOp::kPut: return "put";
+    case UcxOp::kTag: return "tag";
+    case UcxOp::kAuto: return "auto";
+  }
+  return "?";
+}
+
 int main(int argc, char** argv) {
   size_t total = size_t{512} << 20;
   bool run_perftest = true;
+  Knobs knobs;
+  std::vector<std::string> tls_names = {"tcp", "shm"};
+  std::vector<UcxOp> ops = {UcxOp::kAm, UcxOp::kTag, UcxOp::kPut};
+  std::vector<size_t> sizes = {size_t{1} << 20, size_t{4} << 20, size_t{16} << 20, size_t{64} << 20,
+                               size_t{256} << 20};
+  auto usage = [&] {
+    std::fprintf(stderr,
+                 "usage: %s [--bytes-per-point N] [--no-perftest] [--quick] [--tls tcp,shm]\n"
+                 "          [--ops am,tag,put,auto] [--sizes-mib 1,4,16,64,256] [--window N] [--segments N]\n",
+                 argv[0]);
+    return 2;
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--bytes-per-point" && i + 1 < argc) total = std::strtoull(argv[++i], nullptr, 10);
+    const bool has = i + 1 < argc;
+    if (a == "--bytes-per-point" && has) total = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--no-perftest") run_perftest = false;
     else if (a == "--quick") total = size_t{64} << 20;
-    else {
-      std::fprintf(stderr, "usage: %s [--bytes-per-point N] [--no-perftest] [--quick]\n", argv[0]);
-      return 2;
+    else if (a == "--tls" && has) tls_names = split(argv[++i]);
+    else if (a == "--window" && has) knobs.window = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--segments" && has) knobs.segments = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--sizes-mib" && has) {
+      sizes.clear();
+      for (const auto& v : split(argv[++i])) sizes.push_back(std::strtoull(v.c_str(), nullptr, 10) << 20);
+    } else if (a == "--ops" && has) {
+      ops.clear();
+      for (const auto& v : split(argv[++i])) {
+        if (v == "am") ops.push_back(UcxOp::kAm);
+        else if (v == "tag") ops.push_back(UcxOp::kTag);
+        else if (v == "put") ops.push_back(UcxOp::kPut);
+        else if (v == "auto") ops.push_back(UcxOp::kAuto);
+        else return usage();
+      }
+    } else {
+      return usage();
     }
   }
   setenv("UCX_NET_DEVICES", "lo", 1);
-  const std::vector<Tls> tlss = {{"tcp", {"tcp"}, "tcp"}, {"shm", {"sm", "tcp"}, "sm,tcp"}};
-  const std::vector<size_t> sizes = {size_t{1} << 20, size_t{4} << 20, size_t{16} << 20,
-                                     size_t{64} << 20, size_t{256} << 20};
+  std::vector<Tls> tlss;
+  for (const auto& n : tls_names) {
+    if (n == "tcp") tlss.push_back({"tcp", {"tcp"}, "tcp"});
+    else if (n == "shm") tlss.push_back({"shm", {"sm", "tcp"}, "sm,tcp"});
+    else return usage();
+  }
   {
     // Both figures share the machine: a busy machine depresses both, unevenly.
     char load[128] = "?";
@@ -207,6 +276,8 @@ int main(int argc, char** argv) {
       std::fclose(f);
     }
     std::printf("# cores %ld, load average %s", sysconf(_SC_NPROCESSORS_ONLN), load);
+    std::printf("# window %s, segments per transfer %zu, bytes per point %zu\n",
+                knobs.window ? std::to_string(knobs.window).c_str() : "by size", knobs.segments, total);
   }
   std::printf("%-4s %-8s %-4s %10s %14s %8s\n", "tls", "size", "op", "GB/s", "perftest best", "ratio");
   int port = 13400 + static_cast<int>(getpid() % 500);
@@ -221,12 +292,12 @@ int main(int argc, char** argv) {
         pt = std::max(perftest(tls, "tag_bw", size, total, port), perftest(tls, "put_bw", size, put_bytes, port + 1));
         port += 2;
       }
-      for (UcxOp op : {UcxOp::kAm, UcxOp::kPut}) {
-        const char* opn = op == UcxOp::kAm ? "am" : "put";
+      for (UcxOp op : ops) {
+        const char* opn = op_name(op);
         progress_msg(std::string("kvgate ") + tls.name + " " + opn + " " + std::to_string(size) + " B");
         // Put over tcp collapses at large sizes (STACK.md): cap its bytes.
         const size_t bytes = (op == UcxOp::kPut && tls.name == std::string("tcp")) ? total / 8 : total;
-        Point p = run_point(tls, op, size, bytes);
+        Point p = run_point(tls, op, size, bytes, knobs);
         const std::string size_s = size >= (1 << 20) ? std::to_string(size >> 20) + "MiB" : std::to_string(size >> 10) + "KiB";
         if (!p.ok) {
           std::printf("%-4s %-8s %-4s %10s %14s %8s   (%s)\n", tls.name, size_s.c_str(), opn, "error",

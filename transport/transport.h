@@ -3,7 +3,7 @@
 //
 // One interface, several implementations chosen by TransportKind
 // (create_transport): `loopback` (in-process, for tests and single-process
-// use), `ucx` (UCP active-message rendezvous or one-sided put), and later
+// use), `ucx` (UCP active-message or tag rendezvous into the pages, or one-sided put), and later
 // `nccl` (UNIMPLEMENTED for now).
 //
 // Model

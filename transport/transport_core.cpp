@@ -18,6 +18,13 @@ std::string hex32(uint32_t v) {
 
 std::string tid(uint64_t id) { return "transfer " + std::to_string(id); }
 
+// CRC work between two link_progress() calls: ~20 µs of checksumming, short
+// enough that a tcp socket's buffer does not run dry meanwhile.
+constexpr uint64_t kCrcChunkBytes = 512 << 10;
+// Most CRC work one progress() call does (bounds how long it blocks when
+// segments keep landing while it checksums).
+constexpr uint64_t kCrcPerProgressBytes = uint64_t{256} << 20;
+
 }  // namespace
 
 TransportCore::TransportCore(const TransportOptions& options, wire::DataOp op)
@@ -241,6 +248,7 @@ Result<TransportCore::Landing> TransportCore::on_segment_header(std::span<const 
   ++t->landing;
   Landing landing;
   landing.cookie = next_cookie_++;
+  landing.peer = peer;
   ops_[landing.cookie] = {OpRef::kRecv, peer.value(), seg.transfer_id, seg.index};
   landing.pieces.reserve(pieces_scratch_.size());
   for (const auto& p : pieces_scratch_)
@@ -258,6 +266,7 @@ void TransportCore::segment_landed(uint64_t cookie, Status status) {
   RecvTransfer& t = it->second;
   --t.landing;
   t.segs[ref.segment].state = status.ok() ? SegState::kDone : SegState::kNone;
+  if (status.ok() && !t.failed) crc_jobs_.push_back({TransferSide::kReceive, ref.peer, ref.transfer, ref.segment});
   if (!status.ok() && !t.failed)
     fail_recv(t, unavailable("transport: " + tid(t.id.value()) + ": segment " +
                              std::to_string(ref.segment) + " failed: " + status.message()), true);
@@ -292,7 +301,7 @@ void TransportCore::handle_stopped(PeerId peer, const wire::Verdict& v) {
   t->await_stop = false;
 }
 
-Status TransportCore::verify(RecvTransfer& t) {
+Status TransportCore::check_structure(RecvTransfer& t) {
   const auto& man = *t.manifest;
   const std::string who = "transport: " + tid(t.id.value());
   if (!t.segs.empty() || conn(t.peer)->peer_op == wire::DataOp::kActiveMessage) {
@@ -305,19 +314,85 @@ Status TransportCore::verify(RecvTransfer& t) {
       if (t.segs[i].offset != man.segments[i].offset_bytes || t.segs[i].length != man.segments[i].length_bytes)
         return data_loss(who + ": segment " + std::to_string(i) + " disagrees with the manifest");
     }
+    return {};
   }
-  for (size_t i = 0; i < man.segments.size(); ++i) {
-    const auto& e = man.segments[i];
+  // Put: the sender wrote the pages itself; the manifest names the segments.
+  for (const auto& e : man.segments) {
     pieces_scratch_.clear();
     KVGATE_RETURN_IF_ERROR(t.map.map(e.offset_bytes, e.length_bytes, pieces_scratch_));
-    if (hooks_.before_verify)
-      hooks_.before_verify(t.id, static_cast<uint32_t>(i),
-                           {region_ + pieces_scratch_[0].region_offset, pieces_scratch_[0].length_bytes});
-    uint32_t crc = 0;
-    for (const auto& p : pieces_scratch_) crc = crc32c(region_ + p.region_offset, p.length_bytes, crc);
-    if (crc != e.crc32c)
-      return data_loss(who + ": segment " + std::to_string(i) + " CRC32C " + hex32(crc) +
-                       " != manifest " + hex32(e.crc32c));
+  }
+  t.segs.resize(man.segments.size());
+  for (size_t i = 0; i < man.segments.size(); ++i) {
+    const auto& e = man.segments[i];
+    t.segs[i] = {e.offset_bytes, e.length_bytes, SegState::kDone};
+    if (e.length_bytes > 0)
+      crc_jobs_.push_back({TransferSide::kReceive, t.peer.value(), t.id.value(), static_cast<uint32_t>(i)});
+  }
+  return {};
+}
+
+bool TransportCore::crc_step(uint64_t budget) {
+  while (crc_head_ < crc_jobs_.size() && budget > 0) {
+    const CrcJob j = crc_jobs_[crc_head_];
+    if (j.side == TransferSide::kSend) {
+      auto it = sends_.find({j.peer, j.transfer});
+      if (it == sends_.end() || it->second.failed || j.segment >= it->second.segs.size()) {
+        ++crc_head_;
+        continue;
+      }
+      SendSeg& s = it->second.segs[j.segment];
+      const uint64_t n = std::min(budget, s.length - s.crc_bytes);
+      s.crc = crc32c(s.data + s.crc_bytes, n, s.crc);
+      s.crc_bytes += n;
+      budget -= n;
+      if (s.crc_bytes == s.length) ++crc_head_;
+      continue;
+    }
+    auto it = recvs_.find(j.transfer);
+    if (it == recvs_.end() || it->second.failed || it->second.peer.value() != j.peer ||
+        j.segment >= it->second.segs.size()) {
+      ++crc_head_;
+      continue;
+    }
+    RecvTransfer& t = it->second;
+    RecvSeg& s = t.segs[j.segment];
+    if (s.state != SegState::kDone || s.crc_bytes == s.length) {
+      ++crc_head_;
+      continue;
+    }
+    pieces_scratch_.clear();
+    if (s.crc_bytes == 0 && hooks_.before_verify) {
+      if (t.map.map(s.offset, s.length, pieces_scratch_).ok())
+        hooks_.before_verify(t.id, j.segment,
+                             {region_ + pieces_scratch_[0].region_offset, pieces_scratch_[0].length_bytes});
+      pieces_scratch_.clear();
+    }
+    const uint64_t n = std::min(budget, s.length - s.crc_bytes);
+    if (!t.map.map(s.offset + s.crc_bytes, n, pieces_scratch_).ok()) {
+      ++crc_head_;  // cannot happen: the segment was mapped when it arrived
+      continue;
+    }
+    for (const auto& p : pieces_scratch_) s.crc = crc32c(region_ + p.region_offset, p.length_bytes, s.crc);
+    s.crc_bytes += n;
+    budget -= n;
+    if (s.crc_bytes == s.length) ++crc_head_;
+  }
+  if (crc_head_ == crc_jobs_.size()) {
+    crc_jobs_.clear();
+    crc_head_ = 0;
+    return false;
+  }
+  return true;
+}
+
+// After check_structure and once every segment is checksummed.
+Status TransportCore::verify(RecvTransfer& t) {
+  const auto& man = *t.manifest;
+  for (size_t i = 0; i < man.segments.size(); ++i) {
+    const auto& s = t.segs[i];
+    if (s.crc != man.segments[i].crc32c)
+      return data_loss("transport: " + tid(t.id.value()) + ": segment " + std::to_string(i) + " CRC32C " +
+                       hex32(s.crc) + " != manifest " + hex32(man.segments[i].crc32c));
   }
   return {};
 }
@@ -340,7 +415,17 @@ bool TransportCore::advance_recv(RecvTransfer& t, Clock::time_point now) {
   if (!t.failed && now >= t.deadline)
     fail_recv(t, Status(StatusCode::kDeadlineExceeded, "transport: " + tid(t.id.value()) +
                         ": deadline passed before the transfer completed"), true);
-  if (!t.failed && t.manifest && t.landing == 0) {
+  if (!t.failed && t.manifest && t.landing == 0 && !t.checked) {
+    Status s = check_structure(t);
+    if (s.ok()) {
+      t.checked = true;
+    } else {
+      fail_recv(t, std::move(s), true);
+    }
+  }
+  bool summed = t.checked;
+  for (size_t i = 0; summed && i < t.segs.size(); ++i) summed = t.segs[i].crc_bytes == t.segs[i].length;
+  if (!t.failed && summed) {
     Status s = verify(t);
     if (s.ok()) {
       Conn* c = conn(t.peer);
@@ -398,7 +483,7 @@ Status TransportCore::send_segment(PeerId peer, TransferId id, uint32_t index, c
   if (t.failed) return t.status;
   if (index >= t.segs.size()) t.segs.resize(index + 1);
   SendSeg& s = t.segs[index];
-  s = {remote_offset, bytes, crc32c(data, bytes), data, SegState::kQueued};
+  s = {remote_offset, bytes, 0, 0, data, SegState::kQueued};
   const bool check = op_ == wire::DataOp::kPut || !hooks_.skip_sender_range_check;
   if (check && (remote_offset > t.map.total_bytes() || bytes > t.map.total_bytes() - remote_offset)) {
     Status st = out_of_range("transport: " + tid(id.value()) + ": segment " + std::to_string(index) +
@@ -451,6 +536,9 @@ void TransportCore::segment_sent(uint64_t cookie, Status status) {
   SendTransfer& t = it->second;
   --t.in_flight;
   t.segs[ref.segment].state = SegState::kDone;
+  // Checksummed now, in progress(): the link just read these bytes, so they
+  // are likely still in cache, and the wire never waited for the CRC.
+  if (status.ok() && !t.failed) crc_jobs_.push_back({TransferSide::kSend, ref.peer, ref.transfer, ref.segment});
   if (!status.ok() && !t.failed)
     fail_send(t, unavailable("transport: " + tid(t.id.value()) + ": segment " + std::to_string(ref.segment) +
                              " failed: " + status.message()), true);
@@ -551,6 +639,8 @@ bool TransportCore::advance_send(SendTransfer& t, Clock::time_point now) {
     for (uint32_t i = 0; i < t.segs.size() && !t.failed; ++i)
       if (t.segs[i].state == SegState::kQueued) issue(t, i);
   if (t.failed || !t.finish_requested || t.manifest_sent || t.in_flight != 0 || !c->ready) return false;
+  for (const auto& s : t.segs)
+    if (s.crc_bytes != s.length) return false;  // still being checksummed
   if (op_ == wire::DataOp::kPut && !t.flushed) {
     if (!t.flush_in_flight) {
       const uint64_t cookie = next_cookie_++;
@@ -633,6 +723,8 @@ void TransportCore::advance() {
 
 size_t TransportCore::progress(std::vector<TransferEvent>& events) {
   link_progress();
+  for (uint64_t done = 0; done < kCrcPerProgressBytes && crc_step(kCrcChunkBytes); done += kCrcChunkBytes)
+    link_progress();
   advance();
   const size_t n = events_.size();
   for (auto& e : events_) events.push_back(std::move(e));

@@ -12,6 +12,11 @@
 //     nothing of it is in flight (or its quiesce deadline passed).
 //   - Operation cookies, not pointers, tie completions to transfers; a
 //     completion for an erased transfer is ignored.
+//   - CRC32C is never computed inside a call that could stall the link: the
+//     sender's segments are issued first and checksummed in progress(), the
+//     receiver checksums each segment as soon as it landed (before the
+//     manifest arrives), in chunks of kCrcChunkBytes with link_progress()
+//     between them, so the wire keeps moving while the CPU checksums.
 //
 // Threading: the owner thread of the Transport, like everything else.
 #pragma once
@@ -77,6 +82,7 @@ class TransportCore : public Transport {
   void on_control(std::span<const std::byte> message);
   struct Landing {
     uint64_t cookie = 0;
+    PeerId peer;  // who announced the segment
     std::vector<std::pair<std::byte*, size_t>> pieces;  // in the region
   };
   // A data segment's header arrived with `payload_bytes` to follow. OK:
@@ -88,6 +94,10 @@ class TransportCore : public Transport {
   void flushed(uint64_t cookie, Status status);
   void peer_lost(PeerId peer, Status status);
   void count_malformed(const Status& why);
+  // False once a cookie's completion would be ignored (its transfer was
+  // erased): a backend may then cancel what it still holds for it (a
+  // pre-posted receive into pages that are no longer the transfer's).
+  bool cookie_live(uint64_t cookie) const { return ops_.count(cookie) != 0; }
 
   wire::DataOp op() const { return op_; }
   std::byte* region() const { return region_; }
@@ -106,6 +116,7 @@ class TransportCore : public Transport {
   struct SendSeg {
     uint64_t offset = 0, length = 0;
     uint32_t crc = 0;
+    uint64_t crc_bytes = 0;  // checksummed so far (== length: crc is final)
     const std::byte* data = nullptr;
     SegState state = SegState::kNone;
   };
@@ -125,6 +136,8 @@ class TransportCore : public Transport {
   struct RecvSeg {
     uint64_t offset = 0, length = 0;
     SegState state = SegState::kNone;  // kInFlight: landing
+    uint32_t crc = 0;
+    uint64_t crc_bytes = 0;  // checksummed so far (== length: crc is final)
   };
   struct RecvTransfer {
     TransferId id;
@@ -134,6 +147,7 @@ class TransportCore : public Transport {
     std::vector<RecvSeg> segs;
     uint32_t landing = 0;
     std::optional<wire::Manifest> manifest;
+    bool checked = false;  // manifest agrees with the segments; CRCs pending
     bool failed = false, await_stop = false;
     Status status;
   };
@@ -158,7 +172,16 @@ class TransportCore : public Transport {
   void issue(SendTransfer& t, uint32_t index);
   void fail_send(SendTransfer& t, Status status, bool notify_peer);
   void fail_recv(RecvTransfer& t, Status status, bool tell_peer);
+  Status check_structure(RecvTransfer& t);
   Status verify(RecvTransfer& t);
+  // CRC work: one entry per segment with bytes left to checksum.
+  struct CrcJob {
+    TransferSide side;
+    uint64_t peer = 0, transfer = 0;
+    uint32_t segment = 0;
+  };
+  // Checksums up to `budget` bytes from the queue; true while work remains.
+  bool crc_step(uint64_t budget);
   void advance();
   bool advance_send(SendTransfer& t, Clock::time_point now);  // true: erase
   bool advance_recv(RecvTransfer& t, Clock::time_point now);  // true: erase
@@ -183,6 +206,8 @@ class TransportCore : public Transport {
   std::unordered_map<uint64_t, OpRef> ops_;
   std::vector<TransferEvent> events_;
   std::vector<wire::Piece> pieces_scratch_;
+  std::vector<CrcJob> crc_jobs_;  // FIFO via crc_head_
+  size_t crc_head_ = 0;
 };
 
 }  // namespace kvgate::transport

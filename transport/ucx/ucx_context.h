@@ -23,8 +23,10 @@ Status ucx_status(ucs_status_t status, std::string_view what);
 class UcxContext {
  public:
   // Reads UCX's environment, then applies config.ucx_tls/ucx_net_devices
-  // (they win over UCX_TLS/UCX_NET_DEVICES). Registers [region, +bytes)
-  // when region is not null.
+  // (they win over UCX_TLS/UCX_NET_DEVICES), then kvgate's own UCX defaults
+  // for variables the environment does not set (today only
+  // UCX_TCP_RX_SEG_SIZE=512K; see ucx_context.cpp and the README). Enables
+  // AM, RMA and TAG. Registers [region, +bytes) when region is not null.
   static Result<std::unique_ptr<UcxContext>> create(const TransportConfig& config, std::byte* region,
                                                     size_t region_bytes);
   ~UcxContext();

@@ -10,8 +10,13 @@ namespace {
 
 constexpr unsigned kAmControl = 0x4B1;
 constexpr unsigned kAmData = 0x4B2;
+constexpr unsigned kAmTagHeader = 0x4B3;
 constexpr uint32_t kAddressMagic = 0x5547564Bu;  // "KVGU"
 constexpr uint8_t kAddressVersion = 1;
+// How long an unannounced tagged message is held (its header may still be
+// on the way), and how many at most.
+constexpr auto kHoldUnexpected = std::chrono::seconds(1);
+constexpr size_t kMaxHeld = 4096;
 
 struct ParsedAddress {
   Bytes worker;
@@ -50,6 +55,20 @@ Result<ParsedAddress> parse_address(std::span<const std::byte> a) {
   return p;
 }
 
+uint64_t mix64(uint64_t x) {  // splitmix64's finalizer
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The tag of one segment's payload: unguessable without the sender's
+// connection nonce, distinct per (transfer, segment) in practice.
+uint64_t segment_tag(uint64_t sender_nonce, uint64_t transfer_id, uint32_t index) {
+  return mix64(sender_nonce ^ mix64(transfer_id * 0x9E3779B97F4A7C15ull + index));
+}
+
 }  // namespace
 
 struct UcxTransport::Peer {
@@ -61,7 +80,7 @@ struct UcxTransport::Peer {
   bool failed = false;
 };
 
-enum OpKind { kControlOp, kSegmentOp, kPutOp, kFlushOp, kRecvOp };
+enum OpKind { kControlOp, kSegmentOp, kPutOp, kFlushOp, kRecvOp, kDrainOp };
 
 struct UcxTransport::Op {
   UcxTransport* self = nullptr;
@@ -69,36 +88,37 @@ struct UcxTransport::Op {
   uint64_t cookie = 0;
   uint32_t remaining = 1;  // outstanding UCX requests (put: one per piece)
   ucs_status_t status = UCS_OK;
+  uint64_t peer = 0;                           // tag receive: whose segment
+  void* request = nullptr;                     // tag receive: to cancel it
+  uint64_t expect_bytes = 0;                   // tag receive: the segment's length
   Bytes buffer;                                // control message
   std::byte header[wire::kSegmentBytes];       // AM data header
   std::vector<ucp_dt_iov_t> iov;               // scattered receive
 };
 
-Result<wire::DataOp> UcxTransport::choose_op(const TransportConfig& config) {
+Result<UcxOp> UcxTransport::choose_op(const TransportConfig& config) {
   switch (config.ucx_op) {
     case UcxOp::kAm:
-      return wire::DataOp::kActiveMessage;
-    case UcxOp::kPut:
-      return wire::DataOp::kPut;
     case UcxOp::kTag:
-      return unimplemented(
-          "transport: ucx_op tag is not implemented: use am (the same rendezvous, received "
-          "straight into the pages, without the receiver pre-posting tags) or put");
+    case UcxOp::kPut:
+      return config.ucx_op;
     case UcxOp::kAuto:
       for (const auto& tl : config.ucx_tls) {
         for (const char* rdma : {"rc", "dc", "ud", "ib", "mlx5"})
-          if (tl.rfind(rdma, 0) == 0) return wire::DataOp::kPut;
+          if (tl.rfind(rdma, 0) == 0) return UcxOp::kPut;
       }
-      return wire::DataOp::kActiveMessage;
+      return UcxOp::kAm;
   }
   return invalid_argument("transport: unknown ucx_op");
 }
 
-std::string_view UcxTransport::op_name() const { return op() == wire::DataOp::kPut ? "put" : "am"; }
+std::string_view UcxTransport::op_name() const {
+  return data_op_ == UcxOp::kPut ? "put" : data_op_ == UcxOp::kTag ? "tag" : "am";
+}
 
 Result<std::unique_ptr<Transport>> UcxTransport::create(const TransportConfig& config,
                                                         const TransportOptions& options) {
-  KVGATE_ASSIGN_OR_RETURN(wire::DataOp op, choose_op(config));
+  KVGATE_ASSIGN_OR_RETURN(UcxOp op, choose_op(config));
   if (options.region == nullptr && options.region_bytes != 0)
     return invalid_argument("transport: ucx: region_bytes without a region");
   KVGATE_ASSIGN_OR_RETURN(auto ctx, UcxContext::create(config, options.region, options.region_bytes));
@@ -107,8 +127,10 @@ Result<std::unique_ptr<Transport>> UcxTransport::create(const TransportConfig& c
   return std::unique_ptr<Transport>(std::move(t));
 }
 
-UcxTransport::UcxTransport(const TransportOptions& options, wire::DataOp op, std::unique_ptr<UcxContext> ctx)
-    : TransportCore(options, op), ctx_(std::move(ctx)) {
+UcxTransport::UcxTransport(const TransportOptions& options, UcxOp op, std::unique_ptr<UcxContext> ctx)
+    : TransportCore(options, op == UcxOp::kPut ? wire::DataOp::kPut : wire::DataOp::kActiveMessage),
+      ctx_(std::move(ctx)),
+      data_op_(op) {
   address_.reserve(64 + ctx_->worker_address().size() + ctx_->packed_rkey().size());
   put_u(address_, kAddressMagic, 4);
   put_u(address_, kAddressVersion, 1);
@@ -122,7 +144,8 @@ UcxTransport::UcxTransport(const TransportOptions& options, wire::DataOp op, std
 
 Status UcxTransport::install_handlers() {
   for (auto [id, cb] : {std::pair{kAmControl, &UcxTransport::on_am_control},
-                        std::pair{kAmData, &UcxTransport::on_am_data}}) {
+                        std::pair{kAmData, &UcxTransport::on_am_data},
+                        std::pair{kAmTagHeader, &UcxTransport::on_am_tag_header}}) {
     ucp_am_handler_param_t p{};
     p.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
                    UCP_AM_HANDLER_PARAM_FIELD_ARG;
@@ -136,6 +159,8 @@ Status UcxTransport::install_handlers() {
 }
 
 UcxTransport::~UcxTransport() {
+  cancel_tag_receives(0, false);
+  sweep_unexpected(true);
   say_goodbye();
   auto until = [&](auto done, std::chrono::milliseconds limit) {
     const auto end = Clock::now() + limit;
@@ -267,6 +292,8 @@ void UcxTransport::complete(Op* op, ucs_status_t status) {
       case kRecvOp:
         segment_landed(op->cookie, std::move(s));
         break;
+      case kDrainOp:  // a refused segment's payload, consumed and discarded
+        break;
       default:
         break;
     }
@@ -284,6 +311,32 @@ void UcxTransport::on_recv(void* request, ucs_status_t status, size_t, void* use
   Op* op = static_cast<Op*>(user_data);
   op->self->complete(op, status);
   ucp_request_free(request);
+}
+
+void UcxTransport::on_tag_recv(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
+                               void* user_data) {
+  Op* op = static_cast<Op*>(user_data);
+  // A tagged message longer than the segment is truncated by UCX (an
+  // error); a shorter one would leave stale bytes: both fail the segment.
+  if (status == UCS_OK && op->kind == kRecvOp && info->length != op->expect_bytes)
+    status = UCS_ERR_MESSAGE_TRUNCATED;
+  if (op->kind == kDrainOp) status = UCS_OK;  // truncation is the point
+  op->request = nullptr;
+  op->self->complete(op, status);
+  ucp_request_free(request);
+}
+
+void UcxTransport::cancel_tag_receives(uint64_t peer, bool only_dead) {
+  std::vector<void*> cancel;
+  for (Op* op : live_ops_) {
+    if ((op->kind != kRecvOp && op->kind != kDrainOp) || op->request == nullptr) continue;
+    if (peer != 0 && op->peer != peer) continue;
+    if (only_dead && (op->kind == kDrainOp || cookie_live(op->cookie))) continue;
+    cancel.push_back(op->request);
+  }
+  // Only a receive still waiting for its match is cancelled (UCS_ERR_CANCELED
+  // through on_tag_recv); one already receiving completes normally.
+  for (void* r : cancel) ucp_request_cancel(ctx_->worker(), r);
 }
 
 void UcxTransport::on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
@@ -313,6 +366,7 @@ Status UcxTransport::link_send_segment(SegmentOp seg) {
   ucp_request_param_t prm{};
   prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   prm.cb.send = &UcxTransport::on_send;
+  if (data_op_ == UcxOp::kTag) return send_tagged(*p, seg);
   if (op() == wire::DataOp::kActiveMessage) {
     Op* op = new_op(kSegmentOp, seg.cookie);
     std::memcpy(op->header, seg.header, wire::kSegmentBytes);
@@ -332,6 +386,30 @@ Status UcxTransport::link_send_segment(SegmentOp seg) {
                           p->remote_base + piece.region_offset, p->rkey, &prm));
   }
   complete(op, UCS_OK);  // releases the +1
+  return {};
+}
+
+Status UcxTransport::send_tagged(Peer& p, SegmentOp& seg) {
+  auto h = wire::decode({seg.header, wire::kSegmentBytes});
+  if (!h.ok() || h->type != wire::WireType::kSegment) return internal_error("transport: ucx: bad own segment header");
+  const auto& s = std::get<wire::Segment>(h->body);
+  // The header first (eager: it must not wait for a rendezvous), then the
+  // payload; UCX keeps an unexpected tagged message (or its rendezvous
+  // request) until the receiver posts the matching receive.
+  Op* hop = new_op(kControlOp, 0);
+  std::memcpy(hop->header, seg.header, wire::kSegmentBytes);
+  ucp_request_param_t hp{};
+  hp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  hp.cb.send = &UcxTransport::on_send;
+  hp.user_data = hop;
+  hp.flags = UCP_AM_SEND_FLAG_EAGER;
+  track(hop, ucp_am_send_nbx(p.ep, kAmTagHeader, hop->header, wire::kSegmentBytes, nullptr, 0, &hp));
+  Op* op = new_op(kSegmentOp, seg.cookie);
+  ucp_request_param_t prm{};
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  prm.cb.send = &UcxTransport::on_send;
+  prm.user_data = op;
+  track(op, ucp_tag_send_nbx(p.ep, seg.data, seg.bytes, segment_tag(h->nonce, s.transfer_id, s.index), &prm));
   return {};
 }
 
@@ -392,6 +470,96 @@ ucs_status_t UcxTransport::on_am_data(void* arg, const void* header, size_t head
   return UCS_INPROGRESS;
 }
 
+ucs_status_t UcxTransport::on_am_tag_header(void* arg, const void* header, size_t header_length, void*,
+                                            size_t length, const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxTransport*>(arg);
+  const std::span<const std::byte> h(static_cast<const std::byte*>(header), header_length);
+  if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || length != 0) {
+    self->count_malformed(invalid_argument("transport: ucx: tag segment header with a payload"));
+    return (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ? UCS_ERR_REJECTED : UCS_OK;
+  }
+  auto decoded = wire::decode(h);
+  if (!decoded.ok() || decoded->type != wire::WireType::kSegment) {
+    (void)self->on_segment_header(h, 0);  // counts it
+    return UCS_OK;
+  }
+  const auto& seg = std::get<wire::Segment>(decoded->body);
+  const uint64_t tag = segment_tag(decoded->nonce, seg.transfer_id, seg.index);
+  auto landing = self->on_segment_header(h, seg.length_bytes);
+  if (!landing.ok()) {
+    // From an authenticated peer (the transfer is gone, the segment is
+    // refused): consume its payload with a zero-byte receive so that its
+    // send completes. From anyone else: nothing is posted on their behalf
+    // (their tagged messages are swept and discarded, sweep_unexpected).
+    if (landing.status().code() == StatusCode::kUnavailable || seg.length_bytes == 0) return UCS_OK;
+    self->receive_tagged(tag, nullptr, 0, false, self->new_op(kDrainOp, 0));
+    return UCS_OK;
+  }
+  Op* op = self->new_op(kRecvOp, landing->cookie);
+  op->expect_bytes = seg.length_bytes;
+  op->peer = landing->peer.value();  // cancelled if that peer is lost
+  void* buffer = landing->pieces[0].first;
+  size_t count = landing->pieces[0].second;
+  if (landing->pieces.size() > 1) {
+    op->iov.reserve(landing->pieces.size());
+    for (auto [dst, n] : landing->pieces) op->iov.push_back({dst, n});
+    buffer = op->iov.data();
+    count = op->iov.size();
+  }
+  self->receive_tagged(tag, buffer, count, landing->pieces.size() > 1, op);
+  return UCS_OK;
+}
+
+void UcxTransport::receive_tagged(uint64_t tag, void* buffer, size_t count, bool iov, Op* op) {
+  ucp_request_param_t prm{};
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+  prm.cb.recv = &UcxTransport::on_tag_recv;
+  prm.user_data = op;
+  if (iov) {
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    prm.datatype = ucp_dt_make_iov();
+  }
+  auto held = held_.find(tag);
+  if (held != held_.end()) {  // it arrived before its header and was swept
+    const ucp_tag_message_h message = held->second.message;
+    held_.erase(held);
+    track(op, ucp_tag_msg_recv_nbx(ctx_->worker(), buffer, count, message, &prm));
+    return;  // matched already: nothing to cancel
+  }
+  void* r = ucp_tag_recv_nbx(ctx_->worker(), buffer, count, tag, ~uint64_t{0}, &prm);
+  if (r && !UCS_PTR_IS_ERR(r)) op->request = r;
+  track(op, r);
+}
+
+void UcxTransport::sweep_unexpected(bool discard_all) {
+  const auto now = Clock::now();
+  auto discard = [&](ucp_tag_message_h message) {
+    ucp_request_param_t prm{};
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    prm.cb.recv = &UcxTransport::on_tag_recv;
+    Op* op = new_op(kDrainOp, 0);
+    prm.user_data = op;
+    track(op, ucp_tag_msg_recv_nbx(ctx_->worker(), nullptr, 0, message, &prm));
+  };
+  for (auto it = held_.begin(); it != held_.end();) {
+    if (discard_all || now - it->second.seen >= kHoldUnexpected) {
+      discard(it->second.message);
+      it = held_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (discard_all) return;
+  // Everything still unexpected now: taken out of UCX's queue (the memory
+  // stays UCX's until received or discarded) and held, by tag.
+  for (size_t i = 0; i < kMaxHeld; ++i) {
+    ucp_tag_recv_info_t info{};
+    ucp_tag_message_h m = ucp_tag_probe_nb(ctx_->worker(), 0, 0, 1, &info);
+    if (m == nullptr) break;
+    if (held_.size() >= kMaxHeld || !held_.emplace(info.sender_tag, Held{m, now}).second) discard(m);
+  }
+}
+
 void UcxTransport::link_progress() {
   // Bounded: a busy worker must not starve the engine loop.
   for (int i = 0; i < 256 && ucp_worker_progress(ctx_->worker()) != 0; ++i) {
@@ -402,7 +570,16 @@ void UcxTransport::link_progress() {
     auto it = peers_.find(id.value());
     if (it == peers_.end()) continue;
     close_peer(*it->second, true);
+    cancel_tag_receives(id.value(), false);
     peer_lost(id, unavailable("transport: ucx: endpoint to the peer failed"));
+  }
+  // Tag receives posted for transfers the core erased (quiesce timeout,
+  // lost peer): cancel them before those pages go to someone else.
+  const auto now = Clock::now();
+  if (now >= next_sweep_) {
+    next_sweep_ = now + std::chrono::milliseconds(50);
+    cancel_tag_receives(0, true);
+    sweep_unexpected(false);
   }
 }
 

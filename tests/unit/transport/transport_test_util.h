@@ -32,20 +32,22 @@ inline std::vector<TransportParam> all_transports() {
   loop.kind = TransportKind::kLoopback;
   v.push_back({"loopback", loop});
 #if KVGATE_HAVE_UCX
-  for (auto op : {UcxOp::kAm, UcxOp::kPut}) {
+  for (auto op : {UcxOp::kAm, UcxOp::kTag, UcxOp::kPut}) {
     TransportConfig c;
     c.kind = TransportKind::kUcx;
     c.ucx_op = op;
     c.ucx_tls = {"tcp"};
     c.ucx_net_devices = {"lo"};
-    v.push_back({op == UcxOp::kAm ? "ucx_am_tcp" : "ucx_put_tcp", c});
+    v.push_back({op == UcxOp::kAm ? "ucx_am_tcp" : op == UcxOp::kTag ? "ucx_tag_tcp" : "ucx_put_tcp", c});
   }
-  TransportConfig shm;
-  shm.kind = TransportKind::kUcx;
-  shm.ucx_op = UcxOp::kAm;
-  shm.ucx_tls = {"sm", "tcp"};
-  shm.ucx_net_devices = {"lo"};
-  v.push_back({"ucx_am_shm", shm});
+  for (auto op : {UcxOp::kAm, UcxOp::kTag}) {
+    TransportConfig shm;
+    shm.kind = TransportKind::kUcx;
+    shm.ucx_op = op;
+    shm.ucx_tls = {"sm", "tcp"};
+    shm.ucx_net_devices = {"lo"};
+    v.push_back({op == UcxOp::kAm ? "ucx_am_shm" : "ucx_tag_shm", shm});
+  }
 #endif
   return v;
 }
