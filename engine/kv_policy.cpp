@@ -117,8 +117,9 @@ Result<kvstore::KvLayout> make_kv_layout(const LlamaConfig& config, const KvPoli
       if (!policy.gate) {
         return failed_precondition(std::string("KV policy '") + kv_policy_name(policy.policy) +
                                    "' needs a calibrated gate side file: MODEL.gate.gguf next to "
-                                   "the model (scripts/calibrate.sh makes it), kv.gate_file in "
-                                   "the config, or --gate FILE; or choose another policy");
+                                   "the model (`kvgate calibrate`, as scripts/calibrate.sh runs "
+                                   "it), kv.gate_file in the config, or --gate FILE; or choose "
+                                   "another policy");
       }
       return make_gate_layout(config, *policy.gate, policy.policy == KvPolicy::kGatePod,
                               policy.sink_tokens(), policy.window_tokens());
