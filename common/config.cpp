@@ -316,7 +316,10 @@ class Parser {
     for (const auto& n : nodes) {
       if (n.role == Role::kCoordinator) coord = &n;
     }
-    std::map<uint16_t, std::string> used;  // port -> "local.nodes[i] (name) path"
+    // Ports must differ among the nodes of one machine. A node that
+    // advertises its own host (cluster.advertise_host, e.g. a Kubernetes
+    // pod's DNS name) runs elsewhere; nodes without one share this machine.
+    std::map<std::pair<std::string, uint16_t>, std::string> used;  // (host, port) -> who
     for (size_t i = 0; i < nodes.size(); ++i) {
       const LocalNode& n = nodes[i];
       const std::string who = "local.nodes[" + std::to_string(i) + "] (" + n.name + ")";
@@ -343,7 +346,8 @@ class Parser {
       }
       for (const BoundPort& bp : bound_ports(n.config, n.role)) {
         if (bp.port == 0) continue;
-        auto [it, fresh] = used.emplace(bp.port, who + " " + bp.path);
+        auto [it, fresh] =
+            used.emplace(std::make_pair(n.config.cluster.advertise_host, bp.port), who + " " + bp.path);
         if (!fresh) {
           return fail(bp.path + ": port " + std::to_string(bp.port) + " is also used by " +
                       it->second);

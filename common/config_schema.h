@@ -506,7 +506,9 @@ inline const Table<ClusterConfig>& local_table() {
 
 inline constexpr const char* kNodesHelp =
     "Processes kvgate up starts: each has a name, a role (coordinator|prefill|decode) and any "
-    "top-level sections as overrides, e.g. decode: {listen: \"127.0.0.1:7201\"}.";
+    "top-level sections as overrides, e.g. decode: {listen: \"127.0.0.1:7201\"}. Ports must "
+    "differ among nodes on one machine; a node with its own cluster.advertise_host runs "
+    "elsewhere (`kvgate <role> --node NAME` on that host).";
 
 inline std::vector<std::string> node_sections() {
   std::vector<std::string> out;

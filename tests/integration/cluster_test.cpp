@@ -369,6 +369,31 @@ void expect_cluster_equals_local(const std::string& policy, const std::string& p
   ASSERT_TRUE(pm);
   EXPECT_NE(pm->body.find("kvgate_prefill_"), std::string::npos);
 
+  // The operator's dashboard and alerts (deploy/) query only metrics the
+  // cluster really exports.
+  for (const char* file : {"/deploy/grafana/kvgate-cluster.json", "/deploy/prometheus/kvgate-alerts.yml"}) {
+    std::ifstream in(std::string(KVGATE_SOURCE_DIR) + file);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_FALSE(text.empty()) << file;
+    const std::regex name_re("kvgate_[a-z_]+");
+    int names = 0;
+    for (std::sregex_iterator it(text.begin(), text.end(), name_re), end; it != end; ++it) {
+      std::string name = it->str();
+      for (const char* suffix : {"_bucket", "_sum", "_count"}) {
+        const std::string sfx = suffix;
+        if (name.size() > sfx.size() && name.compare(name.size() - sfx.size(), sfx.size(), sfx) == 0) {
+          name.resize(name.size() - sfx.size());
+        }
+      }
+      ++names;
+      const std::string line = "# TYPE " + name + " ";
+      EXPECT_TRUE(cm->body.find(line) != std::string::npos || dm->body.find(line) != std::string::npos ||
+                  pm->body.find(line) != std::string::npos)
+          << file << " queries " << name << ", which no role exports";
+    }
+    EXPECT_GT(names, 5) << file;
+  }
+
   if (policy == "dense") expect_openai_client_works(f);
 
   EXPECT_EQ(c.stop("coordinator"), 0) << c.logs();

@@ -330,6 +330,20 @@ TEST(Config, LocalClusterChecks) {
              "(prefill-0) prefill.listen");
   EXPECT_HAS(error_of(local_cluster("      decode: {listen: \"127.0.0.1:8000\"}\n")),
              "decode.listen: port 8000 is also used by local.nodes[0] (coord) coordinator.listen");
+  // A node that advertises its own host runs on another machine: the same
+  // port is fine there (e.g. Kubernetes pods, deploy/kubernetes/), while
+  // two nodes advertising the same host still collide.
+  EXPECT_TRUE(parse(local_cluster("      decode: {listen: \"0.0.0.0:7100\"}\n"
+                                  "      cluster: {advertise_host: decode-0.kvgate-decode}\n"))
+                  .ok());
+  EXPECT_HAS(error_of(local_cluster(
+                 "      decode: {listen: \"0.0.0.0:7300\"}\n"
+                 "      cluster: {advertise_host: h1}\n"
+                 "    - name: decode-1\n      role: decode\n"
+                 "      decode: {listen: \"0.0.0.0:7300\"}\n"
+                 "      metrics: {listen: \"127.0.0.1:9301\"}\n"
+                 "      cluster: {advertise_host: h1}\n")),
+             "decode.listen: port 7300 is also used by local.nodes[2] (decode-0) decode.listen");
   EXPECT_HAS(error_of(local_cluster("    - {name: decode-0, role: decode}\n")),
              "local.nodes[3] (decode-0): name is also local.nodes[2]");
   EXPECT_HAS(error_of(local_cluster("    - {name: c2, role: coordinator}\n")),
