@@ -192,6 +192,7 @@ void fields(IO& io, M& m) {
   io.field("first_token_id", m.first_token_id);
   io.field("generation", m.generation);
   io.field("kv_policy", m.kv_policy);
+  io.field("prompt_tail_token_ids", m.prompt_tail_token_ids);
 }
 
 template <typename IO, Is<TransferResult> M>

@@ -335,6 +335,10 @@ struct TransferManifest {
   TokenId first_token_id = -1;  // sampled by the prefill node from the last logits
   GenerationParams generation;
   KvPolicySpec kv_policy;  // PrefillJob::kv_policy: how the decode node continues the cache
+  // The last prompt tokens the repetition penalty looks at (at most
+  // sampling.repetition_window of them), so the decode node samples exactly
+  // as a single process would.
+  std::vector<TokenId> prompt_tail_token_ids;
   bool operator==(const TransferManifest&) const = default;
 };
 

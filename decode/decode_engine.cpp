@@ -498,6 +498,16 @@ Status DecodeEngine::adopt_and_admit(Request& r) {
   // Everything granted stays with the request (decode growth draws on it).
   KVGATE_RETURN_IF_ERROR(leases_->commit(r.lease, info->granted_bytes, Clock::now()));
   seq->prompt_tokens = m.prompt_tokens;
+  if (m.prompt_tail_token_ids.size() > m.prompt_tokens) {
+    return invalid_argument(what + "prompt_tail_token_ids has " +
+                            std::to_string(m.prompt_tail_token_ids.size()) +
+                            " tokens, more than the prompt's " + std::to_string(m.prompt_tokens));
+  }
+  // The repetition penalty sees the prompt's tail, and the random stream
+  // continues past the prefill node's draw of the first token: the same
+  // tokens as one process (engine::generate) for any sampling parameters.
+  seq->history.assign(m.prompt_tail_token_ids.begin(), m.prompt_tail_token_ids.end());
+  seq->sampler.advance(1);
   seq->max_new_tokens = m.generation.max_new_tokens;
   seq->ignore_eos = m.generation.ignore_eos;
   seq->last_token_at = Clock::now();

@@ -30,7 +30,7 @@ struct DecodeEngine::Sequence {
   engine::Sampler sampler;
   engine::StreamDecoder decoder;
   engine::StopMatcher stops;
-  std::vector<int32_t> history;  // completion tokens (the prompt's ids are not shipped)
+  std::vector<int32_t> history;  // the prompt's tail (manifest), then the completion tokens
   int32_t next_token = 0;        // fed at the next step
   uint32_t prompt_tokens = 0;
   uint32_t completion_tokens = 0;

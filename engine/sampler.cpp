@@ -105,6 +105,15 @@ int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> 
   return cand_[n - 1].id;
 }
 
+void Sampler::advance(int64_t samples) {
+  if (params_.temperature <= 0.0f) return;  // greedy draws nothing
+  for (int64_t i = 0; i < samples; ++i) {
+    // The same distribution type consumes the engine exactly as sample() does.
+    std::uniform_real_distribution<double> uni(0.0, 1.0);
+    (void)uni(rng_);
+  }
+}
+
 StopMatcher::StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {
   std::erase_if(stops_, [](const std::string& s) { return s.empty(); });
 }

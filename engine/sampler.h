@@ -38,6 +38,13 @@ class Sampler {
   // tokens seen so far (prompt and generated) for the repetition penalty.
   int32_t sample(std::span<const float> logits, std::span<const int32_t> history);
 
+  // Moves the random stream past `samples` earlier sample() calls made by
+  // another Sampler with the same params (one draw each when sampling; none
+  // for greedy), so a request continued elsewhere — the decode node after
+  // the prefill node drew the first token — picks exactly what one process
+  // would have.
+  void advance(int64_t samples);
+
   const SamplingParams& params() const { return params_; }
 
  private:

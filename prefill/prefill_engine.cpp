@@ -312,6 +312,11 @@ Status PrefillEngine::process(QueuedJob& job, JobFailure& cause) {
   manifest.first_token_id = first_token;
   manifest.generation = j.generation;
   manifest.kv_policy = j.kv_policy;
+  {
+    const auto window = static_cast<size_t>(std::max<int32_t>(0, j.generation.sampling.repetition_window));
+    const size_t tail = std::min(window, tokens.size());
+    manifest.prompt_tail_token_ids.assign(tokens.end() - static_cast<std::ptrdiff_t>(tail), tokens.end());
+  }
 
   const transport::TransferId id(j.lease_id.value());
   const auto start = Clock::now();

@@ -369,6 +369,30 @@ void expect_cluster_equals_local(const std::string& policy, const std::string& p
   ASSERT_TRUE(pm);
   EXPECT_NE(pm->body.find("kvgate_prefill_"), std::string::npos);
 
+  // Sampling with a seed and a repetition penalty: the decode node continues
+  // the prefill node's random stream and sees the prompt's tail, so the text
+  // is the single-process engine's too.
+  if (policy == "dense") {
+    json b = {{"model", "smol"},
+              {"messages", json::array({{{"role", "user"}, {"content", prompt}}})},
+              {"max_tokens", max_tokens},
+              {"temperature", 0.9},
+              {"top_k", 40},
+              {"seed", 7},
+              {"repetition_penalty", 1.3}};
+    auto sampled = http_call(f.http, "POST", "/v1/chat/completions", b.dump(), auth(f));
+    ASSERT_TRUE(sampled);
+    ASSERT_EQ(sampled->status, 200) << sampled->body;
+    Proc g = spawn({"generate", "--model", KVGATE_TEST_MODEL, "--chat", "--prompt", prompt,
+                    "--max-tokens", std::to_string(max_tokens), "--threads", "1", "--json",
+                    "--policy", "dense", "--temperature", "0.9", "--top-k", "40", "--seed", "7",
+                    "--repeat-penalty", "1.3"});
+    ASSERT_EQ(wait_exit(g, std::chrono::seconds(300)), 0) << g.err;
+    close_fds(g);
+    EXPECT_EQ(json::parse(sampled->body)["choices"][0]["message"]["content"].get<std::string>(),
+              json::parse(g.out).value("text", "<none>"));
+  }
+
   // The operator's dashboard and alerts (deploy/) query only metrics the
   // cluster really exports.
   for (const char* file : {"/deploy/grafana/kvgate-cluster.json", "/deploy/prometheus/kvgate-alerts.yml"}) {

@@ -101,6 +101,7 @@ std::vector<Message> sample_messages() {
   man.first_token_id = 17;
   man.generation = sample_generation();
   man.kv_policy = KvPolicySpec{"gate+pod", {{"n_window_tokens", 256}, {"budget_tokens", 64}}};
+  man.prompt_tail_token_ids = {101, 102, 49151};
   v.push_back(man);
   v.push_back(TransferResult{RequestId(77), LeaseId(99), StatusCode::kDataLoss,
                              "segment 2: CRC32C mismatch"});
