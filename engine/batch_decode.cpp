@@ -7,27 +7,6 @@
 
 namespace kvgate::engine {
 
-namespace {
-
-// Sets the forward's layer observer for a scope and restores the previous
-// one, so a gate decoder never outlives its step on a shared forward.
-class ObserverScope {
- public:
-  ObserverScope(CpuForward& forward, LayerInputObserver* observer)
-      : forward_(forward), previous_(forward.layer_observer()) {
-    forward_.set_layer_observer(observer);
-  }
-  ~ObserverScope() { forward_.set_layer_observer(previous_); }
-  ObserverScope(const ObserverScope&) = delete;
-  ObserverScope& operator=(const ObserverScope&) = delete;
-
- private:
-  CpuForward& forward_;
-  LayerInputObserver* previous_;
-};
-
-}  // namespace
-
 int64_t max_append_pages(const kvstore::CompressedKvCache& cache) {
   const kvstore::KvLayout& layout = cache.layout();
   const int64_t n = cache.n_tokens();
@@ -122,7 +101,7 @@ Status BatchDecoder::run_group(std::span<const size_t> members, std::span<const 
     }
     decoder->bind(caches_, plan.config.effective_gate_decision());
     {
-      ObserverScope scope(forward_, decoder.get());
+      LayerObserverScope scope(forward_, decoder.get());
       run = forward_.forward_compressed(batch_, group_logits_.data());
     }
     if (run.ok()) run = decoder->status();

@@ -257,4 +257,22 @@ class CpuForward {
   int64_t scratch_context_ = 0;
 };
 
+// Sets a forward's layer observer for a scope and restores the previous one
+// on exit: a CpuForward may be shared (the policies of a comparison, the
+// sequences of a decode batch), so a gate observer must not outlive its call.
+class LayerObserverScope {
+ public:
+  LayerObserverScope(CpuForward& forward, LayerInputObserver* observer)
+      : forward_(forward), previous_(forward.layer_observer()) {
+    forward_.set_layer_observer(observer);
+  }
+  ~LayerObserverScope() { forward_.set_layer_observer(previous_); }
+  LayerObserverScope(const LayerObserverScope&) = delete;
+  LayerObserverScope& operator=(const LayerObserverScope&) = delete;
+
+ private:
+  CpuForward& forward_;
+  LayerInputObserver* previous_;
+};
+
 }  // namespace kvgate::engine

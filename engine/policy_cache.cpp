@@ -50,23 +50,6 @@ class PairObserver final : public LayerInputObserver {
   LayerInputObserver* b_;
 };
 
-// Sets the forward's layer observer for a scope: the CpuForward is shared by
-// every policy of a comparison, so a gate observer must not outlive its call.
-class ObserverScope {
- public:
-  ObserverScope(CpuForward& forward, LayerInputObserver* observer)
-      : forward_(forward), previous_(forward.layer_observer()) {
-    forward_.set_layer_observer(observer);
-  }
-  ~ObserverScope() { forward_.set_layer_observer(previous_); }
-  ObserverScope(const ObserverScope&) = delete;
-  ObserverScope& operator=(const ObserverScope&) = delete;
-
- private:
-  CpuForward& forward_;
-  LayerInputObserver* previous_;
-};
-
 // Pages of 8 KiB (64 K/V rows of head_dim 64), widened to whole K/V rows and
 // whole gate rows when a model or gate needs it.
 int64_t page_bytes_for(const kvstore::KvLayout& layout) {
@@ -130,7 +113,7 @@ Result<std::unique_ptr<KvCache>> run_dense_prefill(CpuForward& forward, PrefillO
                                                    double* prefill_seconds) {
   auto dense = std::make_unique<KvCache>(forward.model().config(), capacity_tokens);
   const auto t0 = Clock::now();
-  std::optional<ObserverScope> scope;
+  std::optional<LayerObserverScope> scope;
   if (obs.any_gate) scope.emplace(forward, &obs.fan);
   KVGATE_RETURN_IF_ERROR(forward.prefill(*dense, tokens, logits, obs.stats.get()));
   if (prefill_seconds != nullptr) *prefill_seconds = seconds_since(t0);
@@ -247,7 +230,7 @@ Status PolicySequence::decode(int32_t token, std::span<float> logits) {
     gate_decoder_->bind(caches, gate_decision_);
     LayerInputObserver* previous = forward_.layer_observer();
     PairObserver both(previous, gate_decoder_.get());
-    ObserverScope scope(forward_, previous != nullptr ? static_cast<LayerInputObserver*>(&both)
+    LayerObserverScope scope(forward_, previous != nullptr ? static_cast<LayerInputObserver*>(&both)
                                                       : gate_decoder_.get());
     CompressedItem item{&*cache_, token, {}, true};
     KVGATE_RETURN_IF_ERROR(
