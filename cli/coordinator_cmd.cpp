@@ -14,6 +14,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/node_command.h"
 #include "cli/model_loading.h"
 #include "common/config.h"
 #include "common/log.h"
@@ -58,16 +59,7 @@ int run_coordinator(const std::vector<std::string>& args) {
     std::fputs(p.help().c_str(), stdout);
     return 0;
   }
-  if (!p.has("config")) {
-    print_error("option '--config' is required");
-    return 2;
-  }
-  auto file = load_config_file(p.get("config"));
-  if (!file.ok()) {
-    print_error(file.status().message());
-    return 2;
-  }
-  auto config = select_node(*file, Role::kCoordinator, p.get("node"));
+  auto config = node_config_from_args(p, Role::kCoordinator);
   if (!config.ok()) {
     print_error(config.status().message());
     return 2;
@@ -85,13 +77,7 @@ int run_coordinator(const std::vector<std::string>& args) {
                                           std::to_string(config->coordinator.listen.port);
   log::configure(config->logging, "coordinator", node_name);
 
-  // Block the signals before any thread starts, so every thread inherits
-  // the mask and sigwait() below is the only place they arrive.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ShutdownSignals signals;  // before any thread starts
 
   // The model is mapped, not computed with: its tokenizer and chat template
   // count tokens at admission, its shapes (and gate file) size the KV.
@@ -132,9 +118,7 @@ int run_coordinator(const std::vector<std::string>& args) {
               (*backend)->control_address().to_string().c_str());
   std::fflush(stdout);
 
-  int sig = 0;
-  sigwait(&signals, &sig);
-  std::fprintf(stderr, "kvgate: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  std::fprintf(stderr, "kvgate: %s, shutting down\n", signals.wait());
   (*server)->stop();       // no new requests; connections dropped
   (*backend)->shutdown();  // running requests cancelled on their nodes
   server->reset();

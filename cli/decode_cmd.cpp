@@ -9,6 +9,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/node_command.h"
 #include "common/config.h"
 #include "common/log.h"
 #include "decode/decode_node.h"
@@ -32,29 +33,14 @@ int run_decode(const std::vector<std::string>& args) {
     std::fputs(p.help().c_str(), stdout);
     return 0;
   }
-  if (!p.has("config")) {
-    print_error("option '--config FILE' is required");
-    return 2;
-  }
-  auto file = load_config_file(p.get("config"));
-  if (!file.ok()) {
-    print_error(file.status().message());
-    return 2;
-  }
-  auto config = select_node(*file, Role::kDecode, p.get("node"));
+  auto config = node_config_from_args(p, Role::kDecode);
   if (!config.ok()) {
     print_error(config.status().message());
     return 2;
   }
   log::configure(config->logging, "decode", config->cluster.node_name);
 
-  // Block the signals before any thread starts, so every thread inherits
-  // the mask and sigwait() below is the only place they arrive.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ShutdownSignals signals;  // before any thread starts
 
   auto node = decode::DecodeNode::start(*config);
   if (!node.ok()) {
@@ -68,9 +54,7 @@ int run_decode(const std::vector<std::string>& args) {
               (*node)->engine().transport_name().c_str());
   std::fflush(stdout);
 
-  int sig = 0;
-  sigwait(&signals, &sig);
-  log::info("shutting down", {{"signal", sig == SIGINT ? "SIGINT" : "SIGTERM"}});
+  log::info("shutting down", {{"signal", signals.wait()}});
   (*node)->stop();
   node->reset();
   return 0;

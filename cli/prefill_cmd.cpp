@@ -9,6 +9,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/node_command.h"
 #include "common/config.h"
 #include "common/log.h"
 #include "prefill/prefill_node.h"
@@ -33,16 +34,7 @@ int run_prefill(const std::vector<std::string>& args) {
     std::fputs(p.help().c_str(), stdout);
     return 0;
   }
-  if (!p.has("config")) {
-    print_error("option '--config' is required");
-    return 2;
-  }
-  auto file = load_config_file(p.get("config"));
-  if (!file.ok()) {
-    print_error(file.status().message());
-    return 2;
-  }
-  auto config = select_node(*file, Role::kPrefill, p.get("node"));
+  auto config = node_config_from_args(p, Role::kPrefill);
   if (!config.ok()) {
     print_error(config.status().message());
     return 2;
@@ -54,13 +46,7 @@ int run_prefill(const std::vector<std::string>& args) {
                 std::to_string(config->prefill.listen.port);
   log::configure(config->logging, "prefill", early_name);
 
-  // Block the signals before any thread starts, so every thread inherits
-  // the mask and sigwait() below is the only place they arrive.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ShutdownSignals signals;  // before any thread starts
 
   auto node = prefill::PrefillNode::start(*config);
   if (!node.ok()) {
@@ -75,9 +61,7 @@ int run_prefill(const std::vector<std::string>& args) {
               metrics.c_str());
   std::fflush(stdout);
 
-  int sig = 0;
-  sigwait(&signals, &sig);
-  std::fprintf(stderr, "kvgate: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  std::fprintf(stderr, "kvgate: %s, shutting down\n", signals.wait());
   (*node)->stop();
   node->reset();
   return 0;

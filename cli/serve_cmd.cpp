@@ -6,6 +6,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/node_command.h"
 #include "common/config.h"
 #include "coordinator/http_server.h"
 #include "coordinator/local_backend.h"
@@ -122,13 +123,7 @@ int run_serve(const std::vector<std::string>& args) {
     return 2;
   }
 
-  // Block the signals before any thread starts, so every thread inherits
-  // the mask and sigwait() below is the only place they arrive.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ShutdownSignals signals;  // before any thread starts
 
   auto backend = coordinator::LocalBackend::from_config(*config);
   if (!backend.ok()) {
@@ -148,9 +143,7 @@ int run_serve(const std::vector<std::string>& args) {
               config->coordinator.auth == AuthMode::kDisabled ? "disabled" : "required");
   std::fflush(stdout);
 
-  int sig = 0;
-  sigwait(&signals, &sig);
-  std::fprintf(stderr, "kvgate: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  std::fprintf(stderr, "kvgate: %s, shutting down\n", signals.wait());
   (*server)->stop();       // no new requests; connections dropped
   (*backend)->shutdown();  // running and queued requests cancelled
   server->reset();
