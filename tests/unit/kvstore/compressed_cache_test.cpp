@@ -19,20 +19,10 @@ using testing::formula_bytes;
 using testing::gate_model_set;
 using testing::History;
 using testing::make_layout;
+using testing::make_pool;
 using testing::random_block_map;
+using testing::retained_counts;
 using testing::rule_table_set;
-
-std::unique_ptr<PagePool> make_pool(int64_t page_bytes, int64_t capacity_bytes) {
-  auto pool = PagePool::create(page_bytes, capacity_bytes);
-  EXPECT_TRUE(pool.ok()) << pool.status().to_string();
-  return std::move(pool).value();
-}
-
-std::vector<int64_t> retained_counts(const CompressedKvCache& c) {
-  std::vector<int64_t> r(c.layout().blocks.n_slots());
-  for (size_t s = 0; s < r.size(); ++s) r[s] = c.retained_tokens(s);
-  return r;
-}
 
 struct Shape {
   int64_t n_layers, n_heads, head_dim, n_sink, n_window, page_tokens, n_tokens;

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <memory>
 #include <cstdint>
 #include <random>
 #include <tuple>
@@ -17,12 +18,27 @@
 #include "kvstore/block_map.h"
 #include "kvstore/compressed_cache.h"
 #include "kvstore/layout.h"
+#include "kvstore/page_pool.h"
 
 namespace kvgate::kvstore::testing {
 
 using engine::fp16_t;
 using engine::fp16_to_fp32;
 using engine::fp32_to_fp16;
+
+// A page pool the test cannot run without (a failure is reported).
+inline std::unique_ptr<PagePool> make_pool(int64_t page_bytes, int64_t capacity_bytes) {
+  auto pool = PagePool::create(page_bytes, capacity_bytes);
+  EXPECT_TRUE(pool.ok()) << pool.status().to_string();
+  return std::move(pool).value();
+}
+
+// R of every (block, head) slot, in slot order (the footprint's input).
+inline std::vector<int64_t> retained_counts(const CompressedKvCache& c) {
+  std::vector<int64_t> r(c.layout().blocks.n_slots());
+  for (size_t s = 0; s < r.size(); ++s) r[s] = c.retained_tokens(static_cast<int64_t>(s));
+  return r;
+}
 
 // Every head cut into blocks at random points (each boundary with p = 0.4).
 inline BlockMap random_block_map(int64_t n_layers, int64_t n_heads, std::mt19937& rng) {
