@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: makes sure packages, model and build are in
-# place (scripts/setup.sh --no-run), then runs every ctest test. Then, where
-# the CUDA toolkit is installed, the CUDA leg: the CUDA backend is compiled
-# (-DKVGATE_CUDA=ON, in ${build}-cuda) so it cannot rot, and its `gpu`
-# tests run — on a machine without a GPU they skip, saying so.
+# place (scripts/setup.sh --no-run). Then, where the CUDA toolkit is
+# installed, the CUDA leg: the CUDA backend is compiled (-DKVGATE_CUDA=ON,
+# in ${build}-cuda) so it cannot rot, and its `gpu` tests run — on a
+# machine without a GPU they skip, saying so. Last, every ctest test of the
+# main build (so the summary that ends the output is the whole suite's).
 # Extra arguments go to ctest (e.g. -L unit, -R tokenizer).
 # KVGATE_CUDA_LEG=0 skips the CUDA leg.
 set -euo pipefail
@@ -11,7 +12,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${KVGATE_BUILD_DIR:-${root}/build}"
 jobs="${KVGATE_JOBS:-2}"
 "${root}/scripts/setup.sh" --no-run
-(cd "${build}" && ctest --output-on-failure --timeout 600 -j "${jobs}" "$@")
 
 nvcc="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
 if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
@@ -26,3 +26,6 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
 else
   echo "test: CUDA leg skipped (no ${nvcc}, or KVGATE_CUDA_LEG=0)"
 fi
+
+echo "test: the main suite in ${build}"
+(cd "${build}" && ctest --output-on-failure --timeout 600 -j "${jobs}" "$@")
