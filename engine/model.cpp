@@ -284,9 +284,14 @@ void CpuForward::compute_logits(const std::vector<int64_t>& rows, float* logits_
 
 void CpuForward::run_layers(int64_t n, std::span<const BatchItem> dense,
                             std::span<const CompressedItem> compressed) {
+  for (int64_t l = 0; l < model_.config().n_layers; ++l) run_layer(l, n, dense, compressed);
+}
+
+void CpuForward::run_layer(int64_t l, int64_t n, std::span<const BatchItem> dense,
+                           std::span<const CompressedItem> compressed) {
   const LlamaConfig& c = model_.config();
   const cpu::Isa isa = options_.isa;
-  for (int64_t l = 0; l < c.n_layers; ++l) {
+  {
     const LayerWeights& w = model_.layers()[l];
     for (int64_t r = 0; r < n; ++r) {
       cpu::rms_norm(x_.data() + r * c.n_embd, w.attn_norm, xn_.data() + r * c.n_embd, c.n_embd,
@@ -295,6 +300,21 @@ void CpuForward::run_layers(int64_t n, std::span<const BatchItem> dense,
     if (observer_ != nullptr) {
       observer_->on_layer_input(l, xn_.data(), n, std::span<const int64_t>(row_pos_.data(), n),
                                 std::span<const int32_t>(row_item_.data(), n));
+    }
+    if (item_observers_ != nullptr) {
+      // Each sequence's own observer sees its rows (contiguous in a step)
+      // as a batch of one.
+      for (int64_t r0 = 0; r0 < n;) {
+        int64_t r1 = r0 + 1;
+        while (r1 < n && row_item_[r1] == row_item_[r0]) ++r1;
+        LayerInputObserver* o = (*item_observers_)[row_item_[r0]];
+        if (o != nullptr) {
+          zero_items_.assign(static_cast<size_t>(r1 - r0), 0);
+          o->on_layer_input(l, xn_.data() + r0 * c.n_embd, r1 - r0,
+                            std::span<const int64_t>(row_pos_.data() + r0, r1 - r0), zero_items_);
+        }
+        r0 = r1;
+      }
     }
     cpu::matmul(w.wq, xn_.data(), n, q_.data(), pool_, ws_, isa);
     cpu::matmul(w.wk, xn_.data(), n, k_.data(), pool_, ws_, isa);
@@ -547,6 +567,130 @@ Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, floa
     const bool last = start + len == tokens.size();
     BatchItem item{&cache, tokens.subspan(start, len), last};
     KVGATE_RETURN_IF_ERROR(forward(std::span<const BatchItem>(&item, 1), last ? logits_out : nullptr));
+  }
+  return Status();
+}
+
+Status CpuForward::prefill_layers(std::span<const PrefillSequence> seqs,
+                                  const std::function<Status(int64_t layer)>& layer_done) {
+  const LlamaConfig& c = model_.config();
+  if (seqs.empty()) return invalid_argument("prefill of no sequences");
+  int64_t total = 0;
+  int64_t max_context = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const PrefillSequence& s = seqs[i];
+    const std::string which = "prefill sequence " + std::to_string(i);
+    if (s.cache == nullptr) return invalid_argument(which + " has no cache");
+    if (s.tokens.empty()) return invalid_argument(which + ": prompt is empty");
+    const int64_t end = s.cache->n_tokens() + static_cast<int64_t>(s.tokens.size());
+    if (end > s.cache->capacity()) {
+      return out_of_range(which + ": " + std::to_string(end) + " tokens exceed its KV cache of " +
+                          std::to_string(s.cache->capacity()) + " tokens");
+    }
+    for (int32_t t : s.tokens) {
+      if (t < 0 || t >= c.n_vocab) {
+        return invalid_argument(which + ": token id " + std::to_string(t) +
+                                " outside the vocabulary [0, " + std::to_string(c.n_vocab) + ")");
+      }
+    }
+    if (s.stats != nullptr) {
+      if (seqs.size() != 1) {
+        return invalid_argument("attention statistics are recorded for a prefill of one sequence only");
+      }
+      if (s.stats->n_layers != c.n_layers || s.stats->n_kv_heads != c.n_kv_heads ||
+          s.stats->n_tokens < end || (s.stats->capture_from >= 0 && s.stats->n_q_heads != c.n_heads)) {
+        return invalid_argument("attention stats are not sized for this model and prompt");
+      }
+    }
+    total += static_cast<int64_t>(s.tokens.size());
+    max_context = std::max(max_context, end);
+  }
+  const int64_t chunk = options_.max_batch_tokens;
+  ensure_scratch(std::min(total, chunk), max_context);
+
+  // The residual stream of every prompt token lives here between layers;
+  // each step copies its rows into the step scratch and back.
+  std::vector<float> x_all(static_cast<size_t>(total * c.n_embd));
+  std::vector<int64_t> pos_all(static_cast<size_t>(total));
+  std::vector<int32_t> item_all(static_cast<size_t>(total));
+  std::vector<BatchItem> items(seqs.size());
+  std::vector<LayerInputObserver*> observers(seqs.size(), nullptr);
+  bool any_observer = false;
+  const auto& emb = model_.token_embd();
+  const uint64_t emb_row_bytes = *ggml_row_bytes(emb.type, c.n_embd);
+  int64_t row = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    items[i] = BatchItem{seqs[i].cache, seqs[i].tokens, false};
+    observers[i] = seqs[i].observer;
+    any_observer = any_observer || seqs[i].observer != nullptr;
+    const int64_t base = seqs[i].cache->n_tokens();
+    for (size_t j = 0; j < seqs[i].tokens.size(); ++j, ++row) {
+      const auto* src = static_cast<const uint8_t*>(emb.data) + emb_row_bytes * seqs[i].tokens[j];
+      cpu::dequantize_row(emb.type, src, x_all.data() + row * c.n_embd, c.n_embd);
+      pos_all[row] = base + static_cast<int64_t>(j);
+      item_all[row] = static_cast<int32_t>(i);
+    }
+  }
+
+  AttentionStats* stats = seqs.size() == 1 ? seqs[0].stats : nullptr;
+  if (stats != nullptr) {
+    stats_scratch_.assign(static_cast<size_t>(pool_.size()) * 4 * c.n_kv_heads * stats->n_tokens, 0.0f);
+  }
+  struct Reset {
+    CpuForward* f;
+    ~Reset() {
+      f->stats_ = nullptr;
+      f->item_observers_ = nullptr;
+    }
+  } reset{this};
+  stats_ = stats;
+  item_observers_ = any_observer ? &observers : nullptr;
+
+  const std::span<const BatchItem> dense(items);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    // Steps of up to max_batch_tokens rows in sequence order: a row's
+    // attention at layer l needs the K/V of layer l of the rows before it,
+    // written by earlier steps of this layer (or earlier in this step).
+    for (int64_t r0 = 0; r0 < total; r0 += chunk) {
+      const int64_t n = std::min(chunk, total - r0);
+      std::copy(x_all.data() + r0 * c.n_embd, x_all.data() + (r0 + n) * c.n_embd, x_.data());
+      std::copy(pos_all.data() + r0, pos_all.data() + r0 + n, row_pos_.data());
+      std::copy(item_all.data() + r0, item_all.data() + r0 + n, row_item_.data());
+      run_layer(l, n, dense, {});
+      std::copy(x_.data(), x_.data() + n * c.n_embd, x_all.data() + r0 * c.n_embd);
+    }
+    if (layer_done) KVGATE_RETURN_IF_ERROR(layer_done(l));
+  }
+
+  // Logits of the last token of every sequence that wants them, in groups
+  // of at most max_batch_tokens rows (the step scratch's size).
+  std::vector<int64_t> last_row(seqs.size());
+  std::vector<size_t> want;
+  row = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const auto len = static_cast<int64_t>(seqs[i].tokens.size());
+    row += len;
+    last_row[i] = row - 1;
+    seqs[i].cache->set_n_tokens(seqs[i].cache->n_tokens() + len);
+    if (seqs[i].logits != nullptr) want.push_back(i);
+  }
+  std::vector<int64_t> rows;
+  std::vector<float> out;
+  for (size_t g0 = 0; g0 < want.size(); g0 += static_cast<size_t>(chunk)) {
+    const size_t g1 = std::min(want.size(), g0 + static_cast<size_t>(chunk));
+    rows.clear();
+    for (size_t k = g0; k < g1; ++k) {
+      const int64_t r = last_row[want[k]];
+      std::copy(x_all.data() + r * c.n_embd, x_all.data() + (r + 1) * c.n_embd,
+                x_.data() + static_cast<int64_t>(k - g0) * c.n_embd);
+      rows.push_back(static_cast<int64_t>(k - g0));
+    }
+    out.resize(rows.size() * static_cast<size_t>(c.n_vocab));
+    compute_logits(rows, out.data());
+    for (size_t k = g0; k < g1; ++k) {
+      std::copy(out.data() + (k - g0) * c.n_vocab, out.data() + (k - g0 + 1) * c.n_vocab,
+                seqs[want[k]].logits);
+    }
   }
   return Status();
 }

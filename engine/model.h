@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -195,6 +196,21 @@ class LayerInputObserver {
                               std::span<const int32_t> row_item) = 0;
 };
 
+// One sequence of a layer-major prefill (CpuForward::prefill_layers): its
+// tokens are appended at cache->n_tokens().
+struct PrefillSequence {
+  KvCache* cache = nullptr;
+  std::span<const int32_t> tokens;
+  // Sees this sequence's rows only (row_item 0, row_pos its positions), in
+  // layer order: every row of layer l before any of layer l + 1. Not owned.
+  LayerInputObserver* observer = nullptr;
+  // Attention statistics as prefill() records them; only for a prefill of
+  // one sequence. Not owned.
+  AttentionStats* stats = nullptr;
+  // n_vocab floats for the next-token logits of the last token, or null.
+  float* logits = nullptr;
+};
+
 struct ForwardOptions {
   int n_threads = 0;               // 0 = all cores
   cpu::Isa isa = cpu::best_isa();  // kScalar is the reference mode
@@ -224,6 +240,25 @@ class CpuForward {
   Status prefill(KvCache& cache, std::span<const int32_t> tokens, float* logits_out,
                  AttentionStats* stats = nullptr);
 
+  // Layer-major prefill of several sequences at once (the prefill node's
+  // batch): every token of every sequence goes through layer 0, then layer
+  // 1, ..., in steps of max_batch_tokens rows that may mix sequences (each
+  // weight matrix is read once per step for all of them). After layer l is
+  // complete for all tokens, layer_done(l) runs (K/V of layers <= l are
+  // final in the caches; later layers not yet written): the caller ships a
+  // finished block of layers while the rest computes. An error from
+  // layer_done stops the prefill and is returned (the caches are then
+  // partial and must be discarded).
+  // Per-token arithmetic is the same as prefill()'s, so every sequence's
+  // K/V and logits are bit-identical to prefilling it alone (tested).
+  // Errors (before any work): no sequences, an empty prompt, a token outside
+  // the vocabulary, a cache without room (OUT_OF_RANGE), stats with more
+  // than one sequence or sized for another model/prompt (INVALID_ARGUMENT).
+  // The forward's own layer observer, if set, also sees every step (all
+  // rows, row_item = the sequence's index).
+  Status prefill_layers(std::span<const PrefillSequence> seqs,
+                        const std::function<Status(int64_t layer)>& layer_done = {});
+
   // Observer of layer inputs for the following calls (null: none). Not owned.
   void set_layer_observer(LayerInputObserver* observer) { observer_ = observer; }
   LayerInputObserver* layer_observer() const { return observer_; }
@@ -239,6 +274,9 @@ class CpuForward {
   // item lists is non-empty. Then the logits of the rows that want them.
   void run_layers(int64_t n, std::span<const BatchItem> dense,
                   std::span<const CompressedItem> compressed);
+  // One layer of the stack over the n rows in x_ (as run_layers).
+  void run_layer(int64_t layer, int64_t n, std::span<const BatchItem> dense,
+                 std::span<const CompressedItem> compressed);
   void compute_logits(const std::vector<int64_t>& rows, float* logits_out);
 
   const LlamaModel& model_;
@@ -251,6 +289,9 @@ class CpuForward {
   std::vector<float> q_layers_;                // compressed decode: [row][layer][q_dim] queries
   AttentionStats* stats_ = nullptr;            // set during a prefill that records stats
   LayerInputObserver* observer_ = nullptr;
+  // prefill_layers: each sequence's own observer, indexed by row_item.
+  const std::vector<LayerInputObserver*>* item_observers_ = nullptr;
+  std::vector<int32_t> zero_items_;
   std::vector<float> stats_scratch_;           // per share: 2 x kv_heads x stats tokens
   std::vector<int64_t> row_pos_;               // position of each row
   std::vector<int32_t> row_item_;              // item of each row
