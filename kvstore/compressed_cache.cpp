@@ -1,5 +1,6 @@
 #include "kvstore/compressed_cache.h"
 
+#include <algorithm>
 #include <cassert>
 #include <cstring>
 #include <string>
@@ -56,6 +57,8 @@ CompressedKvCache& CompressedKvCache::operator=(CompressedKvCache&& other) noexc
   n_gate_ring_pages_ = std::exchange(other.n_gate_ring_pages_, 0);
   distant_ = std::move(other.distant_);
   pending_flags_ = std::move(other.pending_flags_);
+  building_ = std::exchange(other.building_, false);
+  slot_filled_ = std::move(other.slot_filled_);
   return *this;
 }
 
@@ -88,6 +91,8 @@ void CompressedKvCache::release() {
   n_ring_pages_ = 0;
   n_gate_ring_pages_ = 0;
   n_tokens_ = 0;
+  building_ = false;
+  slot_filled_.clear();
 }
 
 PageId CompressedKvCache::take_page() {
@@ -226,7 +231,7 @@ fp16_t* CompressedKvCache::new_gate_row(int64_t slot) {
 }
 
 Status CompressedKvCache::set_flags(int64_t position, std::span<const uint8_t> flags) {
-  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  KVGATE_RETURN_IF_ERROR(check_built("set_flags"));
   if (position < 0 || position >= n_tokens_) {
     return invalid_argument("compressed cache: set flags of token " + std::to_string(position) +
                             ", which does not exist (" + std::to_string(n_tokens_) + " tokens)");
@@ -254,7 +259,7 @@ void CompressedKvCache::set_flag_unchecked(int64_t slot, uint8_t flag) {
 }
 
 Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t> flags) {
-  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  KVGATE_RETURN_IF_ERROR(check_built("append"));
   if (position != n_tokens_) {
     return invalid_argument("compressed cache: append at position " + std::to_string(position) +
                             ", expected the next position " + std::to_string(n_tokens_));
@@ -317,6 +322,181 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
   return Status();
 }
 
+Status CompressedKvCache::check_built(const char* call) const {
+  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  if (building_) {
+    return failed_precondition(std::string("compressed cache: ") + call +
+                               " during a staged build (finish_build() first)");
+  }
+  return Status();
+}
+
+Status CompressedKvCache::check_dense_inputs(int64_t n_tokens, const DenseKv& kv,
+                                             const DenseGate& gate) const {
+  if (n_tokens > 0 && (kv.k == nullptr || kv.v == nullptr)) {
+    return invalid_argument("compressed cache: build without K or V rows");
+  }
+  if (!layout_.has_gate_state() && gate.rows != nullptr) {
+    return invalid_argument(
+        "compressed cache: gate state rows given for a layout without gate state");
+  }
+  if (layout_.has_gate_state() && n_tokens > 0 && gate.rows == nullptr) {
+    return invalid_argument("compressed cache: build without gate state rows (the layout has " +
+                            std::to_string(layout_.gate_state_bytes_per_token) +
+                            " bytes per token and slot)");
+  }
+  return Status();
+}
+
+int64_t CompressedKvCache::ring_pages_needed(int64_t n_tokens) const {
+  const PageGeometry geo = geometry();
+  const int64_t p = layout_.proximal_tokens(n_tokens);
+  return geo.ring_pages(p) * 2 * layout_.n_layers() * layout_.n_kv_heads() +
+         geo.gate_ring_pages(p) * layout_.blocks.n_slots();
+}
+
+int64_t CompressedKvCache::slot_retained_pages(int64_t slot,
+                                               std::span<const uint8_t> slot_flags) const {
+  const auto n_tokens = static_cast<int64_t>(slot_flags.size());
+  const int64_t n_sink = layout_.n_sink_tokens;
+  const int64_t window_begin = std::max(n_sink, n_tokens - layout_.n_window_tokens);
+  int64_t r = 0;
+  for (int64_t j = n_sink; j < window_begin; ++j) r += slot_flags[j];
+  return geometry().retained_pages(r, layout_.blocks.slot_block(slot).n_layers);
+}
+
+Status CompressedKvCache::start_build(int64_t n_tokens) {
+  if (n_tokens < 0 || n_tokens > kMaxTokens) {
+    return invalid_argument("compressed cache: n_tokens " + std::to_string(n_tokens) +
+                            " not in [0, 2^31]");
+  }
+  const int64_t need = ring_pages_needed(n_tokens);
+  if (need > pool_->free_pages()) {
+    return resource_exhausted("compressed cache: the K/V and gate rings of " +
+                              std::to_string(n_tokens) + " tokens need " + std::to_string(need) +
+                              " pages, the page source has " + std::to_string(pool_->free_pages()) +
+                              " free");
+  }
+  const PageGeometry geo = geometry();
+  const int64_t p = layout_.proximal_tokens(n_tokens);
+  for (int64_t i = 0; i < geo.ring_pages(p); ++i) grow_ring();
+  for (int64_t i = 0; i < geo.gate_ring_pages(p); ++i) grow_gate_ring();
+  n_tokens_ = n_tokens;
+  building_ = true;
+  slot_filled_.assign(static_cast<size_t>(layout_.blocks.n_slots()), 0);
+  return Status();
+}
+
+Result<CompressedKvCache> CompressedKvCache::begin_build(const KvLayout& layout, PageSource* pool,
+                                                         int64_t n_tokens) {
+  KVGATE_ASSIGN_OR_RETURN(CompressedKvCache cache, create(layout, pool));
+  KVGATE_RETURN_IF_ERROR(cache.start_build(n_tokens));
+  return cache;
+}
+
+Status CompressedKvCache::fill_slot(int64_t slot, const DenseKv& kv,
+                                    std::span<const uint8_t> slot_flags, const DenseGate& gate) {
+  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  if (!building_) {
+    return failed_precondition(
+        "compressed cache: fill_slot outside a staged build (begin_build() starts one)");
+  }
+  const BlockMap& map = layout_.blocks;
+  const int64_t n_slots = map.n_slots();
+  if (slot < 0 || slot >= n_slots) {
+    return invalid_argument("compressed cache: fill of slot " + std::to_string(slot) +
+                            ", not in [0, " + std::to_string(n_slots) + ")");
+  }
+  const int64_t h = map.slot_head(slot);
+  const LayerBlock blk = map.slot_block(slot);
+  // Built on error only: fill_slot runs once per slot of every prefill.
+  auto name = [&] {
+    return "slot " + std::to_string(slot) + " (KV head " + std::to_string(h) + ", layers " +
+           std::to_string(blk.first_layer) + "-" + std::to_string(blk.end_layer() - 1) + ")";
+  };
+  if (slot_filled_[slot]) return invalid_argument("compressed cache: " + name() + " filled twice");
+  const int64_t n_tokens = n_tokens_;
+  if (static_cast<int64_t>(slot_flags.size()) != n_tokens) {
+    return invalid_argument("compressed cache: " + name() + ": " +
+                            std::to_string(slot_flags.size()) + " flags given, expected " +
+                            std::to_string(n_tokens) + " (one per token)");
+  }
+  for (int64_t j = 0; j < n_tokens; ++j) {
+    if (slot_flags[j] > 1) {
+      return invalid_argument("compressed cache: " + name() + ": flag of token " +
+                              std::to_string(j) + " is " + std::to_string(slot_flags[j]) +
+                              ", expected 0 or 1");
+    }
+  }
+  KVGATE_RETURN_IF_ERROR(check_dense_inputs(n_tokens, kv, gate));
+  // This slot's retained pages, checked before any is taken.
+  const int64_t need = slot_retained_pages(slot, slot_flags);
+  if (need > pool_->free_pages()) {
+    return resource_exhausted("compressed cache: " + name() + " needs " + std::to_string(need) +
+                              " pages for its retained tokens, the page source has " +
+                              std::to_string(pool_->free_pages()) + " free");
+  }
+
+  const int64_t n_sink = layout_.n_sink_tokens;
+  const int64_t window_begin = std::max(n_sink, n_tokens - layout_.n_window_tokens);
+  const int64_t row_bytes = kKvElementBytes * layout_.head_dim;
+  const int64_t gate_row_bytes = layout_.gate_state_bytes_per_token;
+  auto gate_row = [&](int64_t j) {
+    return gate.rows + j * gate.token_stride + slot * gate.slot_stride;
+  };
+  // Own-layer rows of the slot's layers and head only (later layers may
+  // not be computed yet), and the slot's gate row.
+  auto copy_proximal = [&](int64_t j) {
+    const int64_t row = ring_row(j);
+    for (int64_t l = blk.first_layer; l < blk.end_layer(); ++l) {
+      const int64_t off = j * kv.token_stride + l * kv.layer_stride + h * kv.head_stride;
+      std::memcpy(ring_row_ptr(ring_k_pages_, l, h, row), kv.k + off, row_bytes);
+      std::memcpy(ring_row_ptr(ring_v_pages_, l, h, row), kv.v + off, row_bytes);
+    }
+    if (gate_rows_per_page_ > 0) {
+      std::memcpy(gate_ring_row_ptr(slot, row), gate_row(j), gate_row_bytes);
+    }
+  };
+  for (int64_t j = 0; j < std::min(n_sink, n_tokens); ++j) copy_proximal(j);
+  for (int64_t j = window_begin; j < n_tokens; ++j) {
+    copy_proximal(j);
+    pending_flags_[(ring_row(j) - n_sink) * n_slots + slot] = slot_flags[j];
+  }
+  // Distant tokens with flag 1, in position order, as append() retains them.
+  for (int64_t j = n_sink; j < window_begin; ++j) {
+    if (!slot_flags[j]) continue;
+    const int64_t off = j * kv.token_stride + h * kv.head_stride;
+    retain(
+        slot, [&] { return kv.k + off + blk.first_layer * kv.layer_stride; },
+        [&](int64_t i) { return kv.v + off + (blk.first_layer + i) * kv.layer_stride; },
+        [&] { return gate_row(j); }, j);
+  }
+  slot_filled_[slot] = 1;
+  return Status();
+}
+
+Status CompressedKvCache::finish_build() {
+  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  if (!building_) {
+    return failed_precondition("compressed cache: finish_build without a staged build in progress");
+  }
+  const BlockMap& map = layout_.blocks;
+  const auto first = std::find(slot_filled_.begin(), slot_filled_.end(), uint8_t{0});
+  if (first != slot_filled_.end()) {
+    const auto slot = static_cast<int64_t>(first - slot_filled_.begin());
+    const int64_t left = std::count(first, slot_filled_.end(), uint8_t{0});
+    const LayerBlock blk = map.slot_block(slot);
+    return failed_precondition(
+        "compressed cache: finish_build before slot " + std::to_string(slot) + " (KV head " +
+        std::to_string(map.slot_head(slot)) + ", layers " + std::to_string(blk.first_layer) + "-" +
+        std::to_string(blk.end_layer() - 1) + ") was filled (" + std::to_string(left) + " of " +
+        std::to_string(map.n_slots()) + " slots unfilled)");
+  }
+  building_ = false;
+  slot_filled_.clear();
+  return Status();
+}
+
 Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& layout,
                                                               PageSource* pool, int64_t n_tokens,
                                                               const DenseKv& kv,
@@ -327,86 +507,26 @@ Result<CompressedKvCache> CompressedKvCache::build_from_dense(const KvLayout& la
     return invalid_argument("compressed cache: n_tokens " + std::to_string(n_tokens) +
                             " not in [0, 2^31]");
   }
-  if (n_tokens > 0 && (kv.k == nullptr || kv.v == nullptr)) {
-    return invalid_argument("compressed cache: build without K or V rows");
-  }
-  if (!layout.has_gate_state() && gate.rows != nullptr) {
-    return invalid_argument(
-        "compressed cache: gate state rows given for a layout without gate state");
-  }
-  if (layout.has_gate_state() && n_tokens > 0 && gate.rows == nullptr) {
-    return invalid_argument("compressed cache: build without gate state rows (the layout has " +
-                            std::to_string(layout.gate_state_bytes_per_token) +
-                            " bytes per token and slot)");
-  }
+  KVGATE_RETURN_IF_ERROR(cache.check_dense_inputs(n_tokens, kv, gate));
   KVGATE_RETURN_IF_ERROR(cache.validate_flags(flags, n_tokens));
-
-  const BlockMap& map = cache.layout_.blocks;
-  const int64_t n_slots = map.n_slots();
-  const int64_t n_sink = layout.n_sink_tokens;
-  const int64_t window_begin = std::max(n_sink, n_tokens - layout.n_window_tokens);
-  const PageGeometry geo = cache.geometry();
-  const int64_t grp = geo.gate_rows_per_page;  // 0 without gate state
-
-  // Pages of the final state, checked up front (as append() does per token).
-  const int64_t ring_pages = geo.ring_pages(layout.proximal_tokens(n_tokens));
-  const int64_t gate_ring_pages = geo.gate_ring_pages(layout.proximal_tokens(n_tokens));
-  int64_t need =
-      ring_pages * 2 * layout.n_layers() * layout.n_kv_heads() + gate_ring_pages * n_slots;
-  for (int64_t s = 0; s < n_slots; ++s) {
-    const uint8_t* f = flags.data() + s * n_tokens;
-    int64_t r = 0;
-    for (int64_t j = n_sink; j < window_begin; ++j) r += f[j];
-    need += geo.retained_pages(r, map.slot_block(s).n_layers);
-  }
+  const int64_t n_slots = layout.blocks.n_slots();
+  auto slot_flags = [&](int64_t s) {
+    return flags.subspan(static_cast<size_t>(s * n_tokens), static_cast<size_t>(n_tokens));
+  };
+  // Pages of the final state, checked up front (as append() does per
+  // token), so the whole build fails before taking any page.
+  int64_t need = cache.ring_pages_needed(n_tokens);
+  for (int64_t s = 0; s < n_slots; ++s) need += cache.slot_retained_pages(s, slot_flags(s));
   if (need > pool->free_pages()) {
     return resource_exhausted("compressed cache: " + std::to_string(n_tokens) + " tokens need " +
                               std::to_string(need) + " pages, the page source has " +
                               std::to_string(pool->free_pages()) + " free");
   }
-
-  for (int64_t i = 0; i < ring_pages; ++i) cache.grow_ring();
-  for (int64_t i = 0; i < gate_ring_pages; ++i) cache.grow_gate_ring();
-  const int64_t gate_row_bytes = layout.gate_state_bytes_per_token;
-  auto gate_row = [&](int64_t j, int64_t s) {
-    return gate.rows + j * gate.token_stride + s * gate.slot_stride;
-  };
-  const int64_t row_bytes = kKvElementBytes * layout.head_dim;
-  auto copy_proximal = [&](int64_t j) {
-    const int64_t row = cache.ring_row(j);
-    for (int64_t l = 0; l < layout.n_layers(); ++l) {
-      for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
-        const int64_t off = j * kv.token_stride + l * kv.layer_stride + h * kv.head_stride;
-        std::memcpy(cache.ring_row_ptr(cache.ring_k_pages_, l, h, row), kv.k + off, row_bytes);
-        std::memcpy(cache.ring_row_ptr(cache.ring_v_pages_, l, h, row), kv.v + off, row_bytes);
-      }
-    }
-    if (grp > 0) {
-      for (int64_t s = 0; s < n_slots; ++s) {
-        std::memcpy(cache.gate_ring_row_ptr(s, row), gate_row(j, s), gate_row_bytes);
-      }
-    }
-  };
-  for (int64_t j = 0; j < std::min(n_sink, n_tokens); ++j) copy_proximal(j);
-  for (int64_t j = window_begin; j < n_tokens; ++j) {
-    copy_proximal(j);
-    uint8_t* pending = cache.pending_flags_.data() + (cache.ring_row(j) - n_sink) * n_slots;
-    for (int64_t s = 0; s < n_slots; ++s) pending[s] = flags[s * n_tokens + j];
-  }
-  // Distant tokens with flag 1, in position order, as append() retains them.
+  KVGATE_RETURN_IF_ERROR(cache.start_build(n_tokens));
   for (int64_t s = 0; s < n_slots; ++s) {
-    const int64_t h = map.slot_head(s);
-    const int64_t first = map.slot_block(s).first_layer;
-    for (int64_t j = n_sink; j < window_begin; ++j) {
-      if (!flags[s * n_tokens + j]) continue;
-      const int64_t off = j * kv.token_stride + h * kv.head_stride;
-      cache.retain(
-          s, [&] { return kv.k + off + first * kv.layer_stride; },
-          [&](int64_t i) { return kv.v + off + (first + i) * kv.layer_stride; },
-          [&] { return gate_row(j, s); }, j);
-    }
+    KVGATE_RETURN_IF_ERROR(cache.fill_slot(s, kv, slot_flags(s), gate));
   }
-  cache.n_tokens_ = n_tokens;
+  KVGATE_RETURN_IF_ERROR(cache.finish_build());
   return cache;
 }
 
@@ -447,7 +567,7 @@ Result<GateRowsView> CompressedKvCache::gate_distant(int64_t slot) const {
 }
 
 Status CompressedKvCache::check_slot(int64_t slot) const {
-  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  KVGATE_RETURN_IF_ERROR(check_built("a gate state view"));
   if (slot < 0 || slot >= layout_.blocks.n_slots()) {
     return out_of_range("compressed cache: slot " + std::to_string(slot) + " not in [0, " +
                         std::to_string(layout_.blocks.n_slots()) + ")");
@@ -456,7 +576,7 @@ Status CompressedKvCache::check_slot(int64_t slot) const {
 }
 
 Status CompressedKvCache::check_layer_head(int64_t layer, int64_t head) const {
-  if (pool_ == nullptr) return failed_precondition("compressed cache: used after move");
+  KVGATE_RETURN_IF_ERROR(check_built("a K/V view"));
   if (layer < 0 || layer >= layout_.n_layers()) {
     return out_of_range("compressed cache: layer " + std::to_string(layer) + " not in [0, " +
                         std::to_string(layout_.n_layers()) + ")");

@@ -204,10 +204,80 @@ class CompressedKvCache {
   // token's gate rows: required (non-null rows, when n_tokens > 0) iff the
   // layout has gate state, and must be empty without it. Errors as for
   // append(); on error no page stays allocated.
+  // Implemented as begin_build + fill_slot of every slot + finish_build,
+  // after checking every argument and the pages of the whole state up
+  // front (so a prefill that does not fit fails before taking any page).
   static Result<CompressedKvCache> build_from_dense(const KvLayout& layout, PageSource* pool,
                                                     int64_t n_tokens, const DenseKv& kv,
                                                     std::span<const uint8_t> flags,
                                                     const DenseGate& gate = {});
+
+  // Staged build, for a layer-major prefill (all prompt tokens through
+  // layer 0, then layer 1, ...): a (block, head) slot can be built as soon
+  // as its block's last layer is computed, and its wire pages listed
+  // (wire_group_pages() of kvstore/wire_image.h) and shipped while later
+  // layers are still being computed.
+  //
+  // begin_build(): a cache of exactly n_tokens tokens (fixed from here on)
+  // whose every (layer, head) K/V ring and every slot's gate ring is
+  // allocated (their page count depends only on n_tokens; contents unset),
+  // with no slot filled yet. Errors: those of create(); INVALID_ARGUMENT
+  // for n_tokens outside [0, 2^31]; RESOURCE_EXHAUSTED naming the rings'
+  // pages needed and the source's free pages (no page kept).
+  //
+  // While the build runs (building()), valid calls are: fill_slot(),
+  // finish_build(), building(), slot_filled(), layout(), n_tokens(),
+  // page_tokens(), gate_rows_per_page(), geometry(), n_pages() and
+  // capacity_bytes() (the rings plus the filled slots' retained pages),
+  // retained_tokens()/retained_position() of a filled slot,
+  // proximal_tokens(), proximal_row_position(), moving and destroying (which
+  // returns every page taken so far), and wire_group_pages() of filled
+  // slots. append(), begin_append(), set_flags(), proximal(), distant(),
+  // gate_proximal(), gate_distant() and export_wire_image() return
+  // FAILED_PRECONDITION; footprint()/bytes() are meaningful only once
+  // finished (precondition); the unchecked hot-path calls
+  // (new_k_row, ..., set_flag_unchecked) need a successful begin_append()
+  // and so cannot be reached.
+  static Result<CompressedKvCache> begin_build(const KvLayout& layout, PageSource* pool,
+                                               int64_t n_tokens);
+
+  // Builds (block, head) slot `slot` of a staged build exactly as
+  // build_from_dense() does: the sink and window rows of the slot's layers
+  // (l in its block, its head) into their K/V rings, the slot's gate ring
+  // rows, the pending flags of its window tokens, and its distant tokens
+  // with flag 1 retained (base-layer K, every block layer's V, position,
+  // gate row) in position order. slot_flags has n_tokens() entries, 0 or
+  // 1: this slot's flag of each token. Reads from `kv` ONLY the rows of
+  // the slot's layers and head, and from `gate` only the slot's rows, so
+  // the caller may pass a DenseKv whose later layers (and other heads) are
+  // not computed yet. Takes only the slot's retained pages, checked up
+  // front. Errors (nothing of the slot kept, the cache unchanged):
+  // FAILED_PRECONDITION (no build in progress, moved-from); INVALID_ARGUMENT
+  // (slot out of range, a slot filled twice, slot_flags of the wrong size
+  // or not 0/1, no K or V rows, gate rows missing for a layout with gate
+  // state or given for one without); RESOURCE_EXHAUSTED naming the pages
+  // needed and free (retryable once pages are freed).
+  // Does not block; copies the slot's rows.
+  Status fill_slot(int64_t slot, const DenseKv& kv, std::span<const uint8_t> slot_flags,
+                   const DenseGate& gate = {});
+
+  // Ends a staged build: from here on the cache is exactly what
+  // build_from_dense() gives for the same input (contents, ring rows,
+  // retained lists, pending flags, bytes(), capacity_bytes(), and every
+  // later call). FAILED_PRECONDITION (naming the first unfilled slot) if a
+  // slot was not filled — the build goes on then — or if no build is in
+  // progress.
+  Status finish_build();
+
+  // True between begin_build() and a successful finish_build().
+  bool building() const { return building_; }
+  // Whether `slot`'s pages hold its content: true for every slot outside
+  // a staged build, and during one for the slots filled so far. False for
+  // a slot out of range.
+  bool slot_filled(int64_t slot) const {
+    if (slot < 0 || slot >= static_cast<int64_t>(distant_.size())) return false;
+    return !building_ || slot_filled_[static_cast<size_t>(slot)] != 0;
+  }
 
   CompressedKvCache(CompressedKvCache&& other) noexcept;
   CompressedKvCache& operator=(CompressedKvCache&& other) noexcept;
@@ -315,6 +385,18 @@ class CompressedKvCache {
 
   // flags holds n_slots() x n_tokens entries, each 0 or 1.
   Status validate_flags(std::span<const uint8_t> flags, int64_t n_tokens) const;
+  // The K/V and gate rows a build of n_tokens tokens reads are given (or,
+  // for gate rows, absent) as the layout requires.
+  Status check_dense_inputs(int64_t n_tokens, const DenseKv& kv, const DenseGate& gate) const;
+  // FAILED_PRECONDITION while a staged build runs (or after a move).
+  Status check_built(const char* call) const;
+  // Pages of every K/V ring and gate ring at n_tokens tokens.
+  int64_t ring_pages_needed(int64_t n_tokens) const;
+  // Pages `slot` retains for these flags (its n_tokens entries).
+  int64_t slot_retained_pages(int64_t slot, std::span<const uint8_t> slot_flags) const;
+  // Starts a staged build of n_tokens tokens on this empty cache: checks
+  // n_tokens and the rings' pages, then allocates the rings.
+  Status start_build(int64_t n_tokens);
   Status check_layer_head(int64_t layer, int64_t head) const;
   Status check_slot(int64_t slot) const;
   // Ring row of the token at `position` while it is proximal.
@@ -358,6 +440,10 @@ class CompressedKvCache {
   // Flags of the tokens now in the window, [window row][slot], applied when
   // the token leaves (0 until given, for deferred flags).
   std::vector<uint8_t> pending_flags_;
+  // Staged build: building_ from begin_build() to finish_build();
+  // slot_filled_[slot] (by slot, only while building) marks filled slots.
+  bool building_ = false;
+  std::vector<uint8_t> slot_filled_;
 };
 
 }  // namespace kvgate::kvstore

@@ -12,52 +12,29 @@ namespace kvgate::kvstore {
 // Friend of CompressedKvCache: walks its page lists in wire order and, for
 // adoption, sizes them and fills them with landed page ids.
 struct WireAccess {
-  // Slots in wire order: by the block's last layer (so a segment is ready
-  // as soon as that layer is computed), then by head.
-  static std::vector<int64_t> slot_order(const BlockMap& map) {
-    std::vector<int64_t> order(static_cast<size_t>(map.n_slots()));
-    for (int64_t s = 0; s < map.n_slots(); ++s) order[s] = s;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      const int64_t ea = map.slot_block(a).end_layer();
-      const int64_t eb = map.slot_block(b).end_layer();
-      return ea != eb ? ea < eb : map.slot_head(a) < map.slot_head(b);
-    });
-    return order;
-  }
-
-  // Calls page(id) for every page id of `c` in wire order (id is a PageId&
-  // or const PageId&) and segment_end(last_layer) after each segment.
-  template <typename Cache, typename PageFn, typename SegmentFn>
-  static void visit(Cache& c, PageFn page, SegmentFn segment_end) {
+  // Calls page(id) for every page id of slot s of `c` in wire order (id is
+  // a PageId& or const PageId&).
+  template <typename Cache, typename PageFn>
+  static void visit_slot(Cache& c, int64_t s, PageFn page) {
     const BlockMap& map = c.layout_.blocks;
     const int64_t n_layers = map.n_layers();
     const int64_t n_heads = map.n_kv_heads();
     const int64_t n_slots = map.n_slots();
     const int64_t rounds = c.n_ring_pages_;
-    const int64_t gate_rounds = c.n_gate_ring_pages_;
-    const std::vector<int64_t> order = slot_order(map);
-    for (size_t i = 0; i < order.size(); ++i) {
-      const int64_t s = order[i];
-      const int64_t h = map.slot_head(s);
-      const LayerBlock& blk = map.slot_block(s);
-      for (int64_t l = blk.first_layer; l < blk.end_layer(); ++l) {
-        for (int64_t r = 0; r < rounds; ++r)
-          page(c.ring_k_pages_[(r * n_layers + l) * n_heads + h]);
-        for (int64_t r = 0; r < rounds; ++r)
-          page(c.ring_v_pages_[(r * n_layers + l) * n_heads + h]);
-      }
-      auto& d = c.distant_[s];
-      for (auto& id : d.k_pages) page(id);
-      for (auto& v : d.v_pages) {
-        for (auto& id : v) page(id);
-      }
-      for (auto& id : d.pos_pages) page(id);
-      for (auto& id : d.gate_pages) page(id);
-      for (int64_t r = 0; r < gate_rounds; ++r) page(c.gate_ring_pages_[r * n_slots + s]);
-      if (i + 1 == order.size() || map.slot_block(order[i + 1]).end_layer() != blk.end_layer()) {
-        segment_end(blk.end_layer() - 1);
-      }
+    const int64_t h = map.slot_head(s);
+    const LayerBlock& blk = map.slot_block(s);
+    for (int64_t l = blk.first_layer; l < blk.end_layer(); ++l) {
+      for (int64_t r = 0; r < rounds; ++r) page(c.ring_k_pages_[(r * n_layers + l) * n_heads + h]);
+      for (int64_t r = 0; r < rounds; ++r) page(c.ring_v_pages_[(r * n_layers + l) * n_heads + h]);
     }
+    auto& d = c.distant_[s];
+    for (auto& id : d.k_pages) page(id);
+    for (auto& v : d.v_pages) {
+      for (auto& id : v) page(id);
+    }
+    for (auto& id : d.pos_pages) page(id);
+    for (auto& id : d.gate_pages) page(id);
+    for (int64_t r = 0; r < c.n_gate_ring_pages_; ++r) page(c.gate_ring_pages_[r * n_slots + s]);
   }
 
   static int64_t n_ring_pages(const CompressedKvCache& c) { return c.n_ring_pages_; }
@@ -69,7 +46,7 @@ struct WireAccess {
   }
 
   // Sizes every list of the empty cache `c` for the state (rounds, R per
-  // slot) and sets its counts; the ids are filled by visit() next.
+  // slot) and sets its counts; the ids are filled by visit_slot() next.
   static void shape(CompressedKvCache& c, int64_t n_tokens, int64_t rounds, int64_t gate_rounds,
                     std::span<const int64_t> retained, std::span<const uint8_t> pending,
                     int64_t n_pages) {
@@ -339,11 +316,74 @@ Result<Parsed> parse(std::span<const std::byte> d, const KvLayout& layout, int64
   return out;
 }
 
+// Appends the pages of `group`'s slots to `out`, in wire order; on error
+// `out` is unchanged.
+Status append_group_pages(const CompressedKvCache& cache, const WireSlotGroup& group,
+                          std::vector<PageId>& out) {
+  if (WireAccess::source(cache) == nullptr) {
+    return failed_precondition("wire image: pages of a moved-from cache");
+  }
+  const BlockMap& map = cache.layout().blocks;
+  for (int64_t s : group.slots) {
+    if (s < 0 || s >= map.n_slots()) {
+      return invalid_argument("wire image: slot " + num(s) + " not in [0, " + num(map.n_slots()) +
+                              ")");
+    }
+    const LayerBlock& blk = map.slot_block(s);
+    if (blk.end_layer() - 1 != group.last_layer) {
+      return invalid_argument("wire image: slot " + num(s) + " (KV head " + num(map.slot_head(s)) +
+                              ") has layers " + num(blk.first_layer) + "-" +
+                              num(blk.end_layer() - 1) + ", not a block ending at the group's " +
+                              "last layer " + num(group.last_layer));
+    }
+    if (!cache.slot_filled(s)) {
+      return failed_precondition("wire image: slot " + num(s) + " (KV head " +
+                                 num(map.slot_head(s)) + ", layers " + num(blk.first_layer) + "-" +
+                                 num(blk.end_layer() - 1) + ") is not filled yet");
+    }
+  }
+  for (int64_t s : group.slots) {
+    WireAccess::visit_slot(cache, s, [&](const PageId& id) { out.push_back(id); });
+  }
+  return Status();
+}
+
 }  // namespace
+
+std::vector<WireSlotGroup> wire_slot_groups(const KvLayout& layout) {
+  const BlockMap& map = layout.blocks;
+  // Slots by their block's last layer (a segment is ready as soon as that
+  // layer is computed), then by head.
+  std::vector<int64_t> order(static_cast<size_t>(map.n_slots()));
+  for (int64_t s = 0; s < map.n_slots(); ++s) order[s] = s;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const int64_t ea = map.slot_block(a).end_layer();
+    const int64_t eb = map.slot_block(b).end_layer();
+    return ea != eb ? ea < eb : map.slot_head(a) < map.slot_head(b);
+  });
+  std::vector<WireSlotGroup> groups;
+  for (int64_t s : order) {
+    const int64_t last = map.slot_block(s).end_layer() - 1;
+    if (groups.empty() || groups.back().last_layer != last) groups.push_back({last, {}});
+    groups.back().slots.push_back(s);
+  }
+  return groups;
+}
+
+Result<std::vector<PageId>> wire_group_pages(const CompressedKvCache& cache,
+                                             const WireSlotGroup& group) {
+  std::vector<PageId> pages;
+  KVGATE_RETURN_IF_ERROR(append_group_pages(cache, group, pages));
+  return pages;
+}
 
 Result<WireImage> export_wire_image(const CompressedKvCache& cache) {
   PageSource* source = WireAccess::source(cache);
   if (source == nullptr) return failed_precondition("wire image: export of a moved-from cache");
+  if (cache.building()) {
+    return failed_precondition(
+        "wire image: export of a cache whose staged build is not finished (finish_build())");
+  }
   const KvLayout& layout = cache.layout();
   const BlockMap& map = layout.blocks;
   const int64_t n_slots = map.n_slots();
@@ -382,15 +422,12 @@ Result<WireImage> export_wire_image(const CompressedKvCache& cache) {
   put_u32(out, crc32c(out.data(), out.size()));
 
   image.pages.reserve(static_cast<size_t>(cache.n_pages()));
-  int64_t segment_begin = 0;
-  WireAccess::visit(
-      cache, [&](const PageId& id) { image.pages.push_back(id); },
-      [&](int64_t last_layer) {
-        const auto end = static_cast<int64_t>(image.pages.size());
-        if (end > segment_begin)
-          image.segments.push_back({segment_begin, end - segment_begin, last_layer});
-        segment_begin = end;
-      });
+  for (const WireSlotGroup& group : wire_slot_groups(layout)) {
+    const auto begin = static_cast<int64_t>(image.pages.size());
+    KVGATE_RETURN_IF_ERROR(append_group_pages(cache, group, image.pages));
+    const auto end = static_cast<int64_t>(image.pages.size());
+    if (end > begin) image.segments.push_back({begin, end - begin, group.last_layer});
+  }
   if (static_cast<int64_t>(image.pages.size()) != cache.n_pages()) {
     return internal_error("wire image: listed " + std::to_string(image.pages.size()) +
                           " pages of a cache holding " + num(cache.n_pages()));
@@ -440,8 +477,11 @@ Result<CompressedKvCache> adopt_wire_image(const KvLayout& layout, PageSource* s
   WireAccess::shape(cache, parsed.n_tokens, parsed.ring_rounds, parsed.gate_rounds, parsed.retained,
                     parsed.pending, parsed.n_pages);
   int64_t next = 0;
-  WireAccess::visit(
-      cache, [&](PageId& id) { id = ids[static_cast<size_t>(next++)]; }, [](int64_t) {});
+  for (const WireSlotGroup& group : wire_slot_groups(layout)) {
+    for (int64_t s : group.slots) {
+      WireAccess::visit_slot(cache, s, [&](PageId& id) { id = ids[static_cast<size_t>(next++)]; });
+    }
+  }
   if (next != parsed.n_pages) {
     WireAccess::disown(cache);
     return internal_error("wire image: placed " + num(next) + " pages of " + num(parsed.n_pages));

@@ -93,10 +93,41 @@ struct WireImage {
   int64_t total_bytes() const { return static_cast<int64_t>(pages.size()) * page_bytes; }
 };
 
-// The cache's pages and descriptor. The pages stay the cache's: keep the
-// cache alive and unchanged until the transfer finished. Errors:
-// FAILED_PRECONDITION for a moved-from cache, INTERNAL on a broken
-// invariant; none otherwise. Allocates the descriptor and page list.
+// The slots of one wire segment: every (block, head) slot whose block
+// ends at last_layer, in wire order (by head).
+struct WireSlotGroup {
+  int64_t last_layer = 0;
+  std::vector<int64_t> slots;  // BlockMap slot numbers
+  bool operator==(const WireSlotGroup&) const = default;
+};
+
+// The wire segments' slots in wire order (last_layer increasing; one
+// group per distinct block end, every slot in exactly one group). Depends
+// only on the block map. Allocates.
+std::vector<WireSlotGroup> wire_slot_groups(const KvLayout& layout);
+
+// The pages of `group`'s slots in wire order: what export_wire_image()
+// lists for that segment. Valid as soon as those slots are filled — during
+// a staged build (CompressedKvCache::begin_build/fill_slot) too, so a
+// layer-major prefill ships a segment right after its last layer: the
+// slots' pages never change after fill_slot, and the concatenation of
+// every group's pages (wire_slot_groups order) equals
+// export_wire_image(cache).pages once the build is finished (a group
+// whose slots hold no page — no tokens — has no segment). Errors:
+// FAILED_PRECONDITION (a moved-from cache; a slot of the group not filled
+// yet, named), INVALID_ARGUMENT (a slot out of range, or whose block does
+// not end at group.last_layer). Allocates the list.
+Result<std::vector<PageId>> wire_group_pages(const CompressedKvCache& cache,
+                                             const WireSlotGroup& group);
+
+// The cache's pages and descriptor (the pages are those of
+// wire_group_pages() over wire_slot_groups(), one segment per non-empty
+// group). The pages stay the cache's: keep the cache alive and unchanged
+// until the transfer finished. Errors: FAILED_PRECONDITION for a
+// moved-from cache or one whose staged build is not finished (the
+// descriptor needs every slot's retained count and pending flags),
+// INTERNAL on a broken invariant; none otherwise. Allocates the
+// descriptor and page list.
 Result<WireImage> export_wire_image(const CompressedKvCache& cache);
 
 // Pages a cache of this state needs, i.e. export_wire_image(...).pages.size()

@@ -3,26 +3,35 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "kvstore/footprint.h"
+#include "kvstore/wire_image.h"
 #include "tests/unit/kvstore/kv_test_util.h"
 
 namespace kvgate::kvstore {
 namespace {
 
+using testing::append_token;
 using testing::cache_gate_set;
 using testing::cache_set;
+using testing::expect_same_attention;
+using testing::expect_same_state;
 using testing::formula_bytes;
 using testing::gate_model_set;
 using testing::History;
+using testing::LayerMajorKv;
 using testing::make_layout;
 using testing::make_pool;
 using testing::random_block_map;
 using testing::retained_counts;
 using testing::rule_table_set;
+using testing::slot_flags;
+using testing::slot_only_kv;
 
 struct Shape {
   int64_t n_layers, n_heads, head_dim, n_sink, n_window, page_tokens, n_tokens;
@@ -291,6 +300,257 @@ TEST(CompressedKvCache, BadInputsAreErrorsNotAsserts) {
   bad.gate_state_bytes_per_token = 8;
   EXPECT_TRUE(CompressedKvCache::create(bad, pool.get()).ok());
   EXPECT_FALSE(CompressedKvCache::create(layout, nullptr).ok());
+}
+
+// A staged build — begin_build, fill_slot of every slot in a random order,
+// each given layer-major K/V in which only the slot's own layers and head
+// (and its own gate rows) hold values and everything else is NaN, then
+// finish_build — is the cache build_from_dense gives from token-major K/V:
+// every row of every view, ring rows, retained lists and positions, gate
+// rows, bytes, capacity, pages taken, the wire descriptor (retained counts
+// and pending flags), attention, and the future under further appends.
+TEST(CompressedKvCache, StagedBuildInAnyOrderEqualsBuildFromDense) {
+  std::mt19937 rng(8);
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  int wrapped = 0, gated = 0, with_retained = 0, short_of_sinks = 0;
+  for (int iter = 0; iter < 200; ++iter) {
+    const int64_t n_layers = pick(1, 6), n_heads = pick(1, 3), head_dim = int64_t{4} << pick(0, 2);
+    const int64_t n_sink = pick(0, 3), n_window = pick(1, 7),
+                  page_bytes = int64_t{64} << pick(0, 1);
+    const int64_t gate_bytes = pick(0, 1) ? 0 : (int64_t{8} << pick(0, 3));
+    int64_t n_tokens = 0;
+    switch (iter % 5) {
+      case 0:  // sinks only (or none): shorter than sinks + window
+        n_tokens = pick(0, n_sink);
+        break;
+      case 1:  // window not wrapped
+        n_tokens = pick(0, n_sink + n_window);
+        break;
+      case 2:  // many pages per list
+        n_tokens = pick(100, 300);
+        break;
+      default:  // wrapped window
+        n_tokens = pick(n_sink + n_window, 70);
+        break;
+    }
+    const double keeps[] = {0.0, 0.5, 1.0};
+    const double keep = keeps[pick(0, 2)];
+    const KvLayout layout = make_layout(random_block_map(n_layers, n_heads, rng), head_dim, n_sink,
+                                        n_window, gate_bytes);
+    SCOPED_TRACE("iter " + std::to_string(iter) + ": " + layout.blocks.to_string() + " d " +
+                 std::to_string(head_dim) + " sink " + std::to_string(n_sink) + " window " +
+                 std::to_string(n_window) + " page " + std::to_string(page_bytes) + " gate " +
+                 std::to_string(gate_bytes) + " tokens " + std::to_string(n_tokens) + " keep " +
+                 std::to_string(keep));
+    const int64_t n_slots = layout.blocks.n_slots();
+    const int64_t extra = n_window + 4;  // every pending flag gets applied
+    const History hist(layout, n_tokens + extra, keep, rng);
+    auto pool_a = make_pool(page_bytes, int64_t{1} << 22);
+    auto pool_b = make_pool(page_bytes, int64_t{1} << 22);
+    {
+      auto built =
+          CompressedKvCache::build_from_dense(layout, pool_a.get(), n_tokens, hist.dense(),
+                                              hist.prefix_flags(n_tokens), hist.dense_gate());
+      ASSERT_TRUE(built.ok()) << built.status().to_string();
+      auto staged = CompressedKvCache::begin_build(layout, pool_b.get(), n_tokens);
+      ASSERT_TRUE(staged.ok()) << staged.status().to_string();
+      EXPECT_TRUE(staged->building());
+      EXPECT_EQ(staged->n_tokens(), n_tokens);
+      // The rings alone: the state with nothing retained.
+      EXPECT_EQ(staged->n_pages(),
+                *state_pages(layout, page_bytes, n_tokens, std::vector<int64_t>(n_slots, 0)));
+      EXPECT_EQ(pool_b->used_pages(), staged->n_pages());
+
+      std::vector<int64_t> order(n_slots);
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t i = 0; i < order.size(); ++i) {
+        const int64_t s = order[i];
+        EXPECT_FALSE(staged->slot_filled(s));
+        const LayerMajorKv kv = slot_only_kv(layout, hist, n_tokens, s);
+        const Status st =
+            staged->fill_slot(s, kv.dense(), slot_flags(hist, s, n_tokens), kv.dense_gate());
+        ASSERT_TRUE(st.ok()) << "slot " << s << ": " << st.to_string();
+        EXPECT_TRUE(staged->slot_filled(s));
+        EXPECT_EQ(staged->retained_tokens(s), built->retained_tokens(s));
+        for (int64_t r = 0; r < staged->retained_tokens(s); ++r) {
+          ASSERT_EQ(staged->retained_position(s, r), built->retained_position(s, r));
+        }
+        EXPECT_EQ(pool_b->used_pages(), staged->n_pages());
+        if (i + 1 < order.size()) {
+          EXPECT_EQ(staged->finish_build().code(), StatusCode::kFailedPrecondition);
+        }
+      }
+      ASSERT_TRUE(staged->finish_build().ok());
+      EXPECT_FALSE(staged->building());
+
+      expect_same_state(*built, *staged);
+      EXPECT_EQ(staged->footprint(), built->footprint());
+      EXPECT_EQ(staged->bytes(), formula_bytes(layout, hist, n_tokens));
+      EXPECT_EQ(pool_b->used_pages(), pool_a->used_pages());
+      for (int64_t l = 0; l < n_layers; ++l) {
+        for (int64_t h = 0; h < n_heads; ++h) {
+          ASSERT_EQ(cache_set(*staged, l, h), rule_table_set(layout, hist, n_tokens, l, h))
+              << "l=" << l << " h=" << h;
+        }
+      }
+      for (int64_t s = 0; s < n_slots; ++s) {
+        ASSERT_EQ(cache_gate_set(*staged, s), gate_model_set(layout, hist, n_tokens, s));
+      }
+      // Same counts and pending flags of the window tokens, byte for byte.
+      auto image_a = export_wire_image(*built);
+      auto image_b = export_wire_image(*staged);
+      ASSERT_TRUE(image_a.ok() && image_b.ok());
+      EXPECT_EQ(image_a->descriptor, image_b->descriptor);
+      EXPECT_EQ(image_a->segments, image_b->segments);
+      expect_same_attention(*built, *staged, rng);
+      // The same future: further tokens (flags given, deferred, or never
+      // given) evict identically from both.
+      for (int64_t j = n_tokens; j < n_tokens + extra; ++j) {
+        const int mode = static_cast<int>(rng() % 3);
+        append_token(*built, hist, j, mode);
+        append_token(*staged, hist, j, mode);
+        expect_same_state(*built, *staged);
+        expect_same_attention(*built, *staged, rng);
+        EXPECT_EQ(pool_b->used_pages(), pool_a->used_pages());
+      }
+      wrapped += n_tokens > n_sink + n_window;
+      short_of_sinks += n_tokens < n_sink;
+      gated += layout.has_gate_state();
+      for (int64_t r : retained_counts(*staged)) with_retained += r > 0;
+    }
+    EXPECT_EQ(pool_b->used_bytes(), 0);
+  }
+  // The random cases covered what they are meant to.
+  EXPECT_GT(wrapped, 80);
+  EXPECT_GT(short_of_sinks, 10);
+  EXPECT_GT(gated, 60);
+  EXPECT_GT(with_retained, 100);
+}
+
+TEST(CompressedKvCache, StagedBuildErrorsChangeNothing) {
+  std::mt19937 rng(9);
+  const KvLayout layout = make_layout(*BlockMap::uniform(4, 2, 2), 8, 2, 4, 16);  // 4 slots
+  const History hist(layout, 30, 0.5, rng);
+  auto pool = make_pool(64, 1 << 20);
+  auto expect_error = [](const Status& st, StatusCode code, const std::string& text) {
+    EXPECT_EQ(st.code(), code) << st.to_string();
+    EXPECT_NE(st.message().find(text), std::string::npos) << st.message();
+  };
+
+  // begin_build
+  expect_error(CompressedKvCache::begin_build(layout, pool.get(), -1).status(),
+               StatusCode::kInvalidArgument, "n_tokens -1");
+  expect_error(CompressedKvCache::begin_build(layout, pool.get(), kMaxTokens + 1).status(),
+               StatusCode::kInvalidArgument, "not in [0, 2^31]");
+  EXPECT_EQ(CompressedKvCache::begin_build(layout, nullptr, 3).status().code(),
+            StatusCode::kInvalidArgument);
+  {
+    auto tiny = make_pool(64, 64 * 3);
+    // 6 proximal tokens of 4 per page: 2 rounds x 2 x 8 (layer, head) K/V
+    // rings + 2 gate ring pages (4 rows of 16 bytes each) x 4 slots = 40.
+    expect_error(CompressedKvCache::begin_build(layout, tiny.get(), 30).status(),
+                 StatusCode::kResourceExhausted, "need 40 pages, the page source has 3 free");
+    EXPECT_EQ(tiny->used_pages(), 0);
+  }
+
+  auto cache = CompressedKvCache::begin_build(layout, pool.get(), 30);
+  ASSERT_TRUE(cache.ok()) << cache.status().to_string();
+  const int64_t rings = pool->used_pages();
+  EXPECT_EQ(rings, 40);
+  const DenseKv kv = hist.dense();
+  const DenseGate gate = hist.dense_gate();
+  const std::vector<uint8_t> f0 = slot_flags(hist, 0, 30);
+  expect_error(cache->fill_slot(-1, kv, f0, gate), StatusCode::kInvalidArgument, "slot -1");
+  expect_error(cache->fill_slot(4, kv, f0, gate), StatusCode::kInvalidArgument,
+               "slot 4, not in [0, 4)");
+  expect_error(cache->fill_slot(0, kv, std::vector<uint8_t>(29, 0), gate),
+               StatusCode::kInvalidArgument, "29 flags given, expected 30");
+  std::vector<uint8_t> bad = f0;
+  bad[17] = 2;
+  expect_error(cache->fill_slot(0, kv, bad, gate), StatusCode::kInvalidArgument,
+               "flag of token 17 is 2");
+  expect_error(cache->fill_slot(0, DenseKv{}, f0, gate), StatusCode::kInvalidArgument,
+               "without K or V rows");
+  expect_error(cache->fill_slot(0, kv, f0, DenseGate{}), StatusCode::kInvalidArgument,
+               "without gate state rows");
+  EXPECT_FALSE(cache->slot_filled(0));
+  EXPECT_EQ(cache->retained_tokens(0), 0);
+  EXPECT_EQ(pool->used_pages(), rings);
+
+  // Until finished, the cache cannot be read, appended to or exported.
+  const Status during = cache->proximal(0, 0).status();
+  expect_error(during, StatusCode::kFailedPrecondition, "staged build");
+  EXPECT_EQ(cache->distant(0, 0).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(cache->gate_proximal(0).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(cache->gate_distant(0).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(cache->append(30, hist.token(29), hist.token_flags(29)).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(cache->set_flags(29, hist.token_flags(29)).code(), StatusCode::kFailedPrecondition);
+  expect_error(export_wire_image(*cache).status(), StatusCode::kFailedPrecondition,
+               "staged build is not finished");
+
+  ASSERT_TRUE(cache->fill_slot(0, kv, f0, gate).ok());
+  const int64_t after_one = pool->used_pages();
+  expect_error(cache->fill_slot(0, kv, f0, gate), StatusCode::kInvalidArgument,
+               "slot 0 (KV head 0, layers 0-1) filled twice");
+  EXPECT_EQ(pool->used_pages(), after_one);
+  expect_error(cache->finish_build(), StatusCode::kFailedPrecondition,
+               "before slot 1 (KV head 0, layers 2-3) was filled (3 of 4 slots unfilled)");
+  for (int64_t s = 1; s < 4; ++s) {
+    ASSERT_TRUE(cache->fill_slot(s, kv, slot_flags(hist, s, 30), gate).ok());
+  }
+  ASSERT_TRUE(cache->finish_build().ok());
+  EXPECT_EQ(pool->used_pages(), cache->n_pages());
+  expect_error(cache->fill_slot(0, kv, f0, gate), StatusCode::kFailedPrecondition,
+               "outside a staged build");
+  EXPECT_EQ(cache->finish_build().code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(cache->append(30, hist.token(29), hist.token_flags(29)).ok());
+
+  // Gate rows for a layout without gate state.
+  const KvLayout plain = make_layout(*BlockMap::uniform(4, 2, 2), 8, 2, 4);
+  const History plain_hist(plain, 30, 1.0, rng);
+  auto other = CompressedKvCache::begin_build(plain, pool.get(), 30);
+  ASSERT_TRUE(other.ok());
+  expect_error(other->fill_slot(0, plain_hist.dense(), slot_flags(plain_hist, 0, 30), gate),
+               StatusCode::kInvalidArgument, "gate state rows given for a layout without");
+  cache = std::move(other).value();  // move-assign frees the finished cache's pages
+
+  // A slot that does not fit: RESOURCE_EXHAUSTED naming needed and free,
+  // nothing kept, and the same call succeeds once pages are freed. Every
+  // slot retains its 24 distant tokens: 6 pages of 4 base-K rows, 6 x 2 V
+  // pages, 2 position pages = 20 pages.
+  auto small = make_pool(64, 64 * (32 + 20 + 20));
+  auto staged = CompressedKvCache::begin_build(plain, small.get(), 30);
+  ASSERT_TRUE(staged.ok());
+  EXPECT_EQ(small->used_pages(), 32);
+  ASSERT_TRUE(staged->fill_slot(0, plain_hist.dense(), slot_flags(plain_hist, 0, 30)).ok());
+  EXPECT_EQ(small->used_pages(), 52);
+  std::vector<PageId> elsewhere;  // another request's pages
+  for (int i = 0; i < 15; ++i) elsewhere.push_back(*small->allocate());
+  expect_error(staged->fill_slot(1, plain_hist.dense(), slot_flags(plain_hist, 1, 30)),
+               StatusCode::kResourceExhausted,
+               "slot 1 (KV head 0, layers 2-3) needs 20 pages for its retained tokens, the page "
+               "source has 5 free");
+  EXPECT_FALSE(staged->slot_filled(1));
+  EXPECT_EQ(staged->retained_tokens(1), 0);
+  EXPECT_EQ(small->used_pages(), 52 + 15);
+  for (PageId p : elsewhere) ASSERT_TRUE(small->free(p).ok());
+  ASSERT_TRUE(staged->fill_slot(1, plain_hist.dense(), slot_flags(plain_hist, 1, 30)).ok());
+  EXPECT_EQ(staged->retained_tokens(1), 24);
+  // An unfinished build, destroyed, returns every page.
+  staged = CompressedKvCache::create(plain, small.get());
+  EXPECT_EQ(small->used_pages(), 0);
+  // A moved-from cache.
+  auto moved_from = CompressedKvCache::begin_build(plain, small.get(), 30);
+  ASSERT_TRUE(moved_from.ok());
+  CompressedKvCache taken = std::move(*moved_from);
+  EXPECT_EQ(moved_from->fill_slot(0, plain_hist.dense(), slot_flags(plain_hist, 0, 30)).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(moved_from->finish_build().code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(taken.building());
 }
 
 }  // namespace

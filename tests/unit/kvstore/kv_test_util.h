@@ -1,20 +1,24 @@
 // Helpers shared by the kvstore tests: random ragged block maps, random K/V
-// (and gate state) histories, and the rule table of DESIGN.md §4 applied
+// (and gate state) histories, the rule table of DESIGN.md §4 applied
 // directly to a full history (independently of CompressedKvCache's data
-// structures).
+// structures), comparisons of two caches through their public views, and
+// poisoned layer-major K/V for staged builds.
 #pragma once
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <memory>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "engine/cpu/isa.h"
 #include "engine/ggml_types.h"
+#include "kvstore/attention.h"
 #include "kvstore/block_map.h"
 #include "kvstore/compressed_cache.h"
 #include "kvstore/layout.h"
@@ -255,6 +259,155 @@ inline int64_t formula_bytes(const KvLayout& layout, const History& hist, int64_
     }
   }
   return kv + pos + gate;
+}
+
+// ---- Comparing two caches through their public views. ----
+
+inline void expect_same_state(const CompressedKvCache& a, const CompressedKvCache& b) {
+  const KvLayout& layout = a.layout();
+  const int64_t d = layout.head_dim;
+  ASSERT_EQ(a.n_tokens(), b.n_tokens());
+  ASSERT_EQ(retained_counts(a), retained_counts(b));
+  EXPECT_EQ(a.bytes(), b.bytes());
+  EXPECT_EQ(a.capacity_bytes(), b.capacity_bytes());
+  EXPECT_EQ(a.n_pages(), b.n_pages());
+  for (int64_t r = 0; r < a.proximal_tokens(); ++r) {
+    EXPECT_EQ(a.proximal_row_position(r), b.proximal_row_position(r));
+  }
+  for (int64_t l = 0; l < layout.n_layers(); ++l) {
+    for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
+      for (auto seg : {std::make_pair(*a.proximal(l, h), *b.proximal(l, h)),
+                       std::make_pair(*a.distant(l, h), *b.distant(l, h))}) {
+        ASSERT_EQ(seg.first.n_tokens(), seg.second.n_tokens());
+        for (int64_t r = 0; r < seg.first.n_tokens(); ++r) {
+          ASSERT_EQ(std::memcmp(seg.first.k_row(r), seg.second.k_row(r), 2 * d), 0)
+              << "K row " << r << " layer " << l << " head " << h;
+          ASSERT_EQ(std::memcmp(seg.first.v_row(r), seg.second.v_row(r), 2 * d), 0)
+              << "V row " << r << " layer " << l << " head " << h;
+        }
+      }
+    }
+  }
+  const int64_t ge = layout.gate_row_elems();
+  for (int64_t s = 0; s < layout.blocks.n_slots(); ++s) {
+    for (int64_t i = 0; i < a.retained_tokens(s); ++i) {
+      ASSERT_EQ(a.retained_position(s, i), b.retained_position(s, i)) << "slot " << s;
+    }
+    for (auto g : {std::make_pair(*a.gate_proximal(s), *b.gate_proximal(s)),
+                   std::make_pair(*a.gate_distant(s), *b.gate_distant(s))}) {
+      ASSERT_EQ(g.first.n_rows(), g.second.n_rows());
+      for (int64_t r = 0; r < g.first.n_rows(); ++r) {
+        ASSERT_EQ(std::memcmp(g.first.row(r), g.second.row(r), 2 * ge), 0) << "gate row " << r;
+      }
+    }
+  }
+}
+
+// Attention of random queries at every layer gives bit-identical outputs.
+inline void expect_same_attention(const CompressedKvCache& a, const CompressedKvCache& b,
+                                  std::mt19937& rng) {
+  if (a.n_tokens() == 0) return;
+  const KvLayout& layout = a.layout();
+  const int64_t d = layout.head_dim;
+  const int64_t n_q = 2 * layout.n_kv_heads();
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<float> q(n_q * d), qb(n_q * d), out_a(n_q * d), out_b(n_q * d);
+  for (int64_t l = 0; l < layout.n_layers(); ++l) {
+    for (auto& x : q) x = u(rng);
+    for (auto& x : qb) x = u(rng);
+    const auto isa = engine::cpu::best_isa();
+    ASSERT_TRUE(attend_layer(a, l, n_q, q.data(), qb.data(), out_a.data(), isa).ok());
+    ASSERT_TRUE(attend_layer(b, l, n_q, q.data(), qb.data(), out_b.data(), isa).ok());
+    ASSERT_EQ(std::memcmp(out_a.data(), out_b.data(), out_a.size() * sizeof(float)), 0)
+        << "layer " << l;
+  }
+}
+
+// Appends token j of `hist` to `c`; mode 0: flags given, 1: deferred then
+// set_flags, 2: deferred and never given (dropped when it leaves).
+inline void append_token(CompressedKvCache& c, const History& hist, int64_t j, int mode) {
+  const std::vector<uint8_t> flags = hist.token_flags(j);
+  if (mode == 0) {
+    ASSERT_TRUE(c.append(j, hist.token(j), flags).ok());
+    return;
+  }
+  ASSERT_TRUE(c.append(j, hist.token(j), {}).ok());
+  if (mode == 1) {
+    ASSERT_TRUE(c.set_flags(j, flags).ok());
+  }
+}
+
+// ---- Staged builds (CompressedKvCache::begin_build / fill_slot). ----
+
+// An fp16 NaN with a payload: a row that must not be read. Any row of it
+// that reaches a cache shows up in a byte comparison (and in attention).
+inline constexpr fp16_t kPoison = 0x7E5A;
+
+// The first n_tokens tokens of a history laid out layer-major, as a
+// layer-by-layer prefill holds them: K/V [layer][head][token][d], gate rows
+// [slot][token][elems]. Rows for which keep_kv(layer, head) (gate rows:
+// keep_gate(slot)) is false hold kPoison: K/V not computed yet, or of
+// other slots, which fill_slot must not read.
+struct LayerMajorKv {
+  int64_t n_layers = 0, n_heads = 0, head_dim = 0, n_tokens = 0, gate_elems = 0;
+  std::vector<fp16_t> k, v, gate;
+
+  template <typename KeepKv, typename KeepGate>
+  LayerMajorKv(const History& hist, int64_t tokens, KeepKv keep_kv, KeepGate keep_gate)
+      : n_layers(hist.n_layers),
+        n_heads(hist.n_heads),
+        head_dim(hist.head_dim),
+        n_tokens(tokens),
+        gate_elems(hist.gate_elems) {
+    k.assign(n_layers * n_heads * n_tokens * head_dim, kPoison);
+    v.assign(k.size(), kPoison);
+    for (int64_t l = 0; l < n_layers; ++l) {
+      for (int64_t h = 0; h < n_heads; ++h) {
+        if (!keep_kv(l, h)) continue;
+        for (int64_t j = 0; j < n_tokens; ++j) {
+          const int64_t at = ((l * n_heads + h) * n_tokens + j) * head_dim;
+          std::copy_n(hist.k_row(j, l, h), head_dim, k.begin() + at);
+          std::copy_n(hist.v_row(j, l, h), head_dim, v.begin() + at);
+        }
+      }
+    }
+    gate.assign(hist.n_slots * n_tokens * gate_elems, kPoison);
+    for (int64_t s = 0; s < hist.n_slots; ++s) {
+      if (!keep_gate(s)) continue;
+      for (int64_t j = 0; j < n_tokens; ++j) {
+        std::copy_n(hist.gate_row(j, s), gate_elems,
+                    gate.begin() + (s * n_tokens + j) * gate_elems);
+      }
+    }
+  }
+  DenseKv dense() const {
+    return {k.data(), v.data(), head_dim, n_heads * n_tokens * head_dim, n_tokens * head_dim};
+  }
+  DenseGate dense_gate() const {
+    if (gate_elems == 0) return {};
+    return {gate.data(), gate_elems, n_tokens * gate_elems};
+  }
+};
+
+// What fill_slot(slot) may read: only the slot's layers and head, and its
+// gate rows; everything else poisoned.
+inline LayerMajorKv slot_only_kv(const KvLayout& layout, const History& hist, int64_t n_tokens,
+                                 int64_t slot) {
+  const LayerBlock blk = layout.blocks.slot_block(slot);
+  const int64_t head = layout.blocks.slot_head(slot);
+  return LayerMajorKv(
+      hist, n_tokens,
+      [&](int64_t l, int64_t h) {
+        return h == head && l >= blk.first_layer && l < blk.end_layer();
+      },
+      [&](int64_t s) { return s == slot; });
+}
+
+// Slot s's flags of the first t tokens ([t] of hist.prefix_flags(t)).
+inline std::vector<uint8_t> slot_flags(const History& hist, int64_t slot, int64_t t) {
+  std::vector<uint8_t> f(t);
+  for (int64_t j = 0; j < t; ++j) f[j] = hist.flag(slot, j);
+  return f;
 }
 
 }  // namespace kvgate::kvstore::testing

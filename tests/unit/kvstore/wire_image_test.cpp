@@ -21,47 +21,27 @@
 #include "kvstore/footprint.h"
 #include "kvstore/lease_manager.h"
 #include "tests/unit/kvstore/kv_test_util.h"
+#include "tests/unit/kvstore/wire_test_util.h"
 
 namespace kvgate::kvstore {
 namespace {
 
 using std::chrono::milliseconds;
+using testing::append_token;
+using testing::Case;
+using testing::documented_order;
+using testing::expect_documented_image;
+using testing::expect_same_attention;
+using testing::expect_same_state;
 using testing::History;
+using testing::listed_by_groups;
 using testing::make_layout;
 using testing::make_pool;
 using testing::random_block_map;
+using testing::random_case;
+using testing::Receiver;
 using testing::retained_counts;
-
-const LeaseClock::time_point t0{};
-
-// The decode side: a pool, its lease manager, one lease and its view.
-struct Receiver {
-  std::unique_ptr<PagePool> pool;
-  std::unique_ptr<LeaseManager> leases;
-  LeaseId lease;
-  std::unique_ptr<LeasePages> pages;  // stable address: caches keep it
-
-  Receiver(int64_t page_bytes, int64_t pool_pages, int64_t lease_pages) {
-    pool = make_pool(page_bytes, page_bytes * pool_pages);
-    leases = std::move(LeaseManager::create(pool.get())).value();
-    lease = std::move(leases->grant(RequestId{7}, lease_pages * page_bytes, milliseconds(1000), t0))
-                .value();
-    pages = std::make_unique<LeasePages>(leases.get(), lease);
-  }
-  int64_t taken() const { return leases->info(lease)->taken_pages; }
-  // Takes n pages of the lease and lands wire page i of `image` (content in
-  // `from`) in the i-th (the rest keep whatever they hold).
-  std::vector<PageId> land(const WireImage& image, const PagePool& from, int64_t n) {
-    auto taken_pages = leases->take_pages(lease, n);
-    EXPECT_TRUE(taken_pages.ok()) << taken_pages.status().to_string();
-    std::vector<PageId> ids = *taken_pages;
-    const int64_t bytes = std::min(pool->page_bytes(), from.page_bytes());
-    for (size_t i = 0; i < image.pages.size() && i < ids.size(); ++i) {
-      std::memcpy(pool->data(ids[i]), from.data(image.pages[i]), bytes);
-    }
-    return ids;
-  }
-};
+using testing::t0;
 
 // ---- The documented descriptor format, written out again here. ----
 
@@ -107,216 +87,6 @@ void fix_crc(std::vector<std::byte>& d) {
   set_u32(d, d.size() - 4, crc32c(d.data(), d.size() - 4));
 }
 
-// ---- Comparing two caches through their public views. ----
-
-void expect_same_state(const CompressedKvCache& a, const CompressedKvCache& b) {
-  const KvLayout& layout = a.layout();
-  const int64_t d = layout.head_dim;
-  ASSERT_EQ(a.n_tokens(), b.n_tokens());
-  ASSERT_EQ(retained_counts(a), retained_counts(b));
-  EXPECT_EQ(a.bytes(), b.bytes());
-  EXPECT_EQ(a.capacity_bytes(), b.capacity_bytes());
-  EXPECT_EQ(a.n_pages(), b.n_pages());
-  for (int64_t r = 0; r < a.proximal_tokens(); ++r) {
-    EXPECT_EQ(a.proximal_row_position(r), b.proximal_row_position(r));
-  }
-  for (int64_t l = 0; l < layout.n_layers(); ++l) {
-    for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
-      for (auto seg : {std::make_pair(*a.proximal(l, h), *b.proximal(l, h)),
-                       std::make_pair(*a.distant(l, h), *b.distant(l, h))}) {
-        ASSERT_EQ(seg.first.n_tokens(), seg.second.n_tokens());
-        for (int64_t r = 0; r < seg.first.n_tokens(); ++r) {
-          ASSERT_EQ(std::memcmp(seg.first.k_row(r), seg.second.k_row(r), 2 * d), 0)
-              << "K row " << r << " layer " << l << " head " << h;
-          ASSERT_EQ(std::memcmp(seg.first.v_row(r), seg.second.v_row(r), 2 * d), 0)
-              << "V row " << r << " layer " << l << " head " << h;
-        }
-      }
-    }
-  }
-  const int64_t ge = layout.gate_row_elems();
-  for (int64_t s = 0; s < layout.blocks.n_slots(); ++s) {
-    for (int64_t i = 0; i < a.retained_tokens(s); ++i) {
-      ASSERT_EQ(a.retained_position(s, i), b.retained_position(s, i)) << "slot " << s;
-    }
-    for (auto g : {std::make_pair(*a.gate_proximal(s), *b.gate_proximal(s)),
-                   std::make_pair(*a.gate_distant(s), *b.gate_distant(s))}) {
-      ASSERT_EQ(g.first.n_rows(), g.second.n_rows());
-      for (int64_t r = 0; r < g.first.n_rows(); ++r) {
-        ASSERT_EQ(std::memcmp(g.first.row(r), g.second.row(r), 2 * ge), 0) << "gate row " << r;
-      }
-    }
-  }
-}
-
-// Attention of random queries at every layer gives bit-identical outputs.
-void expect_same_attention(const CompressedKvCache& a, const CompressedKvCache& b,
-                           std::mt19937& rng) {
-  if (a.n_tokens() == 0) return;
-  const KvLayout& layout = a.layout();
-  const int64_t d = layout.head_dim;
-  const int64_t n_q = 2 * layout.n_kv_heads();
-  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
-  std::vector<float> q(n_q * d), qb(n_q * d), out_a(n_q * d), out_b(n_q * d);
-  for (int64_t l = 0; l < layout.n_layers(); ++l) {
-    for (auto& x : q) x = u(rng);
-    for (auto& x : qb) x = u(rng);
-    const auto isa = engine::cpu::best_isa();
-    ASSERT_TRUE(attend_layer(a, l, n_q, q.data(), qb.data(), out_a.data(), isa).ok());
-    ASSERT_TRUE(attend_layer(b, l, n_q, q.data(), qb.data(), out_b.data(), isa).ok());
-    ASSERT_EQ(std::memcmp(out_a.data(), out_b.data(), out_a.size() * sizeof(float)), 0)
-        << "layer " << l;
-  }
-}
-
-// Appends token j of `hist` to `c`; mode 0: flags given, 1: deferred then
-// set_flags, 2: deferred and never given (dropped when it leaves).
-void append_token(CompressedKvCache& c, const History& hist, int64_t j, int mode) {
-  const std::vector<uint8_t> flags = hist.token_flags(j);
-  if (mode == 0) {
-    ASSERT_TRUE(c.append(j, hist.token(j), flags).ok());
-    return;
-  }
-  ASSERT_TRUE(c.append(j, hist.token(j), {}).ok());
-  if (mode == 1) {
-    ASSERT_TRUE(c.set_flags(j, flags).ok());
-  }
-}
-
-// The page pointers the documented wire order lists, from the cache's
-// public views (nullptr: a position page, which has no pointer view; its
-// (slot, page index in the slot's position list) go to *positions).
-std::vector<const void*> documented_order(
-    const CompressedKvCache& c, std::vector<WireSegment>* segments,
-    std::vector<std::pair<int64_t, int64_t>>* positions = nullptr) {
-  const KvLayout& layout = c.layout();
-  const BlockMap& map = layout.blocks;
-  std::vector<int64_t> slots(map.n_slots());
-  for (int64_t s = 0; s < map.n_slots(); ++s) slots[s] = s;
-  std::stable_sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) {
-    return std::make_pair(map.slot_block(a).end_layer(), map.slot_head(a)) <
-           std::make_pair(map.slot_block(b).end_layer(), map.slot_head(b));
-  });
-  const PageGeometry geo = c.geometry();
-  std::vector<const void*> out;
-  int64_t seg_begin = 0;
-  for (size_t i = 0; i < slots.size(); ++i) {
-    const int64_t s = slots[i];
-    const int64_t h = map.slot_head(s);
-    const LayerBlock blk = map.slot_block(s);
-    for (int64_t l = blk.first_layer; l < blk.end_layer(); ++l) {
-      const SegmentView near = *c.proximal(l, h);
-      for (int64_t r = 0; r < near.n_pages(); ++r) out.push_back(near.page(r).k);
-      for (int64_t r = 0; r < near.n_pages(); ++r) out.push_back(near.page(r).v);
-    }
-    const SegmentView base = *c.distant(blk.first_layer, h);
-    for (int64_t r = 0; r < base.n_pages(); ++r) out.push_back(base.page(r).k);
-    for (int64_t l = blk.first_layer; l < blk.end_layer(); ++l) {
-      const SegmentView far = *c.distant(l, h);
-      for (int64_t r = 0; r < far.n_pages(); ++r) out.push_back(far.page(r).v);
-    }
-    const int64_t pos_pages = PageGeometry::pages_for(c.retained_tokens(s), geo.positions_per_page);
-    for (int64_t r = 0; r < pos_pages; ++r) {
-      out.push_back(nullptr);
-      if (positions != nullptr) positions->emplace_back(s, r);
-    }
-    const GateRowsView gd = *c.gate_distant(s);
-    for (int64_t r = 0; r < gd.n_pages(); ++r) out.push_back(gd.page(r).rows);
-    const GateRowsView gp = *c.gate_proximal(s);
-    for (int64_t r = 0; r < gp.n_pages(); ++r) out.push_back(gp.page(r).rows);
-    if (i + 1 == slots.size() || map.slot_block(slots[i + 1]).end_layer() != blk.end_layer()) {
-      const auto end = static_cast<int64_t>(out.size());
-      if (end > seg_begin) segments->push_back({seg_begin, end - seg_begin, blk.end_layer() - 1});
-      seg_begin = end;
-    }
-  }
-  return out;
-}
-
-// Checks an image against its cache: pages are the cache's, each once, in
-// the documented order; segments as documented; positions pages hold the
-// retained positions.
-void expect_documented_image(const CompressedKvCache& c, const PagePool& pool,
-                             const WireImage& image) {
-  EXPECT_EQ(static_cast<int64_t>(image.pages.size()), c.n_pages());
-  EXPECT_EQ(wire_image_pages(c), c.n_pages());
-  EXPECT_EQ(image.page_bytes, pool.page_bytes());
-  EXPECT_EQ(image.total_bytes(), c.capacity_bytes());
-  std::set<int32_t> distinct;
-  for (PageId p : image.pages) distinct.insert(p.value);
-  EXPECT_EQ(distinct.size(), image.pages.size());
-  EXPECT_EQ(static_cast<int64_t>(image.pages.size()), pool.used_pages());
-  std::vector<WireSegment> segments;
-  std::vector<std::pair<int64_t, int64_t>> positions;
-  const std::vector<const void*> want = documented_order(c, &segments, &positions);
-  ASSERT_EQ(want.size(), image.pages.size());
-  EXPECT_EQ(image.segments, segments);
-  int64_t covered = 0;
-  int64_t last_layer = -1;
-  for (const WireSegment& s : image.segments) {
-    EXPECT_EQ(s.first_page, covered);
-    EXPECT_GT(s.n_pages, 0);
-    EXPECT_GT(s.last_layer, last_layer);
-    last_layer = s.last_layer;
-    covered += s.n_pages;
-  }
-  EXPECT_EQ(covered, static_cast<int64_t>(image.pages.size()));
-  if (!image.pages.empty()) {
-    EXPECT_EQ(last_layer, c.layout().n_layers() - 1);
-  }
-  // Every other page is the view's page; position pages hold the slot's
-  // retained positions, page_bytes / 4 a page.
-  const int64_t per_page = pool.page_bytes() / 4;
-  size_t k = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (want[i] != nullptr) {
-      ASSERT_EQ(want[i], static_cast<const void*>(pool.data(image.pages[i]))) << "wire page " << i;
-      continue;
-    }
-    ASSERT_LT(k, positions.size());
-    const auto [slot, page] = positions[k++];
-    const auto* pos = reinterpret_cast<const int32_t*>(pool.data(image.pages[i]));
-    for (int64_t e = page * per_page; e < std::min((page + 1) * per_page, c.retained_tokens(slot));
-         ++e) {
-      ASSERT_EQ(pos[e - page * per_page], c.retained_position(slot, e)) << "wire page " << i;
-    }
-  }
-  EXPECT_EQ(k, positions.size());
-}
-
-struct Case {
-  int64_t n_layers, n_heads, head_dim, n_sink, n_window, page_bytes, gate_bytes, n_tokens;
-  double keep;
-};
-
-Case random_case(std::mt19937& rng, int kind) {
-  auto pick = [&](int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-  };
-  Case c;
-  c.n_layers = pick(1, 5);
-  c.n_heads = pick(1, 3);
-  c.head_dim = int64_t{4} << pick(0, 2);  // 4, 8, 16
-  c.n_sink = pick(0, 3);
-  c.n_window = pick(1, 7);
-  c.page_bytes = 64 << pick(0, 1);
-  c.gate_bytes = pick(0, 1) ? 0 : (int64_t{8} << pick(0, 3));  // 0 or 8..64
-  const double keeps[] = {0.0, 0.5, 1.0};
-  c.keep = keeps[pick(0, 2)];
-  switch (kind % 4) {
-    case 0:  // sinks only (or empty)
-      c.n_tokens = pick(0, c.n_sink);
-      break;
-    case 1:  // window not yet wrapped
-      c.n_tokens = pick(0, c.n_sink + c.n_window);
-      break;
-    default:  // wrapped, with distant tokens (many pages per list)
-      c.n_tokens = pick(c.n_sink + c.n_window, 70);
-      break;
-  }
-  return c;
-}
-
 // The round trip of the task: (a) views equal, (b) the same further tokens
 // give the same state and attention, (c) bytes and capacity equal, (d) the
 // adopted cache's pages all go back to the lease.
@@ -348,6 +118,7 @@ TEST(WireImage, RoundTripThroughALeaseIsTheSameCache) {
     auto image = export_wire_image(original);
     ASSERT_TRUE(image.ok()) << image.status().to_string();
     expect_documented_image(original, *pool_a, *image);
+    EXPECT_EQ(listed_by_groups(original, nullptr), image->pages);
     auto needed = check_wire_descriptor(image->descriptor, layout, cs.page_bytes);
     ASSERT_TRUE(needed.ok()) << needed.status().to_string();
     EXPECT_EQ(*needed, original.n_pages());
@@ -794,6 +565,145 @@ TEST(WireImage, RandomMutationsAreErrorsOrConsistent) {
   }
   EXPECT_GT(rejected, 1000);
   EXPECT_GT(accepted, 10);  // unmutated or benign (pending flag 0<->1) mutants
+}
+
+// A layer-major prefill: after "computing" layer l (the K/V and gate rows
+// given to fill_slot hold values for layers <= l only, NaN beyond), the
+// slots of the group ending at l are filled and their pages listed at
+// once. The lists, concatenated, are the finished cache's export pages and
+// segments; the image round-trips to the cache build_from_dense gives.
+TEST(WireImage, StagedBuildListsEachSegmentAfterItsLastLayer) {
+  std::mt19937 rng(77);
+  int nonempty = 0;
+  for (int iter = 0; iter < 120; ++iter) {
+    const Case cs = random_case(rng, iter);
+    const KvLayout layout = make_layout(random_block_map(cs.n_layers, cs.n_heads, rng), cs.head_dim,
+                                        cs.n_sink, cs.n_window, cs.gate_bytes);
+    SCOPED_TRACE("iter " + std::to_string(iter) + ": " + layout.blocks.to_string() + " tokens " +
+                 std::to_string(cs.n_tokens));
+    const BlockMap& map = layout.blocks;
+    const int64_t n = cs.n_tokens;
+    const History hist(layout, n, cs.keep, rng);
+    const std::vector<WireSlotGroup> groups = wire_slot_groups(layout);
+    // Every slot once; last_layer increasing; by head within a group.
+    std::vector<int> seen(map.n_slots(), 0);
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (g > 0) {
+        EXPECT_GT(groups[g].last_layer, groups[g - 1].last_layer);
+      }
+      for (size_t i = 0; i < groups[g].slots.size(); ++i) {
+        const int64_t s = groups[g].slots[i];
+        ++seen[s];
+        EXPECT_EQ(map.slot_block(s).end_layer() - 1, groups[g].last_layer);
+        if (i > 0) {
+          EXPECT_LT(map.slot_head(groups[g].slots[i - 1]), map.slot_head(s));
+        }
+      }
+    }
+    EXPECT_EQ(seen, std::vector<int>(map.n_slots(), 1));
+    EXPECT_EQ(groups.back().last_layer, cs.n_layers - 1);
+
+    auto pool = make_pool(cs.page_bytes, int64_t{1} << 22);
+    auto staged = CompressedKvCache::begin_build(layout, pool.get(), n);
+    ASSERT_TRUE(staged.ok()) << staged.status().to_string();
+    std::vector<PageId> shipped;
+    std::vector<WireSegment> segments;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const WireSlotGroup& group = groups[g];
+      const testing::LayerMajorKv computed(
+          hist, n, [&](int64_t l, int64_t) { return l <= group.last_layer; },
+          [&](int64_t s) { return map.slot_block(s).end_layer() - 1 <= group.last_layer; });
+      EXPECT_EQ(wire_group_pages(*staged, group).status().code(), StatusCode::kFailedPrecondition);
+      std::vector<int64_t> order = group.slots;
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int64_t s : order) {
+        ASSERT_TRUE(staged
+                        ->fill_slot(s, computed.dense(), testing::slot_flags(hist, s, n),
+                                    computed.dense_gate())
+                        .ok());
+      }
+      if (g + 1 < groups.size()) {
+        EXPECT_EQ(wire_group_pages(*staged, groups[g + 1]).status().code(),
+                  StatusCode::kFailedPrecondition);
+        EXPECT_EQ(export_wire_image(*staged).status().code(), StatusCode::kFailedPrecondition);
+      }
+      auto pages = wire_group_pages(*staged, group);
+      ASSERT_TRUE(pages.ok()) << pages.status().to_string();
+      if (!pages->empty()) {
+        segments.push_back({static_cast<int64_t>(shipped.size()),
+                            static_cast<int64_t>(pages->size()), group.last_layer});
+      }
+      shipped.insert(shipped.end(), pages->begin(), pages->end());
+    }
+    ASSERT_TRUE(staged->finish_build().ok());
+    auto image = export_wire_image(*staged);
+    ASSERT_TRUE(image.ok()) << image.status().to_string();
+    EXPECT_EQ(shipped, image->pages);
+    EXPECT_EQ(segments, image->segments);
+    expect_documented_image(*staged, *pool, *image);
+
+    // The shipped image is the cache a one-pass build gives.
+    auto other = make_pool(cs.page_bytes, int64_t{1} << 22);
+    auto built = CompressedKvCache::build_from_dense(layout, other.get(), n, hist.dense(),
+                                                     hist.prefix_flags(n), hist.dense_gate());
+    ASSERT_TRUE(built.ok());
+    const int64_t n_img = static_cast<int64_t>(image->pages.size());
+    Receiver rx(cs.page_bytes, n_img + 64, n_img + 32);
+    const std::vector<PageId> ids = rx.land(*image, *pool, n_img);
+    auto adopted = adopt_wire_image(layout, rx.pages.get(), image->descriptor, ids);
+    ASSERT_TRUE(adopted.ok()) << adopted.status().to_string();
+    expect_same_state(*built, *adopted);
+    expect_same_attention(*built, *adopted, rng);
+    nonempty += n_img > 0;
+  }
+  EXPECT_GT(nonempty, 90);
+}
+
+TEST(WireImage, GroupPagesErrors) {
+  // head 0: layers 0-1, 2-3; head 1: 0-0, 1-3 (slots 0, 1 | 2, 3).
+  const BlockMap map = *BlockMap::create(4, {{{0, 2}, {2, 2}}, {{0, 1}, {1, 3}}});
+  const std::vector<WireSlotGroup> want = {{0, {2}}, {1, {0}}, {3, {1, 3}}};
+  const KvLayout layout = make_layout(map, 8, 2, 3, 16);
+  EXPECT_EQ(wire_slot_groups(layout), want);
+  std::mt19937 rng(78);
+  const History hist(layout, 20, 0.5, rng);
+  auto pool = make_pool(64, 1 << 20);
+  auto cache = CompressedKvCache::begin_build(layout, pool.get(), 20);
+  ASSERT_TRUE(cache.ok());
+  auto fill = [&](int64_t s) {
+    ASSERT_TRUE(
+        cache->fill_slot(s, hist.dense(), testing::slot_flags(hist, s, 20), hist.dense_gate())
+            .ok());
+  };
+  auto expect_error = [](const Status& st, StatusCode code, const std::string& text) {
+    EXPECT_EQ(st.code(), code) << st.to_string();
+    EXPECT_NE(st.message().find(text), std::string::npos) << st.message();
+  };
+  fill(2);
+  EXPECT_TRUE(wire_group_pages(*cache, want[0]).ok());
+  fill(1);
+  expect_error(wire_group_pages(*cache, want[2]).status(), StatusCode::kFailedPrecondition,
+               "slot 3 (KV head 1, layers 1-3) is not filled yet");
+  expect_error(wire_group_pages(*cache, {3, {1, 4}}).status(), StatusCode::kInvalidArgument,
+               "slot 4 not in [0, 4)");
+  expect_error(wire_group_pages(*cache, {2, {1}}).status(), StatusCode::kInvalidArgument,
+               "not a block ending at the group's last layer 2");
+  EXPECT_EQ(wire_group_pages(*cache, {1, {-1}}).status().code(), StatusCode::kInvalidArgument);
+  // Pages listed mid-build stay the cache's pages after it is finished.
+  fill(0);
+  fill(3);
+  const std::vector<PageId> mid = *wire_group_pages(*cache, want[2]);
+  ASSERT_TRUE(cache->finish_build().ok());
+  EXPECT_EQ(*wire_group_pages(*cache, want[2]), mid);
+  std::vector<WireSegment> segments;
+  const auto image = export_wire_image(*cache);
+  ASSERT_TRUE(image.ok());
+  EXPECT_EQ(listed_by_groups(*cache, &segments), image->pages);
+  EXPECT_EQ(segments, image->segments);
+  CompressedKvCache taken = std::move(*cache);
+  expect_error(wire_group_pages(*cache, want[0]).status(), StatusCode::kFailedPrecondition,
+               "moved-from");
+  EXPECT_EQ(wire_group_pages(taken, want[0]).status().code(), StatusCode::kOk);
 }
 
 }  // namespace
