@@ -240,20 +240,13 @@ Result<transport::Bytes> DecodeEngine::post_receive(Request& r, Clock::time_poin
   const auto pages = leases_->pages(r.lease);
   transport::ReceiveSpec spec;
   // A receive is named by its lease (docs/cluster.md: the prefill node
-  // begins its send with TransferId = lease id). Only when the transport
-  // still holds a cancelled receive of that id (a sender had claimed it)
-  // does a re-post need a fresh id, from a range lease ids never reach (the
-  // grant carries it).
+  // begins its send with TransferId = lease id); an Extend grows it in
+  // place, so the id never changes.
   spec.id = transport::TransferId(r.lease.value());
   spec.ranges = page_ranges(pages, page_bytes_);
   spec.deadline = deadline;
   auto grant = transport_->post_receive(spec);
-  if (!grant.ok() && grant.status().code() == StatusCode::kInvalidArgument && r.transfer_posts > 0) {
-    spec.id = transport::TransferId((uint64_t{1} << 63) | next_transfer_++);
-    grant = transport_->post_receive(spec);
-  }
   if (!grant.ok()) return grant.status();
-  ++r.transfer_posts;
   r.transfer = spec.id;
   by_transfer_[spec.id] = r.id;
   return grant;
@@ -338,7 +331,14 @@ void DecodeEngine::on_extend(const ConnectionPtr& from, const control::Extend& m
                                    " is not the lease of " + req_name(m.request_id)),
                   0, {}, {});
   }
-  if (r.seq || r.received || r.manifest) {
+  // The sender is done once its manifest (or the verified receive) is here:
+  // nothing more can use new pages.
+  if (r.manifest && !r.seq) {
+    return answer(failed_precondition("Extend: the manifest of " + req_name(m.request_id) +
+                                      " already arrived (the sender is done)"),
+                  0, {}, {});
+  }
+  if (r.seq || r.received || !r.transfer.valid()) {
     return answer(failed_precondition("Extend: the KV of " + req_name(m.request_id) +
                                       " already arrived"),
                   0, {}, {});
@@ -353,28 +353,21 @@ void DecodeEngine::on_extend(const ConnectionPtr& from, const control::Extend& m
   if (!grown.ok()) return answer(grown.status(), 0, {}, {});
   auto more = leases_->take_pages(r.lease, leases_->pages_left(r.lease));
   if (!more.ok()) return answer(more.status(), 0, {}, {});
-  // Cancel and re-post over all pages. Nobody claimed the receive yet
-  // (Extend comes before the send), so the transport reports the cancel at
-  // the next progress() and the lease id is free again for the new receive.
-  const transport::TransferId old_id = r.transfer;
-  cancel_receive(r);
-  const size_t before = deferred_events_.size();
-  transport_->progress(deferred_events_);
-  deferred_events_.erase(
-      std::remove_if(deferred_events_.begin() + static_cast<std::ptrdiff_t>(before),
-                     deferred_events_.end(),
-                     [&](const transport::TransferEvent& e) {
-                       return e.side == transport::TransferSide::kReceive && e.id == old_id;
-                     }),
-      deferred_events_.end());
-  auto grant = post_receive(r, r.deadline);
+  // Grow the live receive in place (the sender may already have landed
+  // segments): take_pages appends to the lease's pages, so the new pages
+  // follow the old ones in pages() order, and the receive's new ranges
+  // continue its logical offsets after the old total, the same layout
+  // adopt_wire_image reads. The receiver's map grows before the prefill
+  // node learns of the pages (ExtendResult), so nothing can land early.
+  auto grant = transport_->extend_receive(r.transfer, page_ranges(*more, page_bytes_));
   if (!grant.ok()) {
-    // The lease holds the pages but no receive: the transfer cannot happen.
-    const Status s(grant.status().code(), "Extend: cannot re-post the receive: " +
-                                              grant.status().message());
-    answer(s, 0, {}, {});
-    fail_transfer(r, s, TransferResultKind::kOther);
-    return;
+    // The receive is unchanged and may still complete over its old grant:
+    // give the new pages back (last first, which keeps pages() order); the
+    // lease keeps the bytes, committed or released with it.
+    for (auto p = more->rbegin(); p != more->rend(); ++p) (void)leases_->return_page(r.lease, *p);
+    return answer(Status(grant.status().code(),
+                         "Extend: cannot grow the receive: " + grant.status().message()),
+                  0, {}, {});
   }
   r.prefill = from;
   answer(Status(), static_cast<uint64_t>(*grown), until(r.deadline, now), std::move(*grant));

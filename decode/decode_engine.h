@@ -14,8 +14,12 @@
 // Messages handled (everything else is answered with an Error):
 //   Reserve          grant a lease, take its pages, post a receive over them
 //                    (TransferId = lease id) -> ReserveGrant / ReserveDeny
-//   Extend           grow the lease, take the new pages, cancel and re-post the
-//                    receive over all pages (new id) -> ExtendResult
+//   Extend           grow the lease, take the new pages, grow the live receive
+//                    in place (Transport::extend_receive: the new pages follow
+//                    the old ones; segments already landed keep their place)
+//                    -> ExtendResult with the grant over all pages; refused
+//                    (FAILED_PRECONDITION) once the manifest or the verified
+//                    KV arrived
 //   TransferManifest with the verified receive (either order): adopt the
 //                    landed pages as the request's cache, commit the lease ->
 //                    TransferResult{OK} to the sender, Commit to the
@@ -199,7 +203,6 @@ class DecodeEngine {
   std::unordered_map<transport::TransferId, RequestId> by_transfer_;
   std::vector<RequestId> active_;  // admitted, in admission order
   std::vector<std::pair<std::string, std::shared_ptr<const engine::PolicyPlan>>> plans_;
-  uint64_t next_transfer_ = 1;  // fresh receive ids after an Extend (rare)
   uint64_t steps_ = 0;
   uint64_t iterations_ = 0;
   std::vector<transport::TransferEvent> events_;

@@ -25,6 +25,24 @@
 //   - The receiver verifies every segment's CRC32C against the manifest
 //     before it reports the transfer complete, and answers the sender with
 //     the verdict, so both sides report the same outcome.
+//   - Growing a live transfer (the sender learns how many bytes it needs
+//     only after it began shipping, e.g. prefill overlapping the transfer
+//     of early layers with the compute of later ones):
+//       1. receiver: extend_receive(id, more) appends ranges to the receive.
+//          Their logical offsets continue after the current total, so every
+//          segment landed or in flight keeps its place, and the CRC /
+//          manifest / verdict checks cover all segments exactly as before.
+//          It returns the extended grant (all ranges, the old ones first).
+//       2. the receiver's owner hands that grant to the sender over the
+//          control plane (ExtendResult::pool_descriptor).
+//       3. sender: extend_send(peer, id, grant) swaps in the larger grant;
+//          segments sent afterwards may target the new bytes.
+//     Because the receiver extends before the sender learns of the new
+//     ranges, no data for them can arrive before the receiver's map has
+//     them: no message of the transport itself is needed. A segment past
+//     the extended grant still fails the transfer with kOutOfRange. A
+//     transfer can be extended any number of times, before or after the
+//     sender claimed it, until the receiver has the manifest.
 //
 // Completion is reported by progress(): the owner thread polls it (the
 // engine loop); nothing runs on a hidden thread. Every transfer produces
@@ -76,6 +94,11 @@ using PeerId = StrongId<struct PeerIdTag>;
 
 // Most segments in one transfer (bounds the manifest and receiver state).
 inline constexpr uint32_t kMaxSegments = 65536;
+// Most destination ranges in one receive, extensions included (bounds the
+// grant: 16 bytes a range, 1 MiB at most, well under a control frame; and
+// the receiver's range map). A lease's adjacent pages merge into one range,
+// so only a pool fragmented into more than this many runs can reach it.
+inline constexpr uint32_t kMaxRanges = 65536;
 
 // A range of the registered region: [offset_bytes, offset_bytes + length_bytes).
 struct DestRange {
@@ -151,16 +174,34 @@ class Transport {
 
   // ---- receiver
   // Posts an expected transfer. INVALID_ARGUMENT: a duplicate live id, no
-  // ranges, more than kMaxSegments ranges; OUT_OF_RANGE: a range outside
+  // ranges, more than kMaxRanges ranges; OUT_OF_RANGE: a range outside
   // the region. Returns the grant for the sender.
   virtual Result<Bytes> post_receive(const ReceiveSpec& spec) = 0;
   // Fails the transfer with kCancelled (its event follows from progress()).
   virtual Status cancel_receive(TransferId id) = 0;
+  // Grows a live receive in place: appends `more` (inside the region) after
+  // its ranges; logical offset total_bytes() is the first byte of more[0].
+  // Returns the new grant for the sender (every range, the old ones first),
+  // for extend_send. NOT_FOUND: no such receive (never posted, or already
+  // reported); FAILED_PRECONDITION: the transfer already failed, or its
+  // manifest arrived (the sender is done); INVALID_ARGUMENT: `more` empty,
+  // or more than kMaxRanges ranges in all; OUT_OF_RANGE: a range empty or
+  // outside the region. On error nothing changes.
+  virtual Result<Bytes> extend_receive(TransferId id, std::span<const DestRange> more) = 0;
 
   // ---- sender
   // INVALID_ARGUMENT: unknown peer, malformed grant, duplicate (peer, id).
   virtual Status begin_send(PeerId peer, TransferId id, std::span<const std::byte> grant,
                             Clock::time_point deadline) = 0;
+  // Replaces the transfer's grant with `grant`, an extend_receive() result
+  // of the same transfer: its ranges start with the ones granted so far (an
+  // equal grant changes nothing). Segments sent afterwards may target the
+  // new bytes; those issued before keep where they go. INVALID_ARGUMENT: no
+  // such transfer, after finish(), a malformed grant, one for another
+  // transfer, one with fewer ranges or a range that differs (the message
+  // names it). A transfer that already failed returns its failure's code.
+  // On error nothing changes.
+  virtual Status extend_send(PeerId peer, TransferId id, std::span<const std::byte> grant) = 0;
   // Ships `bytes` at `data` to logical offset `remote_offset` of the
   // transfer. Non-blocking; `data` must stay valid and unchanged until the
   // transfer's event. INVALID_ARGUMENT for caller errors (unknown transfer,

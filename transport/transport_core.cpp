@@ -158,20 +158,25 @@ Status TransportCore::debug_send_raw(PeerId peer, std::span<const std::byte> mes
 
 // ------------------------------------------------------------- receiver
 
+Status TransportCore::check_ranges(const char* call, std::span<const DestRange> ranges) const {
+  for (const auto& r : ranges) {
+    if (r.length_bytes == 0 || r.offset_bytes > region_bytes_ ||
+        r.length_bytes > region_bytes_ - r.offset_bytes)
+      return out_of_range(std::string("transport: ") + call + ": range [" + std::to_string(r.offset_bytes) +
+                          ", +" + std::to_string(r.length_bytes) + ") is empty or outside the " +
+                          std::to_string(region_bytes_) + "-byte region");
+  }
+  return {};
+}
+
 Result<Bytes> TransportCore::post_receive(const ReceiveSpec& spec) {
   if (!spec.id.valid()) return invalid_argument("transport: post_receive: transfer id 0");
   if (recvs_.count(spec.id.value()))
     return invalid_argument("transport: post_receive: " + tid(spec.id.value()) + " already posted");
-  if (spec.ranges.empty() || spec.ranges.size() > kMaxSegments)
-    return invalid_argument("transport: post_receive: need 1.." + std::to_string(kMaxSegments) +
+  if (spec.ranges.empty() || spec.ranges.size() > kMaxRanges)
+    return invalid_argument("transport: post_receive: need 1.." + std::to_string(kMaxRanges) +
                             " ranges, got " + std::to_string(spec.ranges.size()));
-  for (const auto& r : spec.ranges) {
-    if (r.length_bytes == 0 || r.offset_bytes > region_bytes_ ||
-        r.length_bytes > region_bytes_ - r.offset_bytes)
-      return out_of_range("transport: post_receive: range [" + std::to_string(r.offset_bytes) + ", +" +
-                          std::to_string(r.length_bytes) + ") is empty or outside the " +
-                          std::to_string(region_bytes_) + "-byte region");
-  }
+  KVGATE_RETURN_IF_ERROR(check_ranges("post_receive", spec.ranges));
   RecvTransfer t;
   t.id = spec.id;
   t.map = wire::RangeMap(spec.ranges);
@@ -179,6 +184,28 @@ Result<Bytes> TransportCore::post_receive(const ReceiveSpec& spec) {
   t.deadline = spec.deadline;
   recvs_.emplace(spec.id.value(), std::move(t));
   return wire::encode_grant(wire::Grant{spec.id.value(), spec.ranges});
+}
+
+Result<Bytes> TransportCore::extend_receive(TransferId id, std::span<const DestRange> more) {
+  const std::string who = "transport: extend_receive: " + tid(id.value());
+  auto it = recvs_.find(id.value());
+  if (it == recvs_.end()) return not_found(who + " is not posted (never, or already reported)");
+  RecvTransfer& t = it->second;
+  if (t.failed)
+    return failed_precondition(who + " already failed: " + t.status.to_string());
+  // After the manifest the sender issues nothing more: a larger grant could
+  // never be used, and the verdict may already be on its way.
+  if (t.manifest) return failed_precondition(who + ": the sender already sent its manifest");
+  if (more.empty()) return invalid_argument(who + ": no ranges to add");
+  const size_t have = t.map.ranges().size();
+  if (more.size() > kMaxRanges - have)
+    return invalid_argument(who + ": " + std::to_string(have) + " + " + std::to_string(more.size()) +
+                            " ranges exceed " + std::to_string(kMaxRanges));
+  KVGATE_RETURN_IF_ERROR(check_ranges("extend_receive", more));
+  // Appending keeps every logical offset already mapped (landed or landing
+  // segments, their CRC jobs) where it was.
+  t.map.append(more);
+  return wire::encode_grant(wire::Grant{id.value(), t.map.ranges()});
 }
 
 Status TransportCore::cancel_receive(TransferId id) {
@@ -467,6 +494,36 @@ Status TransportCore::begin_send(PeerId peer, TransferId id, std::span<const std
   t.deadline = deadline;
   auto& stored = sends_[{peer.value(), id.value()}] = std::move(t);
   if (c->lost) fail_send(stored, unavailable("transport: peer is gone"), false);
+  return {};
+}
+
+Status TransportCore::extend_send(PeerId peer, TransferId id, std::span<const std::byte> grant) {
+  const std::string who = "transport: extend_send: " + tid(id.value());
+  auto it = sends_.find({peer.value(), id.value()});
+  if (it == sends_.end()) return invalid_argument(who + " was not begun with peer " + std::to_string(peer.value()));
+  SendTransfer& t = it->second;
+  if (t.finish_requested) return invalid_argument(who + ": after finish (no segment can use it)");
+  if (t.failed) return Status(t.status.code(), who + " already failed: " + t.status.message());
+  auto g = wire::decode_grant(grant);
+  if (!g.ok()) return invalid_argument(who + ": malformed grant: " + g.status().message());
+  if (g->transfer_id != id.value())
+    return invalid_argument(who + ": the grant is for " + tid(g->transfer_id));
+  const auto& old = t.map.ranges();
+  if (g->ranges.size() < old.size())
+    return invalid_argument(who + ": the grant has " + std::to_string(g->ranges.size()) +
+                            " ranges, fewer than the " + std::to_string(old.size()) + " already granted");
+  for (size_t i = 0; i < old.size(); ++i) {
+    const DestRange& a = old[i];
+    const DestRange& b = g->ranges[i];
+    if (!(a == b))
+      return invalid_argument(who + ": range " + std::to_string(i) + " is [" + std::to_string(b.offset_bytes) +
+                              ", +" + std::to_string(b.length_bytes) + "), the granted one is [" +
+                              std::to_string(a.offset_bytes) + ", +" + std::to_string(a.length_bytes) +
+                              ") (an extension only appends ranges)");
+  }
+  // Segments already issued keep the pieces they were mapped to; later
+  // ones (and queued ones, in put mode mapped at issue) may use the new bytes.
+  t.map.append(std::span(g->ranges).subspan(old.size()));
   return {};
 }
 

@@ -38,8 +38,10 @@ class TransportCore : public Transport {
   Result<PeerId> connect(std::span<const std::byte> address) override;
   Result<Bytes> post_receive(const ReceiveSpec& spec) override;
   Status cancel_receive(TransferId id) override;
+  Result<Bytes> extend_receive(TransferId id, std::span<const DestRange> more) override;
   Status begin_send(PeerId peer, TransferId id, std::span<const std::byte> grant,
                     Clock::time_point deadline) override;
+  Status extend_send(PeerId peer, TransferId id, std::span<const std::byte> grant) override;
   Status send_segment(PeerId peer, TransferId id, uint32_t segment_index, const std::byte* data,
                       size_t bytes, uint64_t remote_offset) override;
   Status finish(PeerId peer, TransferId id) override;
@@ -167,6 +169,8 @@ class TransportCore : public Transport {
   void handle_result(PeerId peer, const wire::Verdict& verdict);
   void handle_stopped(PeerId peer, const wire::Verdict& verdict);
   RecvTransfer* claim(PeerId peer, uint64_t transfer_id);
+  // OUT_OF_RANGE for a range that is empty or not inside the region.
+  Status check_ranges(const char* call, std::span<const DestRange> ranges) const;
 
   void send_begin(SendTransfer& t, Conn& c);
   void issue(SendTransfer& t, uint32_t index);

@@ -312,7 +312,7 @@ Result<Grant> decode_grant(std::span<const std::byte> bytes) {
   if (version != kGrantVersion)
     return unimplemented("transport wire: grant version " + std::to_string(version));
   KVGATE_RETURN_IF_ERROR(r.u64("grant.transfer_id", g.transfer_id));
-  KVGATE_RETURN_IF_ERROR(r.count("grant.ranges", kMaxSegments, 16, n));
+  KVGATE_RETURN_IF_ERROR(r.count("grant.ranges", kMaxRanges, 16, n));
   g.ranges.resize(n);
   uint64_t total = 0;
   for (auto& d : g.ranges) {
@@ -335,6 +335,15 @@ RangeMap::RangeMap(std::vector<DestRange> ranges) : ranges_(std::move(ranges)) {
     at += r.length_bytes;
   }
   starts_.push_back(at);
+}
+
+void RangeMap::append(std::span<const DestRange> more) {
+  if (starts_.empty()) starts_.push_back(0);
+  // starts_.back() is the total: the logical start of the first new range.
+  for (const auto& r : more) {
+    ranges_.push_back(r);
+    starts_.push_back(starts_.back() + r.length_bytes);
+  }
 }
 
 Status RangeMap::map(uint64_t offset, uint64_t length, std::vector<Piece>& out) const {

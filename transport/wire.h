@@ -110,7 +110,9 @@ Result<Message> decode(std::span<const std::byte> bytes);
 
 // ------------------------------------------------------------------ grant
 // The pool descriptor: "KVGR", version u8, transfer id u64, u32 count,
-// ranges (offset u64, length u64). At most kMaxSegments ranges.
+// ranges (offset u64, length u64). At most kMaxRanges ranges. An extended
+// grant (extend_receive) is the same encoding: its ranges start with the
+// ranges of the grant it extends.
 struct Grant {
   uint64_t transfer_id = 0;
   std::vector<DestRange> ranges;
@@ -137,6 +139,9 @@ class RangeMap {
   // Appends the pieces of logical [offset, offset + length) to `out`.
   // kOutOfRange if it does not fit in the ranges (nothing appended).
   Status map(uint64_t offset, uint64_t length, std::vector<Piece>& out) const;
+  // Appends ranges after the last one: logical offsets already mapped keep
+  // their place, the new ranges continue at total_bytes().
+  void append(std::span<const DestRange> more);
   uint64_t total_bytes() const { return starts_.empty() ? 0 : starts_.back(); }
   const std::vector<DestRange>& ranges() const { return ranges_; }
 

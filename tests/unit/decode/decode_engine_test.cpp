@@ -8,6 +8,9 @@
 
 #include <prometheus/registry.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -443,9 +446,10 @@ TEST_F(DecodeEngineTest, MalformedManifestIsAClearErrorAndTheNodeKeepsServing) {
   EXPECT_EQ(streamed(*coordinator_, id).tokens, ref.tokens);
 }
 
-// The prefill needs more than was granted: Extend grows the lease and
-// re-posts the receive over all its pages; the KV then lands and decodes.
-TEST_F(DecodeEngineTest, ExtendGrowsTheLeaseAndRepostsTheReceive) {
+// The prefill needs more than was granted, before it sent anything: Extend
+// grows the lease and the receive (same transfer id, the lease's); the KV
+// then lands and decodes.
+TEST_F(DecodeEngineTest, ExtendBeforeTheSendGrowsTheLeaseAndTheReceive) {
   const auto prompt = tokens(kPrompt1);
   auto p = prefill_of(h2o_policy(), prompt);
   ASSERT_NE(p, nullptr);
@@ -459,6 +463,10 @@ TEST_F(DecodeEngineTest, ExtendGrowsTheLeaseAndRepostsTheReceive) {
   ASSERT_TRUE(ext.has_value());
   ASSERT_EQ(ext->code, StatusCode::kOk) << ext->message;
   EXPECT_GE(ext->granted_bytes, need);
+  auto g = transport::wire::decode_grant(ext->pool_descriptor);
+  ASSERT_TRUE(g.ok()) << g.status().to_string();
+  EXPECT_EQ(g->transfer_id, grant->lease_id.value()) << "the prefill node sends as the lease id";
+  EXPECT_EQ(g->total_bytes(), ext->granted_bytes);
   const Status shipped = ship(*sender_, peer_, ext->pool_descriptor, *p);
   ASSERT_TRUE(shipped.ok()) << shipped.to_string();
   engine_->post(prefill_conn_, manifest_for(*p, id, grant->lease_id, 6));
@@ -469,6 +477,237 @@ TEST_F(DecodeEngineTest, ExtendGrowsTheLeaseAndRepostsTheReceive) {
   ASSERT_TRUE(prefill_conn_->wait(
       [&](const Messages& ms) { return count_of<control::ExtendResult>(ms, id) == 2; }));
   EXPECT_EQ(prefill_conn_->all<control::ExtendResult>(id).back().code, StatusCode::kNotFound);
+}
+
+// The image's pages in wire order in one buffer, as the prefill node stages
+// them (logical offset i * page_bytes is page i of the image).
+std::vector<std::byte> stage(const Prefilled& p) {
+  const auto pb = static_cast<size_t>(p.image.page_bytes);
+  std::vector<std::byte> out(p.image.pages.size() * pb);
+  for (size_t i = 0; i < p.image.pages.size(); ++i)
+    std::memcpy(out.data() + i * pb, p.pool->data(p.image.pages[i]), pb);
+  return out;
+}
+
+// Progresses `sender` until its event for `id`; returns its status.
+Status wait_send(transport::Transport& sender, transport::TransferId id) {
+  std::vector<transport::TransferEvent> events;
+  const auto end = transport::Clock::now() + 60s;
+  while (transport::Clock::now() < end) {
+    sender.progress(events);
+    for (const auto& e : events) {
+      if (e.side == transport::TransferSide::kSend && e.id == id) return e.status;
+    }
+    std::this_thread::yield();  // the engine thread does the copy
+  }
+  return Status(StatusCode::kDeadlineExceeded, "test: no send event");
+}
+
+// Counts the segments of one transfer the engine's transport checksummed,
+// i.e. that landed in its pages (before_verify runs as each one landed).
+// Shared with the hook, which may outlive the test body.
+struct LandedCounter {
+  struct Counts {
+    std::atomic<uint64_t> transfer{0};
+    std::atomic<int> segments{0};
+  };
+  std::shared_ptr<Counts> counts = std::make_shared<Counts>();
+  transport::TestHooks hooks() const {
+    transport::TestHooks h;
+    h.before_verify = [c = counts](transport::TransferId id, uint32_t, std::span<std::byte>) {
+      if (id.value() == c->transfer.load()) ++c->segments;
+    };
+    return h;
+  }
+  void watch(transport::TransferId id) const { counts->transfer = id.value(); }
+  int segments() const { return counts->segments.load(); }
+};
+
+// Overlap: the prefill node ships its first layer blocks into a grant too
+// small for the image, learns the size at the end, and sends Extend. The
+// lease and the live receive grow in place (another lease was granted in
+// between, so the new pages lie elsewhere in the pool); the remaining
+// blocks land in the new pages, and the request decodes exactly as the same
+// request shipped into a large enough grant (and as generate()).
+TEST_F(DecodeEngineTest, ExtendAfterSegmentsLandedGrowsTheReceiveInPlace) {
+  LandedCounter landed;
+  start_engine(int64_t{32} << 20, landed.hooks());
+  const auto prompt = tokens(kPrompt1);
+  constexpr uint32_t kMaxNew = 8;
+  auto p = prefill_of(h2o_policy(), prompt);
+  ASSERT_NE(p, nullptr);
+  const auto ref = reference(h2o_policy(), prompt, kMaxNew);
+
+  // Without an extension first.
+  start_request(RequestId(90), *p, kMaxNew);
+  ASSERT_TRUE(coordinator_->wait_finished(RequestId(90)));
+  const Streamed plain = streamed(*coordinator_, RequestId(90));
+  EXPECT_EQ(plain.tokens, ref.tokens);
+  ASSERT_TRUE(wait_until([&] { return pool_all_free(); }));
+
+  // The image split in two: the first half of its layer blocks (or of its
+  // pages, for a one-block image) ships before the Extend.
+  const int64_t pb = page_bytes();
+  const auto n_pages = static_cast<int64_t>(p->image.pages.size());
+  std::vector<std::pair<uint64_t, uint64_t>> parts;  // (offset, length) in bytes
+  int64_t before_pages = 0;
+  size_t before_parts = 0;
+  const auto& segs = p->image.segments;
+  if (segs.size() >= 2) {
+    for (size_t i = 0; i < segs.size(); ++i) {
+      parts.emplace_back(segs[i].first_page * pb, segs[i].n_pages * pb);
+      if (i < segs.size() / 2) before_pages += segs[i].n_pages, ++before_parts;
+    }
+  } else {
+    before_pages = n_pages / 2;
+    before_parts = 1;
+    parts = {{0, before_pages * pb}, {before_pages * pb, (n_pages - before_pages) * pb}};
+  }
+  SCOPED_TRACE("image of " + std::to_string(n_pages) + " pages in " + std::to_string(segs.size()) +
+               " blocks; " + std::to_string(before_pages) + " pages before the Extend");
+  ASSERT_GE(before_pages, 1);
+  ASSERT_LT(before_pages, n_pages);
+
+  const RequestId id(91);
+  auto grant = reserve(id, static_cast<uint64_t>(before_pages * pb));
+  ASSERT_TRUE(grant.has_value());
+  ASSERT_EQ(grant->granted_bytes, static_cast<uint64_t>(before_pages * pb));
+  auto blocker = reserve(RequestId(92), static_cast<uint64_t>(3 * pb));
+  ASSERT_TRUE(blocker.has_value());
+  const transport::TransferId tid(grant->lease_id.value());
+  landed.watch(tid);
+  const std::vector<std::byte> staging = stage(*p);
+  ASSERT_TRUE(sender_->begin_send(peer_, tid, grant->pool_descriptor, transport::Clock::now() + 60s).ok());
+  for (size_t i = 0; i < before_parts; ++i) {
+    ASSERT_TRUE(sender_->send_segment(peer_, tid, static_cast<uint32_t>(i), staging.data() + parts[i].first,
+                                      parts[i].second, parts[i].first)
+                    .ok());
+  }
+  std::vector<transport::TransferEvent> none;
+  ASSERT_TRUE(wait_until([&] {
+    sender_->progress(none);  // the handshake, then the segments
+    return landed.segments() == static_cast<int>(before_parts);
+  }));
+
+  const uint64_t need = reservation_for(*p, kMaxNew);
+  engine_->post(prefill_conn_, control::Extend{id, grant->lease_id, need - grant->granted_bytes});
+  const auto ext = prefill_conn_->wait_for<control::ExtendResult>(id);
+  ASSERT_TRUE(ext.has_value());
+  ASSERT_EQ(ext->code, StatusCode::kOk) << ext->message;
+  EXPECT_GE(ext->granted_bytes, need);
+  auto old_g = transport::wire::decode_grant(grant->pool_descriptor);
+  auto new_g = transport::wire::decode_grant(ext->pool_descriptor);
+  ASSERT_TRUE(old_g.ok() && new_g.ok());
+  EXPECT_EQ(new_g->transfer_id, tid.value());
+  EXPECT_EQ(new_g->total_bytes(), ext->granted_bytes);
+  ASSERT_GT(new_g->ranges.size(), old_g->ranges.size());
+  EXPECT_TRUE(std::equal(old_g->ranges.begin(), old_g->ranges.end(), new_g->ranges.begin()))
+      << "the old pages keep their logical offsets";
+
+  ASSERT_TRUE(sender_->extend_send(peer_, tid, ext->pool_descriptor).ok());
+  for (size_t i = before_parts; i < parts.size(); ++i) {
+    ASSERT_TRUE(sender_->send_segment(peer_, tid, static_cast<uint32_t>(i), staging.data() + parts[i].first,
+                                      parts[i].second, parts[i].first)
+                    .ok());
+  }
+  ASSERT_TRUE(sender_->finish(peer_, tid).ok());
+  const Status sent = wait_send(*sender_, tid);
+  ASSERT_TRUE(sent.ok()) << sent.to_string();
+  EXPECT_EQ(landed.segments(), static_cast<int>(parts.size()));
+  engine_->post(prefill_conn_, manifest_for(*p, id, grant->lease_id, kMaxNew));
+  ASSERT_TRUE(coordinator_->wait_finished(id));
+  const auto result = prefill_conn_->wait_for<control::TransferResult>(id);
+  ASSERT_TRUE(result.has_value());
+  EXPECT_EQ(result->code, StatusCode::kOk) << result->message;
+  const Streamed s = streamed(*coordinator_, id);
+  EXPECT_EQ(s.tokens, plain.tokens);
+  EXPECT_EQ(s.text, plain.text);
+  EXPECT_EQ(s.tokens, ref.tokens);
+  EXPECT_EQ(s.text, ref.text);
+  EXPECT_EQ(s.finish, plain.finish);
+  engine_->post(coordinator_, control::Release{RequestId(92), blocker->lease_id, "test"});
+  EXPECT_TRUE(wait_until([&] { return pool_all_free(); }));
+}
+
+// Once the manifest arrived (before its KV: either order is allowed) or
+// the sequence decodes, the sender is done: Extend is FAILED_PRECONDITION
+// and the request goes on unharmed.
+TEST_F(DecodeEngineTest, ExtendAfterTheManifestIsRefused) {
+  const auto prompt = tokens(kPrompt3);
+  auto p = prefill_of(h2o_policy(), prompt);
+  ASSERT_NE(p, nullptr);
+  const RequestId id(94);
+  constexpr uint32_t kMaxNew = 400;
+  auto grant = reserve(id, reservation_for(*p, kMaxNew));
+  ASSERT_TRUE(grant.has_value());
+  engine_->post(prefill_conn_, manifest_for(*p, id, grant->lease_id, kMaxNew));
+  engine_->post(prefill_conn_, control::Extend{id, grant->lease_id, 4096});
+  ASSERT_TRUE(prefill_conn_->wait([&](const Messages& ms) { return count_of<control::ExtendResult>(ms, id) == 1; }));
+  const auto refused = prefill_conn_->all<control::ExtendResult>(id).back();
+  EXPECT_EQ(refused.code, StatusCode::kFailedPrecondition) << refused.message;
+  EXPECT_NE(refused.message.find("manifest"), std::string::npos) << refused.message;
+  EXPECT_EQ(engine_->stats().leases.reserved_bytes, static_cast<int64_t>(grant->granted_bytes));
+
+  ASSERT_TRUE(ship(*sender_, peer_, grant->pool_descriptor, *p).ok());
+  ASSERT_TRUE(coordinator_->wait([&](const Messages& ms) { return count_of<control::TokenChunk>(ms, id) >= 2; }));
+  engine_->post(prefill_conn_, control::Extend{id, grant->lease_id, 4096});
+  ASSERT_TRUE(prefill_conn_->wait([&](const Messages& ms) { return count_of<control::ExtendResult>(ms, id) == 2; }));
+  const auto decoding = prefill_conn_->all<control::ExtendResult>(id).back();
+  EXPECT_EQ(decoding.code, StatusCode::kFailedPrecondition) << decoding.message;
+  engine_->post(coordinator_, control::Cancel{id, "test done"});
+  ASSERT_TRUE(coordinator_->wait_finished(id));
+  const Streamed s = streamed(*coordinator_, id);
+  const auto ref = reference(h2o_policy(), prompt, static_cast<int32_t>(s.tokens.size()));
+  EXPECT_EQ(s.tokens, ref.tokens) << "decoded as without the refused Extends";
+  EXPECT_TRUE(wait_until([&] { return pool_all_free(); }));
+}
+
+// The transport refuses to grow the receive (it already failed: a segment
+// past the grant, its report held until the sender confirms it stopped):
+// the answer says why, the new pages go back to the lease, and the failure
+// then ends the request as any failed transfer does.
+TEST_F(DecodeEngineTest, ExtendOfAFailedReceiveIsRefusedAndReturnsThePages) {
+  LandedCounter landed;
+  start_engine(int64_t{32} << 20, landed.hooks());
+  const RequestId id(95);
+  const int64_t pb = page_bytes();
+  auto grant = reserve(id, static_cast<uint64_t>(2 * pb));
+  ASSERT_TRUE(grant.has_value());
+  const transport::TransferId tid(grant->lease_id.value());
+  landed.watch(tid);
+  std::vector<std::byte> src(static_cast<size_t>(3 * pb), std::byte{1});
+  ASSERT_TRUE(sender_->begin_send(peer_, tid, grant->pool_descriptor, transport::Clock::now() + 60s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, tid, 0, src.data(), static_cast<size_t>(pb), 0).ok());
+  std::vector<transport::TransferEvent> none;
+  ASSERT_TRUE(wait_until([&] {
+    sender_->progress(none);
+    return landed.segments() == 1;
+  }));
+  // The connection is up: this segment goes out now; the sender is not
+  // progressed again until the Extend was answered, so it cannot confirm.
+  transport::TestHooks skip;
+  skip.skip_sender_range_check = true;
+  sender_->set_test_hooks(skip);
+  ASSERT_TRUE(sender_->send_segment(peer_, tid, 1, src.data(), static_cast<size_t>(2 * pb), static_cast<uint64_t>(pb)).ok());
+  const uint64_t it = engine_->stats().iterations;
+  ASSERT_TRUE(wait_until([&] { return engine_->stats().iterations >= it + 3; }));  // refused it
+  const DecodeStats before = engine_->stats();
+  engine_->post(prefill_conn_, control::Extend{id, grant->lease_id, static_cast<uint64_t>(2 * pb)});
+  const auto ext = prefill_conn_->wait_for<control::ExtendResult>(id);
+  ASSERT_TRUE(ext.has_value());
+  EXPECT_EQ(ext->code, StatusCode::kFailedPrecondition) << ext->message;
+  EXPECT_NE(ext->message.find("cannot grow the receive"), std::string::npos) << ext->message;
+  EXPECT_TRUE(ext->pool_descriptor.empty());
+  ASSERT_TRUE(wait_until([&] { return engine_->stats().iterations > before.iterations + 1; }));
+  const DecodeStats after = engine_->stats();
+  EXPECT_EQ(after.leases.taken_pages, before.leases.taken_pages) << "the new pages went back";
+  EXPECT_EQ(after.leases.reserved_bytes, before.leases.reserved_bytes + 2 * pb);
+
+  EXPECT_EQ(wait_send(*sender_, tid).code(), StatusCode::kOutOfRange);
+  const auto error = coordinator_->wait_for<control::Error>(id);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, StatusCode::kOutOfRange) << error->message;
+  EXPECT_TRUE(wait_until([&] { return pool_all_free(); }));
 }
 
 // A sequence whose lease cannot grow (the pool is full) finishes with a

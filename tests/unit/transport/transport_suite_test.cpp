@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <numeric>
 
@@ -329,6 +330,254 @@ TEST_P(TransportSuite, CallerErrorsAreInvalidArgument) {
   ASSERT_TRUE(sender_->finish(peer_, TransferId(1)).ok());
   ASSERT_TRUE(pump_until([&] { return both_done(); }));
   EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+}
+
+// ---- growing a live transfer (extend_receive / extend_send)
+
+// True once logical [0, n) of `ranges` in the region holds src's first n
+// bytes: those segments landed (every backend writes the pages inside
+// progress(), on this thread, so reading between calls is safe).
+bool prefix_landed(const std::vector<std::byte>& region, const std::vector<DestRange>& ranges,
+                   const std::vector<std::byte>& src, uint64_t n) {
+  return gather(region, ranges, 0, n) == std::vector<std::byte>(src.begin(), src.begin() + n);
+}
+
+std::vector<DestRange> concat(std::vector<DestRange> a, const std::vector<DestRange>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// Begun with 2 pages, segments land, then the receive grows by 3 pages in
+// place: the next segments (one straddling the old end) land in the new
+// pages exactly where the extended logical offsets say, and both sides
+// verify the whole transfer.
+TEST_P(TransportSuite, ExtendLiveTransferInPlace) {
+  const auto first = pages(4, 2);   // pages 6, 4
+  const auto more = pages(20, 3);   // pages 24, 22, 20
+  const auto all = concat(first, more);
+  const uint64_t old_total = 2 * kPageBytes, total = 5 * kPageBytes;
+  const TransferId id(31);
+  const Bytes grant = post(id, first);
+  const auto src = random_bytes(total, 31);
+  ASSERT_TRUE(sender_->begin_send(peer_, id, grant, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 0, src.data(), 100000, 0).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 1, src.data() + 100000, 20000, 100000).ok());
+  ASSERT_TRUE(pump_until([&] { return prefix_landed(region_, first, src, 120000); }));
+
+  auto grant2 = receiver_->extend_receive(id, more);
+  ASSERT_TRUE(grant2.ok()) << grant2.status().to_string();
+  auto decoded = wire::decode_grant(*grant2);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().to_string();
+  EXPECT_EQ(decoded->transfer_id, id.value());
+  EXPECT_EQ(decoded->ranges, all);
+  ASSERT_TRUE(sender_->extend_send(peer_, id, *grant2).ok());
+  // Straddles the old end (20000 bytes old, the rest new), then to the end.
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 2, src.data() + 120000, 200000, 120000).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 3, src.data() + 320000, total - 320000, 320000).ok());
+  ASSERT_TRUE(sender_->finish(peer_, id).ok());
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+  EXPECT_TRUE(sent_[0].status.ok()) << sent_[0].status.to_string();
+  EXPECT_EQ(received_[0].bytes, total);
+  EXPECT_EQ(received_[0].segments, 4u);
+  EXPECT_EQ(sent_[0].bytes, total);
+  EXPECT_TRUE(gather(region_, all, 0, total) == src);
+  // By hand: the old pages in order, then the new ones.
+  EXPECT_EQ(std::memcmp(region_.data() + 6 * kPageBytes, src.data(), kPageBytes), 0);
+  EXPECT_EQ(std::memcmp(region_.data() + 4 * kPageBytes, src.data() + kPageBytes, kPageBytes), 0);
+  EXPECT_EQ(std::memcmp(region_.data() + 24 * kPageBytes, src.data() + old_total, kPageBytes), 0);
+  EXPECT_EQ(std::memcmp(region_.data() + 22 * kPageBytes, src.data() + old_total + kPageBytes, kPageBytes), 0);
+  EXPECT_EQ(std::memcmp(region_.data() + 20 * kPageBytes, src.data() + old_total + 2 * kPageBytes, kPageBytes), 0);
+  // Pages between them untouched.
+  for (size_t page : {5, 21, 23}) EXPECT_EQ(region_[page * kPageBytes], std::byte{0}) << page;
+}
+
+// Extended before the sender claimed it (and twice): begin_send with the
+// first grant, then extend_send with the last one; equally with a begin_send
+// that already carries the extended grant.
+TEST_P(TransportSuite, ExtendBeforeTheSenderClaimedIt) {
+  const auto a = pages(0, 1), b = pages(10, 2), c = pages(40, 1);
+  const auto all = concat(concat(a, b), c);
+  const uint64_t total = 4 * kPageBytes;
+  const auto src = random_bytes(total, 32);
+  for (bool begin_with_extended : {false, true}) {
+    SCOPED_TRACE(begin_with_extended ? "begin with the extended grant" : "extend_send after begin");
+    std::fill(region_.begin(), region_.end(), std::byte{0});
+    sent_.clear();
+    received_.clear();
+    const TransferId id(begin_with_extended ? 33 : 32);
+    const Bytes grant = post(id, a);
+    ASSERT_TRUE(receiver_->extend_receive(id, b).ok());
+    auto last = receiver_->extend_receive(id, c);
+    ASSERT_TRUE(last.ok()) << last.status().to_string();
+    ASSERT_TRUE(sender_->begin_send(peer_, id, begin_with_extended ? *last : grant, Clock::now() + 20s).ok());
+    if (!begin_with_extended) {
+      ASSERT_TRUE(sender_->extend_send(peer_, id, *last).ok());
+    }
+    ASSERT_TRUE(sender_->send_segment(peer_, id, 0, src.data(), 70000, 0).ok());
+    ASSERT_TRUE(sender_->send_segment(peer_, id, 1, src.data() + 70000, total - 70000, 70000).ok());
+    ASSERT_TRUE(sender_->finish(peer_, id).ok());
+    ASSERT_TRUE(pump_until([&] { return both_done(); }));
+    EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+    EXPECT_TRUE(sent_[0].status.ok()) << sent_[0].status.to_string();
+    EXPECT_TRUE(gather(region_, all, 0, total) == src);
+    EXPECT_EQ(std::memcmp(region_.data() + 40 * kPageBytes, src.data() + 3 * kPageBytes, kPageBytes), 0);
+  }
+}
+
+// A segment past the extended grant fails the transfer with kOutOfRange on
+// both sides (am: caught by the receiver; put: by the sender), and nothing
+// lands past the pages.
+TEST_P(TransportSuite, SegmentPastTheExtendedGrantIsOutOfRange) {
+  const TransferId id(34);
+  const auto first = pages(0, 1), more = pages(4, 1);  // pages 0, 4
+  const Bytes grant = post(id, first);
+  TestHooks hooks;
+  hooks.skip_sender_range_check = true;
+  sender_->set_test_hooks(hooks);
+  const auto src = random_bytes(3 * kPageBytes, 34);
+  ASSERT_TRUE(sender_->begin_send(peer_, id, grant, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 0, src.data(), 1000, 0).ok());
+  ASSERT_TRUE(pump_until([&] { return prefix_landed(region_, first, src, 1000); }));
+  auto grant2 = receiver_->extend_receive(id, more);
+  ASSERT_TRUE(grant2.ok()) << grant2.status().to_string();
+  ASSERT_TRUE(sender_->extend_send(peer_, id, *grant2).ok());
+  // Inside the extended grant, then one byte past its 2 pages.
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 1, src.data() + 1000, 2 * kPageBytes - 1000, 1000).ok());
+  (void)sender_->send_segment(peer_, id, 2, src.data(), 100, 2 * kPageBytes - 99);
+  (void)sender_->finish(peer_, id);
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kOutOfRange) << received_[0].status.to_string();
+  EXPECT_EQ(sent_[0].status.code(), StatusCode::kOutOfRange) << sent_[0].status.to_string();
+  EXPECT_EQ(region_[5 * kPageBytes], std::byte{0});
+  EXPECT_EQ(region_[1 * kPageBytes], std::byte{0});
+}
+
+TEST_P(TransportSuite, ExtendReceiveErrors) {
+  const TransferId id(35);
+  EXPECT_EQ(receiver_->extend_receive(id, pages(0, 1)).status().code(), StatusCode::kNotFound);
+  EXPECT_NE(receiver_->extend_receive(id, pages(0, 1)).status().message().find("transfer 35"), std::string::npos);
+  const Bytes grant = post(id, pages(0, 1));
+  EXPECT_EQ(receiver_->extend_receive(id, {}).status().code(), StatusCode::kInvalidArgument);
+  const std::vector<DestRange> outside = {{kRegionBytes - 10, 20}};
+  EXPECT_EQ(receiver_->extend_receive(id, outside).status().code(), StatusCode::kOutOfRange);
+  const std::vector<DestRange> empty_range = {{kPageBytes, 0}};
+  EXPECT_EQ(receiver_->extend_receive(id, empty_range).status().code(), StatusCode::kOutOfRange);
+  // Up to kMaxRanges ranges in all (the posted one included), not one more.
+  std::vector<DestRange> many(kMaxRanges, DestRange{4 * kPageBytes, 64});
+  for (size_t i = 0; i < many.size(); ++i) many[i].offset_bytes += 64 * i;
+  auto over = receiver_->extend_receive(id, many);
+  EXPECT_EQ(over.status().code(), StatusCode::kInvalidArgument) << over.status().to_string();
+  many.pop_back();
+  auto full = receiver_->extend_receive(id, many);
+  ASSERT_TRUE(full.ok()) << full.status().to_string();
+  // The failed calls changed nothing: the grant is the posted range + many.
+  auto decoded = wire::decode_grant(*full);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().to_string();
+  EXPECT_EQ(decoded->ranges, concat(pages(0, 1), many));
+  EXPECT_EQ(receiver_->extend_receive(id, pages(1, 1)).status().code(), StatusCode::kInvalidArgument);
+  // A failed (cancelled, not yet reported) receive is not extended.
+  ASSERT_TRUE(receiver_->cancel_receive(id).ok());
+  auto failed = receiver_->extend_receive(id, pages(1, 1));
+  EXPECT_EQ(failed.status().code(), StatusCode::kFailedPrecondition) << failed.status().to_string();
+  EXPECT_NE(failed.status().message().find("transfer 35"), std::string::npos);
+  ASSERT_TRUE(pump_until([&] { return !received_.empty(); }));
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kCancelled);
+  // Reported: gone.
+  EXPECT_EQ(receiver_->extend_receive(id, pages(1, 1)).status().code(), StatusCode::kNotFound);
+}
+
+// Once the receiver holds the manifest the sender is done: extending is
+// FAILED_PRECONDITION. With put the receiver always holds the manifest for
+// at least one progress() before it reports (the checksums run then); the
+// other ops may verify in the same call the manifest arrives.
+TEST_P(TransportSuite, ExtendAfterTheManifestIsRefused) {
+  const TransferId id(36);
+  const Bytes grant = post(id, pages(0, 1));
+  const auto src = random_bytes(5000, 36);
+  ASSERT_TRUE(sender_->begin_send(peer_, id, grant, Clock::now() + 20s).ok());
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 0, src.data(), src.size(), 0).ok());
+  ASSERT_TRUE(sender_->finish(peer_, id).ok());
+  Status refused;
+  const auto end = Clock::now() + 20s;
+  while (!both_done() && Clock::now() < end) {
+    sender_->progress(sent_);
+    receiver_->progress(received_);
+    if (!received_.empty()) continue;
+    // Empty `more` probes without changing anything: INVALID_ARGUMENT until
+    // the manifest is in, FAILED_PRECONDITION after.
+    auto probe = receiver_->extend_receive(id, {});
+    if (probe.status().code() == StatusCode::kFailedPrecondition) {
+      refused = probe.status();
+      // A real extension is refused just the same.
+      EXPECT_EQ(receiver_->extend_receive(id, pages(2, 1)).status().code(), StatusCode::kFailedPrecondition);
+    } else {
+      EXPECT_EQ(probe.status().code(), StatusCode::kInvalidArgument) << probe.status().to_string();
+    }
+  }
+  ASSERT_TRUE(both_done());
+  EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+  EXPECT_TRUE(sent_[0].status.ok()) << sent_[0].status.to_string();
+  if (GetParam().name.find("put") != std::string::npos) {
+    EXPECT_FALSE(refused.ok()) << "put: the manifest is held a progress() before the verdict";
+  }
+  if (!refused.ok()) {
+    EXPECT_NE(refused.message().find("manifest"), std::string::npos) << refused.to_string();
+  }
+  EXPECT_EQ(receiver_->extend_receive(id, pages(2, 1)).status().code(), StatusCode::kNotFound);
+}
+
+TEST_P(TransportSuite, ExtendSendErrors) {
+  const TransferId id(37), other(38);
+  const Bytes grant = post(id, pages(0, 2));
+  const Bytes other_grant = post(other, pages(8, 1));
+  auto grant2 = receiver_->extend_receive(id, pages(4, 1));
+  ASSERT_TRUE(grant2.ok());
+  EXPECT_EQ(sender_->extend_send(peer_, id, *grant2).code(), StatusCode::kInvalidArgument);  // not begun
+  ASSERT_TRUE(sender_->begin_send(peer_, id, grant, Clock::now() + 20s).ok());
+  auto expect_invalid = [&](std::span<const std::byte> g, const std::string& says) {
+    const Status s = sender_->extend_send(peer_, id, g);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+    EXPECT_NE(s.message().find(says), std::string::npos) << s.to_string();
+  };
+  expect_invalid(other_grant, "transfer 38");
+  expect_invalid(Bytes(9, std::byte{7}), "malformed");
+  expect_invalid(Bytes(grant2->begin(), grant2->end() - 3), "malformed");  // truncated
+  const auto old_ranges = pages(0, 2);
+  expect_invalid(wire::encode_grant({id.value(), {old_ranges[0]}}), "fewer");
+  auto moved = concat(old_ranges, pages(4, 1));
+  moved[1].offset_bytes += kPageBytes;
+  expect_invalid(wire::encode_grant({id.value(), moved}), "range 1");
+  auto swapped = concat({old_ranges[1], old_ranges[0]}, pages(4, 1));
+  expect_invalid(wire::encode_grant({id.value(), swapped}), "range 0");
+  // An equal grant is a no-op; then the real extension.
+  ASSERT_TRUE(sender_->extend_send(peer_, id, grant).ok());
+  ASSERT_TRUE(sender_->extend_send(peer_, id, *grant2).ok());
+  const auto src = random_bytes(3 * kPageBytes, 37);
+  ASSERT_TRUE(sender_->send_segment(peer_, id, 0, src.data(), src.size(), 0).ok());
+  ASSERT_TRUE(sender_->finish(peer_, id).ok());
+  EXPECT_EQ(sender_->extend_send(peer_, id, *grant2).code(), StatusCode::kInvalidArgument);  // after finish
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+  EXPECT_TRUE(sent_[0].status.ok()) << sent_[0].status.to_string();
+  EXPECT_TRUE(gather(region_, concat(old_ranges, pages(4, 1)), 0, src.size()) == src);
+  ASSERT_TRUE(receiver_->cancel_receive(other).ok());
+  ASSERT_TRUE(pump_until([&] { return received_.size() == 2; }));
+}
+
+// The sender's map is what it checks segments against: without
+// extend_send a segment into the receiver's new bytes is still an overrun.
+TEST_P(TransportSuite, WithoutExtendSendTheOldGrantStillBinds) {
+  const TransferId id(39);
+  const Bytes grant = post(id, pages(0, 1));
+  ASSERT_TRUE(receiver_->extend_receive(id, pages(2, 1)).ok());
+  ASSERT_TRUE(sender_->begin_send(peer_, id, grant, Clock::now() + 20s).ok());
+  const auto src = random_bytes(2 * kPageBytes, 39);
+  const Status s = sender_->send_segment(peer_, id, 0, src.data(), src.size(), 0);
+  EXPECT_EQ(s.code(), StatusCode::kOutOfRange) << s.to_string();
+  ASSERT_TRUE(pump_until([&] { return both_done(); }));
+  EXPECT_EQ(sent_[0].status.code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(received_[0].status.code(), StatusCode::kOutOfRange) << received_[0].status.to_string();
 }
 
 INSTANTIATE_TEST_SUITE_P(AllTransports, TransportSuite, ::testing::ValuesIn(all_transports()),

@@ -129,6 +129,39 @@ TEST(TransportWire, RangeMapSplitsAcrossRanges) {
   EXPECT_TRUE(p.empty());
 }
 
+// Appending keeps every mapped offset and continues at the old total; a
+// default (empty) map can be appended to as well.
+TEST(TransportWire, RangeMapAppendContinuesAfterTheTotal) {
+  RangeMap m({{1000, 10}, {0, 10}});
+  std::vector<Piece> before;
+  ASSERT_TRUE(m.map(0, 20, before).ok());
+  const std::vector<DestRange> more = {{700, 4}, {300, 6}};
+  m.append(more);
+  EXPECT_EQ(m.total_bytes(), 30u);
+  EXPECT_EQ(m.ranges().size(), 4u);
+  std::vector<Piece> after;
+  ASSERT_TRUE(m.map(0, 20, after).ok());
+  ASSERT_EQ(after.size(), before.size());
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_EQ(after[i].region_offset, before[i].region_offset);
+  std::vector<Piece> p;
+  ASSERT_TRUE(m.map(18, 10, p).ok());  // old tail, all of the first new range, part of the next
+  ASSERT_EQ(p.size(), 3u);
+  EXPECT_EQ(p[0].region_offset, 8u);
+  EXPECT_EQ(p[0].length_bytes, 2u);
+  EXPECT_EQ(p[1].region_offset, 700u);
+  EXPECT_EQ(p[1].length_bytes, 4u);
+  EXPECT_EQ(p[1].source_offset, 2u);
+  EXPECT_EQ(p[2].region_offset, 300u);
+  EXPECT_EQ(p[2].length_bytes, 4u);
+  p.clear();
+  EXPECT_EQ(m.map(25, 6, p).code(), StatusCode::kOutOfRange);  // past the extended total
+  RangeMap empty;
+  empty.append(more);
+  EXPECT_EQ(empty.total_bytes(), 10u);
+  ASSERT_TRUE(empty.map(4, 1, p).ok());
+  EXPECT_EQ(p.back().region_offset, 300u);
+}
+
 TEST(TransportWire, TokensCompare) {
   EXPECT_TRUE(tokens_equal("abc", "abc"));
   EXPECT_FALSE(tokens_equal("abc", "abd"));
