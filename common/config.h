@@ -115,6 +115,8 @@ struct PeerConfig {
 struct PrefillConfig {
   HostPort listen{"127.0.0.1", 7100};
   int64_t chunk_tokens = 512;
+  int64_t max_batch_jobs = 8;        // prefill jobs run together in one layer-major pass
+  int64_t max_batch_tokens = 16384;  // their prompt tokens together
   int64_t max_queued_jobs = 64;
   int64_t max_queued_tokens = 1 << 20;
   bool operator==(const PrefillConfig&) const = default;

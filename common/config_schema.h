@@ -450,6 +450,12 @@ inline const Table<N>& node_table() {
               "Control-plane address of a prefill node (jobs from the coordinator).");
     t.integer("prefill.chunk_tokens", &N::prefill, &PrefillConfig::chunk_tokens, 16, 1 << 16,
               "Prompt tokens per prefill chunk; at most engine.max_batch_tokens.");
+    t.integer("prefill.max_batch_jobs", &N::prefill, &PrefillConfig::max_batch_jobs, 1, 1024,
+              "Queued prefill jobs run together in one pass (each weight read once per step for "
+              "all); jobs whose policy ranks by attention statistics (h2o, snapkv) run alone.");
+    t.integer("prefill.max_batch_tokens", &N::prefill, &PrefillConfig::max_batch_tokens, 16,
+              int64_t{1} << 24,
+              "Prompt tokens of one prefill batch together; a longer prompt runs alone.");
     t.integer("prefill.max_queued_jobs", &N::prefill, &PrefillConfig::max_queued_jobs, 1, 1 << 20,
               "Prefill jobs waiting on a node; more are refused (retryable).");
     t.integer("prefill.max_queued_tokens", &N::prefill, &PrefillConfig::max_queued_tokens, 1,

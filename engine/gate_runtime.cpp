@@ -81,28 +81,59 @@ kvstore::DenseGate GatePrefill::dense_gate(const std::vector<fp16_t>& gate_rows)
   return {gate_rows.data(), n_slots * row, row};
 }
 
+void GatePrefill::size_outputs(std::vector<uint8_t>& flags, std::vector<fp16_t>& gate_rows) {
+  const int64_t n_slots = layout_.blocks.n_slots();
+  const bool attention = gate_.kind == GateKind::kAttention;
+  const int64_t row = 2 * gate_.gate_dim();
+  flags.assign(static_cast<size_t>(n_slots * n_tokens_), 0);
+  logits_.assign(static_cast<size_t>(n_slots * n_tokens_), 0.0f);
+  gate_rows.assign(attention ? static_cast<size_t>(n_tokens_ * n_slots * row) : 0, fp16_t{0});
+  computed_.assign(gate_.slots.size(), 0);
+}
+
 Status GatePrefill::finish(const GateDecision& decision, std::vector<uint8_t>& flags,
                            std::vector<fp16_t>& gate_rows) {
+  size_outputs(flags, gate_rows);
+  for (int64_t g = 0; g < static_cast<int64_t>(gate_.slots.size()); ++g) {
+    compute_gate_slot(g, decision, flags, gate_rows);
+  }
+  return Status();
+}
+
+Status GatePrefill::finish_slots(const GateDecision& decision, std::span<const int64_t> layout_slots,
+                                 std::vector<uint8_t>& flags, std::vector<fp16_t>& gate_rows) {
+  const int64_t n_slots = layout_.blocks.n_slots();
+  if (computed_.empty()) size_outputs(flags, gate_rows);
+  for (int64_t s : layout_slots) {
+    if (s < 0 || s >= n_slots) {
+      return invalid_argument("gate prefill: slot " + std::to_string(s) + " not in [0, " +
+                              std::to_string(n_slots) + ")");
+    }
+    const int32_t g = gate_slot_[s];
+    if (!computed_[g]) compute_gate_slot(g, decision, flags, gate_rows);
+  }
+  return Status();
+}
+
+// The flags, logits and gate rows of every layout slot that uses gate slot
+// g (layout slots sharing a gate slot copy its result).
+void GatePrefill::compute_gate_slot(int64_t g, const GateDecision& decision,
+                                    std::vector<uint8_t>& flags, std::vector<fp16_t>& gate_rows) {
+  computed_[g] = 1;
   const int64_t n_slots = layout_.blocks.n_slots();
   const int64_t n_gate_slots = static_cast<int64_t>(gate_.slots.size());
   const int64_t t_end = n_tokens_;
   const int64_t n_sink = layout_.n_sink_tokens;
   const int64_t window = layout_.n_window_tokens;
-  flags.assign(static_cast<size_t>(n_slots * t_end), 0);
-  logits_.assign(static_cast<size_t>(n_slots * t_end), 0.0f);
   const bool attention = gate_.kind == GateKind::kAttention;
   const int64_t dim = gate_.gate_dim();
   const int64_t row = 2 * dim;
-  gate_rows.assign(attention ? static_cast<size_t>(t_end * n_slots * row) : 0, fp16_t{0});
+  bool used = false;
+  for (int64_t s = 0; s < n_slots && !used; ++s) used = gate_slot_[s] == g;
+  if (!used) return;
 
-  // Logits per gate slot (one pass per gate slot; layout slots that share
-  // a gate slot copy the result).
   std::vector<float> gate_logits(static_cast<size_t>(t_end));
   std::vector<uint8_t> gate_flags(static_cast<size_t>(t_end));
-  std::vector<int32_t> first_layout_slot(static_cast<size_t>(n_gate_slots), -1);
-  for (int64_t s = 0; s < n_slots; ++s) {
-    if (first_layout_slot[gate_slot_[s]] < 0) first_layout_slot[gate_slot_[s]] = static_cast<int32_t>(s);
-  }
   std::vector<fp16_t> kv16(static_cast<size_t>(attention ? t_end * row : 0));
   // The same rows in fp32 (exactly the fp16 values): the context of every
   // token reads them, converting once here instead of per read.
@@ -110,8 +141,7 @@ Status GatePrefill::finish(const GateDecision& decision, std::vector<uint8_t>& f
   std::vector<int32_t> context;
   context.reserve(static_cast<size_t>(t_end));
   std::vector<float> scratch;
-  for (int64_t g = 0; g < n_gate_slots; ++g) {
-    if (first_layout_slot[g] < 0) continue;
+  {
     const float threshold = gate_.slots[g].threshold + static_cast<float>(decision.threshold_offset);
     if (!attention) {
       for (int64_t t = 0; t < t_end; ++t) {
@@ -173,9 +203,9 @@ Status GatePrefill::finish(const GateDecision& decision, std::vector<uint8_t>& f
   }
   // Sinks never leave; their flag is irrelevant but set for clarity.
   for (int64_t s = 0; s < n_slots; ++s) {
+    if (gate_slot_[s] != g) continue;
     for (int64_t t = 0; t < std::min(n_sink, t_end); ++t) flags[s * t_end + t] = 1;
   }
-  return Status();
 }
 
 // ------------------------------------------------------------ GateDecoder

@@ -63,10 +63,23 @@ class GatePrefill final : public LayerInputObserver {
   // every (slot, token) for inspection.
   Status finish(const GateDecision& decision, std::vector<uint8_t>& flags,
                 std::vector<fp16_t>& gate_rows);
+  // Streaming form of finish() for a layer-major prefill: fills in the
+  // flags, logits and gate rows of `layout_slots` only (and of every slot
+  // sharing their gates), valid once the base layer of each of their gates
+  // has been observed for every token. The first call sizes `flags` and
+  // `gate_rows` as finish() does; pass the same vectors to later calls.
+  // Each slot's result equals finish()'s (the slots are independent).
+  // INVALID_ARGUMENT for a slot outside the layout.
+  Status finish_slots(const GateDecision& decision, std::span<const int64_t> layout_slots,
+                      std::vector<uint8_t>& flags, std::vector<fp16_t>& gate_rows);
   kvstore::DenseGate dense_gate(const std::vector<fp16_t>& gate_rows) const;
   const std::vector<float>& logits() const { return logits_; }  // [slot][token]
 
  private:
+  void size_outputs(std::vector<uint8_t>& flags, std::vector<fp16_t>& gate_rows);
+  void compute_gate_slot(int64_t gate_slot, const GateDecision& decision,
+                         std::vector<uint8_t>& flags, std::vector<fp16_t>& gate_rows);
+
   const GateModel& gate_;
   const kvstore::KvLayout& layout_;
   int64_t n_tokens_;
@@ -74,6 +87,7 @@ class GatePrefill final : public LayerInputObserver {
   std::vector<int32_t> gate_slot_;  // layout slot -> gate model slot
   std::vector<float> proj_;         // [token][slot][3·D] q, k, v (attention) or [token][slot] logit (linear)
   std::vector<float> logits_;
+  std::vector<uint8_t> computed_;   // per gate slot: flags computed (finish_slots)
 };
 
 // Observes compressed decode steps: at each slot's base layer it computes

@@ -571,6 +571,82 @@ Status CpuForward::prefill(KvCache& cache, std::span<const int32_t> tokens, floa
   return Status();
 }
 
+// Steps of a layer-major prefill, as ranges of rows of the sequences'
+// concatenation. Every token must meet the same matmul kernel as in
+// prefill() of its sequence alone, which cuts the sequence into chunks of
+// max_batch_tokens: a chunk of at most `small` tokens (the kernels' switch,
+// cpu::matmul_small_batch_tokens) runs on the small-batch kernel, any other
+// on the large one, whose per-token result does not depend on the step.
+// So: the rows of large chunks, in order, packed into steps of up to
+// max_batch_tokens (never leaving a last step of `small` rows or fewer);
+// then each small chunk as a step of its own (it is a sequence's tail, so
+// the rows it attends to are done by then).
+std::vector<std::vector<CpuForward::RowRange>> CpuForward::plan_prefill_steps(
+    std::span<const PrefillSequence> seqs) const {
+  const int64_t chunk = options_.max_batch_tokens;
+  const int64_t small = cpu::matmul_small_batch_tokens(options_.isa);
+  std::vector<std::vector<RowRange>> steps;
+  // One sequence, or chunks too small to pack safely: prefill()'s own steps.
+  if (seqs.size() == 1 || chunk <= 2 * small + 1) {
+    int64_t base = 0;
+    for (const PrefillSequence& s : seqs) {
+      const auto len = static_cast<int64_t>(s.tokens.size());
+      for (int64_t r = 0; r < len; r += chunk) {
+        steps.push_back({RowRange{base + r, base + std::min(len, r + chunk)}});
+      }
+      base += len;
+    }
+    return steps;
+  }
+  std::vector<RowRange> large;  // rows of large chunks, merged where adjacent
+  std::vector<RowRange> tails;  // small chunks
+  int64_t base = 0;
+  for (const PrefillSequence& s : seqs) {
+    const auto len = static_cast<int64_t>(s.tokens.size());
+    for (int64_t r = 0; r < len; r += chunk) {
+      const RowRange range{base + r, base + std::min(len, r + chunk)};
+      if (range.end - range.begin <= small) {
+        tails.push_back(range);
+      } else if (!large.empty() && large.back().end == range.begin) {
+        large.back().end = range.end;
+      } else {
+        large.push_back(range);
+      }
+    }
+    base += len;
+  }
+  int64_t total = 0;
+  for (const RowRange& r : large) total += r.end - r.begin;
+  // Step sizes: chunk, chunk, ..., then the rest; a rest of `small` rows or
+  // fewer borrows from the step before it (chunk > 2 * small + 1, so both
+  // stay above `small`).
+  std::vector<int64_t> sizes;
+  for (int64_t left = total; left > 0; left -= std::min(chunk, left)) sizes.push_back(std::min(chunk, left));
+  if (sizes.size() >= 2 && sizes.back() <= small) {
+    const int64_t move = small + 1 - sizes.back();
+    sizes[sizes.size() - 2] -= move;
+    sizes.back() += move;
+  }
+  size_t at = 0;
+  int64_t offset = 0;  // rows of large[at] already placed
+  for (int64_t size : sizes) {
+    std::vector<RowRange> step;
+    for (int64_t need = size; need > 0;) {
+      const int64_t take = std::min(need, large[at].end - large[at].begin - offset);
+      step.push_back({large[at].begin + offset, large[at].begin + offset + take});
+      need -= take;
+      offset += take;
+      if (large[at].begin + offset == large[at].end) {
+        ++at;
+        offset = 0;
+      }
+    }
+    steps.push_back(std::move(step));
+  }
+  for (const RowRange& t : tails) steps.push_back({t});
+  return steps;
+}
+
 Status CpuForward::prefill_layers(std::span<const PrefillSequence> seqs,
                                   const std::function<Status(int64_t layer)>& layer_done) {
   const LlamaConfig& c = model_.config();
@@ -646,51 +722,43 @@ Status CpuForward::prefill_layers(std::span<const PrefillSequence> seqs,
   stats_ = stats;
   item_observers_ = any_observer ? &observers : nullptr;
 
+  const std::vector<std::vector<RowRange>> steps = plan_prefill_steps(seqs);
   const std::span<const BatchItem> dense(items);
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    // Steps of up to max_batch_tokens rows in sequence order: a row's
-    // attention at layer l needs the K/V of layer l of the rows before it,
-    // written by earlier steps of this layer (or earlier in this step).
-    for (int64_t r0 = 0; r0 < total; r0 += chunk) {
-      const int64_t n = std::min(chunk, total - r0);
-      std::copy(x_all.data() + r0 * c.n_embd, x_all.data() + (r0 + n) * c.n_embd, x_.data());
-      std::copy(pos_all.data() + r0, pos_all.data() + r0 + n, row_pos_.data());
-      std::copy(item_all.data() + r0, item_all.data() + r0 + n, row_item_.data());
+    // A row's attention at layer l needs the K/V of layer l of the rows
+    // before it in its sequence, written by earlier steps of this layer (or
+    // earlier in this step): the plan keeps each sequence's rows in order.
+    for (const std::vector<RowRange>& step : steps) {
+      int64_t n = 0;
+      for (const RowRange& r : step) {
+        std::copy(x_all.data() + r.begin * c.n_embd, x_all.data() + r.end * c.n_embd,
+                  x_.data() + n * c.n_embd);
+        std::copy(pos_all.data() + r.begin, pos_all.data() + r.end, row_pos_.data() + n);
+        std::copy(item_all.data() + r.begin, item_all.data() + r.end, row_item_.data() + n);
+        n += r.end - r.begin;
+      }
       run_layer(l, n, dense, {});
-      std::copy(x_.data(), x_.data() + n * c.n_embd, x_all.data() + r0 * c.n_embd);
+      n = 0;
+      for (const RowRange& r : step) {
+        std::copy(x_.data() + n * c.n_embd, x_.data() + (n + r.end - r.begin) * c.n_embd,
+                  x_all.data() + r.begin * c.n_embd);
+        n += r.end - r.begin;
+      }
     }
     if (layer_done) KVGATE_RETURN_IF_ERROR(layer_done(l));
   }
 
-  // Logits of the last token of every sequence that wants them, in groups
-  // of at most max_batch_tokens rows (the step scratch's size).
-  std::vector<int64_t> last_row(seqs.size());
-  std::vector<size_t> want;
+  // Logits of the last token of every sequence that wants them, one row at
+  // a time: the vocabulary projection of a single row is what prefill()
+  // computes (the matmul kernels for several rows may sum in another order).
   row = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const auto len = static_cast<int64_t>(seqs[i].tokens.size());
     row += len;
-    last_row[i] = row - 1;
     seqs[i].cache->set_n_tokens(seqs[i].cache->n_tokens() + len);
-    if (seqs[i].logits != nullptr) want.push_back(i);
-  }
-  std::vector<int64_t> rows;
-  std::vector<float> out;
-  for (size_t g0 = 0; g0 < want.size(); g0 += static_cast<size_t>(chunk)) {
-    const size_t g1 = std::min(want.size(), g0 + static_cast<size_t>(chunk));
-    rows.clear();
-    for (size_t k = g0; k < g1; ++k) {
-      const int64_t r = last_row[want[k]];
-      std::copy(x_all.data() + r * c.n_embd, x_all.data() + (r + 1) * c.n_embd,
-                x_.data() + static_cast<int64_t>(k - g0) * c.n_embd);
-      rows.push_back(static_cast<int64_t>(k - g0));
-    }
-    out.resize(rows.size() * static_cast<size_t>(c.n_vocab));
-    compute_logits(rows, out.data());
-    for (size_t k = g0; k < g1; ++k) {
-      std::copy(out.data() + (k - g0) * c.n_vocab, out.data() + (k - g0 + 1) * c.n_vocab,
-                seqs[want[k]].logits);
-    }
+    if (seqs[i].logits == nullptr) continue;
+    std::copy(x_all.data() + (row - 1) * c.n_embd, x_all.data() + row * c.n_embd, x_.data());
+    compute_logits({0}, seqs[i].logits);
   }
   return Status();
 }

@@ -274,6 +274,10 @@ class CpuForward {
   // item lists is non-empty. Then the logits of the rows that want them.
   void run_layers(int64_t n, std::span<const BatchItem> dense,
                   std::span<const CompressedItem> compressed);
+  struct RowRange {
+    int64_t begin = 0, end = 0;
+  };
+  std::vector<std::vector<RowRange>> plan_prefill_steps(std::span<const PrefillSequence> seqs) const;
   // One layer of the stack over the n rows in x_ (as run_layers).
   void run_layer(int64_t layer, int64_t n, std::span<const BatchItem> dense,
                  std::span<const CompressedItem> compressed);

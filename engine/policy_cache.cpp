@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "kvstore/footprint.h"
+#include "kvstore/wire_image.h"
 
 namespace kvgate::engine {
 
@@ -301,30 +302,122 @@ Result<CompressedPrefill> prefill_compressed(CpuForward& forward,
                                              const std::shared_ptr<const PolicyPlan>& plan,
                                              std::span<const int32_t> tokens,
                                              kvstore::PagePool* pool, std::span<float> logits) {
-  const LlamaConfig& c = forward.model().config();
-  const auto n = static_cast<int64_t>(tokens.size());
-  if (!plan) return invalid_argument("no KV policy to prefill for");
-  if (pool == nullptr) return invalid_argument("no page pool to build the cache in");
-  KVGATE_RETURN_IF_ERROR(check_prefill_args(c, tokens, n, logits));
-  // Fail before the prefill when the pool cannot take whole rows.
-  KVGATE_RETURN_IF_ERROR(kvstore::CompressedKvCache::create(plan->layout, pool).status());
+  CompressedPrefillJob job{plan, tokens, pool, logits, {}};
+  auto out = prefill_compressed_batch(forward, std::span(&job, 1));
+  if (!out.ok()) return out.status();
+  return std::move((*out)[0]);
+}
 
+namespace {
+
+// One job's state during prefill_compressed_batch.
+struct StreamJob {
+  CompressedPrefillJob* job = nullptr;
+  int64_t n = 0;
+  std::unique_ptr<KvCache> dense;
   PrefillObservers obs;
-  KVGATE_RETURN_IF_ERROR(make_observers(forward, std::span(&plan, 1), n, obs));
-  double prefill_seconds = 0.0;
-  KVGATE_ASSIGN_OR_RETURN(auto dense,
-                          run_dense_prefill(forward, obs, tokens, n, logits.data(), &prefill_seconds));
-
-  const auto t0 = Clock::now();
+  std::optional<kvstore::CompressedKvCache> cache;
+  std::vector<kvstore::WireSlotGroup> groups;
+  size_t next_group = 0;
   std::vector<uint8_t> flags;
   std::vector<fp16_t> gate_rows;
-  kvstore::DenseGate dense_gate;
-  KVGATE_RETURN_IF_ERROR(
-      prompt_flags(*plan, obs.gates[0].get(), obs.stats.get(), n, flags, gate_rows, dense_gate));
-  KVGATE_ASSIGN_OR_RETURN(auto built,
-                          kvstore::CompressedKvCache::build_from_dense(
-                              plan->layout, pool, n, dense_view(c, *dense), flags, dense_gate));
-  return CompressedPrefill{std::move(built), prefill_seconds, seconds_since(t0)};
+  bool flags_ready = false;  // policies whose flags need no layer (dense, window, pod)
+  double compress_seconds = 0.0;
+  Status status;  // first error; the job gets no more work after it
+};
+
+// Builds and hands out the wire segments of `j` whose last layer is `layer`.
+Status ship_groups(const LlamaConfig& c, StreamJob& j, int64_t layer) {
+  const PolicyPlan& plan = *j.job->plan;
+  const kvstore::DenseKv kv = dense_view(c, *j.dense);
+  while (j.next_group < j.groups.size() && j.groups[j.next_group].last_layer == layer) {
+    const kvstore::WireSlotGroup& group = j.groups[j.next_group];
+    kvstore::DenseGate dense_gate;
+    if (GatePrefill* gate = j.obs.gates[0].get(); gate != nullptr) {
+      KVGATE_RETURN_IF_ERROR(gate->finish_slots(plan.config.effective_gate_decision(), group.slots,
+                                                j.flags, j.gate_rows));
+      dense_gate = gate->dense_gate(j.gate_rows);
+    } else if (policy_needs_stats(plan.config)) {
+      // Ranked by the attention the tokens received in the group's layers,
+      // which are complete now (later layers' statistics are not used).
+      KVGATE_RETURN_IF_ERROR(policy_flags(plan.config, plan.layout, 0, j.n, j.flags, j.obs.stats.get()));
+    } else if (!j.flags_ready) {
+      KVGATE_RETURN_IF_ERROR(policy_flags(plan.config, plan.layout, 0, j.n, j.flags, nullptr));
+      j.flags_ready = true;
+    }
+    for (int64_t s : group.slots) {
+      KVGATE_RETURN_IF_ERROR(j.cache->fill_slot(
+          s, kv, std::span<const uint8_t>(j.flags.data() + s * j.n, static_cast<size_t>(j.n)),
+          dense_gate));
+    }
+    if (j.job->on_segment) {
+      KVGATE_ASSIGN_OR_RETURN(auto pages, kvstore::wire_group_pages(*j.cache, group));
+      KVGATE_RETURN_IF_ERROR(j.job->on_segment(static_cast<int64_t>(j.next_group), group, pages));
+    }
+    ++j.next_group;
+  }
+  return Status();
+}
+
+}  // namespace
+
+Result<std::vector<Result<CompressedPrefill>>> prefill_compressed_batch(
+    CpuForward& forward, std::span<CompressedPrefillJob> jobs,
+    const std::function<Status(int64_t layer)>& on_layer) {
+  const LlamaConfig& c = forward.model().config();
+  if (jobs.empty()) return invalid_argument("no prefill jobs");
+  std::vector<StreamJob> state(jobs.size());
+  std::vector<PrefillSequence> seqs;
+  seqs.reserve(jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    CompressedPrefillJob& job = jobs[i];
+    StreamJob& j = state[i];
+    j.job = &job;
+    j.n = static_cast<int64_t>(job.tokens.size());
+    if (!job.plan) return invalid_argument("prefill job " + std::to_string(i) + " has no KV policy");
+    if (job.pool == nullptr) {
+      return invalid_argument("prefill job " + std::to_string(i) + " has no page pool");
+    }
+    KVGATE_RETURN_IF_ERROR(check_prefill_args(c, job.tokens, j.n, job.logits));
+    if (policy_needs_stats(job.plan->config) && jobs.size() != 1) {
+      return invalid_argument(std::string("KV policy '") + job.plan->name +
+                              "' ranks tokens by attention statistics: its prefill runs alone");
+    }
+    KVGATE_ASSIGN_OR_RETURN(auto cache,
+                            kvstore::CompressedKvCache::begin_build(job.plan->layout, job.pool, j.n));
+    j.cache.emplace(std::move(cache));
+    j.groups = kvstore::wire_slot_groups(job.plan->layout);
+    KVGATE_RETURN_IF_ERROR(make_observers(forward, std::span(&job.plan, 1), j.n, j.obs));
+    j.dense = std::make_unique<KvCache>(c, j.n);
+    seqs.push_back(PrefillSequence{j.dense.get(), job.tokens, j.obs.gates[0].get(),
+                                   j.obs.stats.get(), job.logits.data()});
+  }
+
+  const auto t0 = Clock::now();
+  auto layer_done = [&](int64_t layer) -> Status {
+    for (StreamJob& j : state) {
+      if (!j.status.ok()) continue;
+      const auto t = Clock::now();
+      j.status = ship_groups(c, j, layer);
+      j.compress_seconds += seconds_since(t);
+    }
+    return on_layer ? on_layer(layer) : Status();
+  };
+  KVGATE_RETURN_IF_ERROR(forward.prefill_layers(seqs, layer_done));
+  const double wall = seconds_since(t0);
+
+  std::vector<Result<CompressedPrefill>> out;
+  out.reserve(state.size());
+  for (StreamJob& j : state) {
+    if (j.status.ok()) j.status = j.cache->finish_build();
+    if (!j.status.ok()) {
+      out.push_back(j.status);
+      continue;
+    }
+    out.push_back(CompressedPrefill{std::move(*j.cache), std::max(0.0, wall - j.compress_seconds),
+                                    j.compress_seconds});
+  }
+  return out;
 }
 
 }  // namespace kvgate::engine

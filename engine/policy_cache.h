@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -37,6 +38,7 @@
 #include "kvstore/compressed_cache.h"
 #include "kvstore/layout.h"
 #include "kvstore/page_pool.h"
+#include "kvstore/wire_image.h"
 
 namespace kvgate::engine {
 
@@ -85,6 +87,39 @@ Result<CompressedPrefill> prefill_compressed(CpuForward& forward,
                                              const std::shared_ptr<const PolicyPlan>& plan,
                                              std::span<const int32_t> tokens,
                                              kvstore::PagePool* pool, std::span<float> logits);
+
+// One job of prefill_compressed_batch.
+struct CompressedPrefillJob {
+  std::shared_ptr<const PolicyPlan> plan;
+  std::span<const int32_t> tokens;
+  kvstore::PagePool* pool = nullptr;  // as for prefill_compressed
+  std::span<float> logits;            // the last prompt token's (n_vocab floats)
+  // Called (engine thread) as soon as a wire segment is built: after the
+  // last layer of its slots' blocks, in wire order (index 0, 1, ...), with
+  // its pages in wire order — the cache's own pages in `pool`, final from
+  // then on. The prefill node ships them while later layers compute. An
+  // error fails this job only (no more calls for it; the batch goes on).
+  // May be empty.
+  std::function<Status(int64_t index, const kvstore::WireSlotGroup& group,
+                       std::span<const kvstore::PageId> pages)>
+      on_segment;
+};
+
+// The prefill node's form: ONE layer-major full-attention prefill of every
+// job's prompt together (CpuForward::prefill_layers; each job's result is
+// bit-identical to prefill_compressed of it alone), each job's compressed
+// cache built slot by slot as its blocks complete and handed out segment by
+// segment through on_segment, so the transfer overlaps the prefill.
+// `on_layer` runs after each layer (after the segments of that layer): a
+// place to move the transport and check cancels; an error stops the whole
+// batch. The outer error: bad arguments for any job (as prefill_compressed,
+// and a policy that needs attention statistics batched with others:
+// INVALID_ARGUMENT) or an error of the prefill or `on_layer`. Otherwise one
+// result per job, in order: its cache, or the error that failed it
+// (on_segment's, the pool's, the gate's).
+Result<std::vector<Result<CompressedPrefill>>> prefill_compressed_batch(
+    CpuForward& forward, std::span<CompressedPrefillJob> jobs,
+    const std::function<Status(int64_t layer)>& on_layer = {});
 
 // Runs one full-attention prefill of `tokens` (the forward's current layer
 // observer, if any, still sees it) and returns one sequence per plan, in

@@ -17,7 +17,8 @@ Status JobQueue::push(QueuedJob job) {
     // A running job that was cancelled (a failed attempt of this request)
     // no longer counts: the coordinator may place the next attempt here
     // while the engine finishes the old one and throws its result away.
-    if ((running_ == id && !cancel_running_) ||
+    const auto run = running_.find(id);
+    if ((run != running_.end() && !run->second) ||
         std::any_of(jobs_.begin(), jobs_.end(),
                     [&](const QueuedJob& q) { return q.job.request_id == id; })) {
       return failed_precondition("request " + std::to_string(id.value()) +
@@ -51,8 +52,9 @@ CancelOutcome JobQueue::cancel(RequestId request, std::optional<QueuedJob>* drop
     jobs_.erase(it);
     return CancelOutcome::kDroppedQueued;
   }
-  if (running_.valid() && running_ == request) {
-    cancel_running_ = true;
+  if (auto run = running_.find(request); run != running_.end()) {
+    if (!run->second) ++cancels_;
+    run->second = true;
     lock.unlock();
     cv_.notify_all();
     return CancelOutcome::kRunning;
@@ -70,7 +72,8 @@ void JobQueue::post(control::Message message) {
 
 QueueStats JobQueue::stats() const {
   std::lock_guard lock(mu_);
-  return {static_cast<int64_t>(jobs_.size()), queued_tokens_, running_.valid()};
+  return {static_cast<int64_t>(jobs_.size()), queued_tokens_, !running_.empty(),
+          static_cast<int64_t>(running_.size())};
 }
 
 void JobQueue::close() {
@@ -90,26 +93,49 @@ void JobQueue::set_paused(bool paused) {
 }
 
 std::optional<QueuedJob> JobQueue::next_job(Clock::duration timeout) {
+  std::vector<QueuedJob> jobs = next_jobs(timeout, 1, 0, [](const QueuedJob&) { return false; });
+  if (jobs.empty()) return std::nullopt;
+  return std::move(jobs[0]);
+}
+
+std::vector<QueuedJob> JobQueue::next_jobs(Clock::duration timeout, int64_t max_jobs,
+                                           int64_t max_tokens,
+                                           const std::function<bool(const QueuedJob&)>& batchable) {
   std::unique_lock lock(mu_);
   cv_.wait_for(lock, timeout, [&] { return closed_ || (!paused_ && !jobs_.empty()); });
-  if (closed_ || paused_ || jobs_.empty()) return std::nullopt;
-  QueuedJob job = std::move(jobs_.front());
-  jobs_.pop_front();
-  queued_tokens_ -= static_cast<int64_t>(job.job.prompt_token_ids.size());
-  running_ = job.job.request_id;
-  cancel_running_ = false;
-  return job;
+  std::vector<QueuedJob> out;
+  if (closed_ || paused_ || jobs_.empty()) return out;
+  int64_t tokens = 0;
+  auto take = [&] {
+    QueuedJob job = std::move(jobs_.front());
+    jobs_.pop_front();
+    const auto n = static_cast<int64_t>(job.job.prompt_token_ids.size());
+    queued_tokens_ -= n;
+    tokens += n;
+    // A cancelled earlier attempt of the same request may still be
+    // running: the new one takes its place in the map, not cancelled.
+    running_[job.job.request_id] = false;
+    out.push_back(std::move(job));
+  };
+  take();
+  if (!batchable || !batchable(out[0])) return out;
+  while (!jobs_.empty() && static_cast<int64_t>(out.size()) < max_jobs &&
+         tokens + static_cast<int64_t>(jobs_.front().job.prompt_token_ids.size()) <= max_tokens &&
+         batchable(jobs_.front())) {
+    take();
+  }
+  return out;
 }
 
-void JobQueue::finish_running() {
+void JobQueue::finish_running(RequestId id) {
   std::lock_guard lock(mu_);
-  running_ = RequestId();
-  cancel_running_ = false;
+  running_.erase(id);
 }
 
-bool JobQueue::cancel_requested() const {
+bool JobQueue::cancel_requested(RequestId id) const {
   std::lock_guard lock(mu_);
-  return cancel_running_;
+  auto it = running_.find(id);
+  return it != running_.end() && it->second;
 }
 
 std::vector<control::Message> JobQueue::take_messages() {
@@ -121,7 +147,8 @@ std::vector<control::Message> JobQueue::take_messages() {
 
 void JobQueue::wait(Clock::duration timeout) {
   std::unique_lock lock(mu_);
-  cv_.wait_for(lock, timeout, [&] { return closed_ || cancel_running_ || !messages_.empty(); });
+  const uint64_t cancels = cancels_;
+  cv_.wait_for(lock, timeout, [&] { return closed_ || cancels_ != cancels || !messages_.empty(); });
 }
 
 bool JobQueue::closed() const {

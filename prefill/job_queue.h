@@ -1,7 +1,9 @@
 // JobQueue: what the prefill node's control connections hand to its engine
 // thread — prefill jobs, bounded by count and prompt tokens
 // (prefill.max_queued_jobs / max_queued_tokens), cancels, and the decode
-// nodes' answers (ExtendResult, TransferResult) for the job that runs.
+// nodes' answers (ExtendResult, TransferResult) for the jobs that run.
+// The engine takes a batch of jobs at a time (next_jobs); each stays
+// "running" until finish_running(id).
 //
 // Threads: push/cancel/post/stats from any thread (the io_context);
 // next_job/take_messages/wait/finish_running from the engine thread only.
@@ -14,6 +16,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -48,6 +52,7 @@ struct QueueStats {
   int64_t queued_jobs = 0;
   int64_t queued_tokens = 0;  // prompt tokens of the queued jobs
   bool running = false;       // a job is on the engine
+  int64_t running_jobs = 0;
 };
 
 enum class CancelOutcome { kUnknown, kDroppedQueued, kRunning };
@@ -62,8 +67,8 @@ class JobQueue {
   // UNAVAILABLE after close().
   Status push(QueuedJob job);
 
-  // Cancel{request}: a queued job is removed (returned in `dropped`); the
-  // running job is flagged (the engine sees it with cancel_requested()).
+  // Cancel{request}: a queued job is removed (returned in `dropped`); a
+  // running job is flagged (the engine sees it with cancel_requested(id)).
   CancelOutcome cancel(RequestId request, std::optional<QueuedJob>* dropped = nullptr);
 
   // A message from a decode node for the engine (ExtendResult, TransferResult, Error).
@@ -77,16 +82,25 @@ class JobQueue {
   void set_paused(bool paused);
 
   // ---- engine thread
-  // The oldest queued job (it becomes the running one), or nothing after
-  // `timeout` or once closed.
+  // The oldest queued job (it becomes running), or nothing after `timeout`
+  // or once closed.
   std::optional<QueuedJob> next_job(Clock::duration timeout);
-  // The running job is over (done, failed or cancelled).
-  void finish_running();
-  // True once Cancel named the running job.
-  bool cancel_requested() const;
+  // The oldest queued job and, behind it, as many of the following queued
+  // jobs (in order, none skipped) as `max_jobs` and `max_tokens` (prompt
+  // tokens together; the first job always comes) allow while
+  // batchable(job) holds for each of them, the first included (a job that
+  // is not batchable comes alone). All become running. Empty after
+  // `timeout` or once closed.
+  std::vector<QueuedJob> next_jobs(Clock::duration timeout, int64_t max_jobs, int64_t max_tokens,
+                                   const std::function<bool(const QueuedJob&)>& batchable);
+  // A running job is over (done, failed or cancelled).
+  void finish_running(RequestId id);
+  // True once Cancel named this running job.
+  bool cancel_requested(RequestId id) const;
   // Messages posted since the last call, in arrival order.
   std::vector<control::Message> take_messages();
-  // Sleeps until a message or cancel arrives, `timeout` passes or close().
+  // Sleeps until a message or a cancel of a running job arrives, `timeout`
+  // passes or close().
   void wait(Clock::duration timeout);
   bool closed() const;
 
@@ -97,8 +111,8 @@ class JobQueue {
   std::condition_variable cv_;
   std::deque<QueuedJob> jobs_;
   int64_t queued_tokens_ = 0;
-  RequestId running_;
-  bool cancel_running_ = false;
+  std::map<RequestId, bool> running_;  // -> cancel requested
+  uint64_t cancels_ = 0;               // running jobs cancelled so far (wakes wait())
   std::vector<control::Message> messages_;
   bool closed_ = false;
   bool paused_ = false;

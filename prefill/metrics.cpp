@@ -115,6 +115,19 @@ PrefillMetrics::PrefillMetrics(std::shared_ptr<prometheus::Registry> registry,
                       "Extend requests to decode nodes (the image outgrew its grant), by result");
   extend_granted_ = &ext->Add({{"result", "granted"}});
   extend_refused_ = &ext->Add({{"result", "refused"}});
+  batches_ = &counter("kvgate_prefill_batches_total",
+                      "Layer-major prefill passes (each runs one or more jobs together)")
+                  ->Add({});
+  batch_jobs_ = histogram("kvgate_prefill_batch_jobs", "Jobs per prefill pass",
+                          {1, 2, 4, 8, 16, 32, 64});
+  batch_tokens_ = histogram("kvgate_prefill_batch_tokens", "Prompt tokens per prefill pass",
+                            {128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536});
+  auto* seg = counter("kvgate_prefill_segments_sent_total",
+                      "Wire segments issued to the transport: while later layers were still "
+                      "computing (when=\"overlapped\") or after the prefill "
+                      "(when=\"after_prefill\": held for an Extend, or the last block)");
+  segments_overlapped_ = &seg->Add({{"when", "overlapped"}});
+  segments_after_ = &seg->Add({{"when", "after_prefill"}});
 }
 
 PrefillMetrics::~PrefillMetrics() = default;
@@ -154,6 +167,16 @@ void PrefillMetrics::transfer_failed(TransferFailure cause) {
 
 void PrefillMetrics::extend(bool granted) {
   (granted ? extend_granted_ : extend_refused_)->Increment();
+}
+
+void PrefillMetrics::batch(int64_t jobs, int64_t tokens) {
+  batches_->Increment();
+  batch_jobs_->Observe(static_cast<double>(jobs));
+  batch_tokens_->Observe(static_cast<double>(tokens));
+}
+
+void PrefillMetrics::segment_sent(bool overlapped) {
+  (overlapped ? segments_overlapped_ : segments_after_)->Increment();
 }
 
 std::string PrefillMetrics::serialize() const {

@@ -77,6 +77,12 @@ class PrefillMetrics {
   void transfer_done(int64_t wire_bytes, double seconds);
   void transfer_failed(TransferFailure cause);
   void extend(bool granted);
+  // One layer-major prefill of `jobs` jobs with `tokens` prompt tokens.
+  void batch(int64_t jobs, int64_t tokens);
+  // A wire segment issued to the transport while later layers were still
+  // computing (overlapped) or after the prefill (held for an Extend, or the
+  // last layer's).
+  void segment_sent(bool overlapped);
 
   // The registry in the Prometheus text format.
   std::string serialize() const;
@@ -102,6 +108,11 @@ class PrefillMetrics {
   prometheus::Counter* transfer_failed_[kTransferFailureCount];
   prometheus::Counter* extend_granted_;
   prometheus::Counter* extend_refused_;
+  prometheus::Counter* batches_;
+  prometheus::Histogram* batch_jobs_;
+  prometheus::Histogram* batch_tokens_;
+  prometheus::Counter* segments_overlapped_;
+  prometheus::Counter* segments_after_;
 };
 
 }  // namespace kvgate::prefill

@@ -1,11 +1,18 @@
 // PrefillEngine: the prefill node's engine thread (docs/cluster.md step 4).
-// One job at a time: full-attention prefill with the policy's observers,
-// the first token sampled from the last logits, the compressed cache built
-// in a page pool of the decode node's page size, its wire image checked
-// against the grant (Extend to the decode node when it outgrew it — never a
-// truncation), shipped segment by segment from a staging buffer over the
-// transport, and on the transfer's OK event the TransferManifest sent on
-// the decode node's control connection.
+// It takes a batch of queued jobs at a time (up to max_batch_jobs /
+// max_batch_tokens; a job whose policy ranks tokens by attention
+// statistics runs alone) and runs ONE layer-major full-attention prefill of
+// all their prompts (engine::prefill_compressed_batch). Each job's
+// compressed cache is built block by block in a page pool of the decode
+// node's page size, and each block's wire segment is shipped over the
+// transport as soon as its last layer is computed — the transfer overlaps
+// the rest of the prefill — as long as it fits the grant. When the finished
+// image outgrew the grant, the engine asks the decode node to Extend (the
+// transfer may already be under way: the receive grows in place) and ships
+// the rest; never a truncation. On the transfer's OK event the
+// TransferManifest goes on the decode node's control connection. After the
+// shared prefill the jobs are finished one after the other (first token,
+// extend, remaining segments, manifest).
 //
 // Ownership and threads: run() is the body of the engine thread, which owns
 // the CpuForward, the Transport (every transport call is made here) and the
@@ -14,12 +21,14 @@
 // thread-safe); work arrives through the JobQueue.
 //
 // Failures of a job become Error{request, code} to the coordinator that
-// sent it (through ControlLinks::reply): deadline (job.deadline_in from
-// receipt, transport.transfer_deadline from the start of the transfer)
-// kDeadlineExceeded; extend refused kResourceExhausted "needs X bytes,
-// granted Y: <reason>"; decode node unreachable kUnavailable; a failed
-// transfer the transport's code. A cancelled job (Cancel from the
-// coordinator) ends quietly. The node keeps serving after any of them.
+// sent it (through ControlLinks::reply) and never touch the other jobs of
+// its batch: deadline (job.deadline_in from receipt; a transfer that starts
+// during the prefill is bounded by the job's deadline, one that starts
+// after it by transport.transfer_deadline) kDeadlineExceeded; extend
+// refused kResourceExhausted "needs X bytes, granted Y: <reason>"; decode
+// node unreachable kUnavailable; a failed transfer the transport's code. A
+// cancelled job (Cancel from the coordinator) ends quietly. The node keeps
+// serving after any of them.
 #pragma once
 
 #include <chrono>
@@ -27,6 +36,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -34,6 +44,8 @@
 #include "common/control_protocol.h"
 #include "common/status.h"
 #include "engine/model.h"
+#include "kvstore/compressed_cache.h"
+#include "kvstore/page_pool.h"
 #include "prefill/job_queue.h"
 #include "prefill/metrics.h"
 #include "transport/transport.h"
@@ -59,6 +71,8 @@ struct EngineSettings {
   int64_t page_bytes = 0;  // decode.page_tokens * head_dim * 2
   std::chrono::milliseconds transfer_deadline{10000};
   std::chrono::milliseconds quiesce_timeout{5000};  // the transport's
+  int64_t max_batch_jobs = 8;        // prefill.max_batch_jobs
+  int64_t max_batch_tokens = 16384;  // prefill.max_batch_tokens
 };
 
 class PrefillEngine {
@@ -74,19 +88,33 @@ class PrefillEngine {
   void run();
 
  private:
-  void handle(QueuedJob& job);
-  Status process(QueuedJob& job, JobFailure& cause);
+  struct JobRun;
+  void run_batch(std::vector<QueuedJob>& jobs);
+  // Before the prefill: deadline, connections. False: the job failed.
+  bool start(JobRun& run);
+  // A wire segment of `run` was built: stage it (copy, checksum) and ship
+  // what fits the grant.
+  Status stage_segment(JobRun& run, std::span<const kvstore::PageId> pages,
+                       const kvstore::PagePool& pool);
+  void ship_ready(JobRun& run);
+  // Between layers: transport progress, messages, cancels, held segments.
+  Status between_layers();
+  // After the prefill: first token, extend, the rest of the image, the
+  // transfer's event, the manifest.
+  Status complete(JobRun& run, kvstore::CompressedKvCache& cache, double prefill_s);
+  void end_job(JobRun& run, const Status& s);
+  // Gives up on a transfer that may still read `run`'s staging buffers.
+  void abandon_transfer(JobRun& run);
   Result<transport::PeerId> peer_for(const control::Bytes& address);
   // Waits (progressing the transport, reading messages) until `ready`
   // holds. kCancelled on Cancel, kUnavailable on shutdown,
   // kDeadlineExceeded (naming `what`) past `deadline`.
   template <typename Ready>
-  Status wait_for(Ready ready, Clock::time_point deadline, const char* what);
+  Status wait_for(const JobRun& run, Ready ready, Clock::time_point deadline, const char* what);
   void pump();
   void drain_messages();
-  Status wait_decode_link(const QueuedJob& job, Clock::time_point deadline);
-  Status extend(QueuedJob& job, int64_t needed_bytes, uint64_t& granted_bytes,
-                control::Bytes& grant, JobFailure& cause);
+  Status wait_decode_link(const JobRun& run, Clock::time_point deadline);
+  Status extend(JobRun& run, int64_t needed_bytes);
 
   engine::CpuForward& forward_;
   transport::Transport& transport_;
@@ -94,16 +122,15 @@ class PrefillEngine {
   ControlLinks& links_;
   PrefillMetrics& metrics_;
   EngineSettings settings_;
-  std::vector<float> logits_;
   std::map<control::Bytes, transport::PeerId> peers_;  // decode transport address -> peer
   std::vector<transport::TransferEvent> events_;       // progress() output, not yet consumed
-  // The running job's answers from its decode node.
-  RequestId current_;
-  std::optional<control::ExtendResult> extend_result_;
-  std::optional<Status> decode_error_;
+  // The running jobs, for routing the decode nodes' answers.
+  std::map<RequestId, JobRun*> active_;
+  bool in_prefill_ = false;  // segments shipped now overlap later layers' compute
   // Staging buffers of transfers abandoned before their event (a transport
-  // that never reported): kept until the event arrives, never freed early.
-  std::map<std::pair<uint64_t, uint64_t>, std::vector<std::byte>> orphaned_;
+  // that never reported, a job failed mid-transfer): kept until the event
+  // arrives, never freed early.
+  std::map<std::pair<uint64_t, uint64_t>, std::vector<std::vector<std::byte>>> orphaned_;
 };
 
 }  // namespace kvgate::prefill

@@ -276,7 +276,8 @@ Status PrefillNode::Impl::init(PrefillResources resources) {
   engine_ = std::make_unique<PrefillEngine>(
       *forward_, *transport_, queue_, *this, *metrics_,
       EngineSettings{limits_.page_bytes, config_.transport.transfer_deadline,
-                     transport::TransportOptions{}.quiesce_timeout});
+                     transport::TransportOptions{}.quiesce_timeout, config_.prefill.max_batch_jobs,
+                     config_.prefill.max_batch_tokens});
 
   for (size_t i = 0; i < config_.cluster.coordinators.size(); ++i) {
     auto r = std::make_unique<Registration>();

@@ -247,6 +247,10 @@ void matmul_reference(const WeightView& w, const float* x, int64_t n_tokens, flo
   }
 }
 
+int64_t matmul_small_batch_tokens(Isa isa) {
+  return clamp_isa(isa) == Isa::kAvx512 ? detail::avx512::decode_max_tokens() : 0;
+}
+
 namespace detail {
 
 const KernelTable& kernels_for(Isa isa) {

@@ -78,6 +78,14 @@ class MatmulWorkspace {
 void matmul(const WeightView& w, const float* x, int64_t n_tokens, float* y, ThreadPool& pool,
             MatmulWorkspace& ws, Isa isa);
 
+// Batch invariance: for n_tokens above this, every token's output is
+// independent of n_tokens and of the other tokens (same kernel, same
+// summation order per token); at or below it (AVX-512: the row-streaming
+// decode kernel) the sums run in another order, so a token's last bits can
+// differ from a larger call's. 0 where no kernel switches. Used to batch
+// prompts without changing a single bit of any of them.
+int64_t matmul_small_batch_tokens(Isa isa);
+
 // Reference: W rows dequantized to float, dotted with unquantized x in
 // double. Slow; the oracle for tests. Allocates.
 void matmul_reference(const WeightView& w, const float* x, int64_t n_tokens, float* y);

@@ -145,6 +145,42 @@ TEST(PrefillLayers, BatchOfThreeEqualsEachAloneBitForBit) {
   }
 }
 
+// Tails of at most cpu::matmul_small_batch_tokens() tokens run on another
+// matmul kernel in a prefill alone; the batch must give them that kernel
+// too (and every other token the large one), or bits differ. Short
+// prompts, tails of 1-4 tokens and a last step that would be tiny.
+TEST(PrefillLayers, ShortPromptsAndTinyTailsEqualEachAlone) {
+  KVGATE_REQUIRE_MODEL();
+  const LlamaConfig& c = L->model->config();
+  ForwardOptions opt;
+  opt.n_threads = 2;
+  opt.max_batch_tokens = 64;
+  CpuForward forward(*L->model, opt);
+  const std::vector<int64_t> lengths = {130, 33, 70, 3, 66, 2, 61, 1, 129};
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::unique_ptr<KvCache>> caches;
+  std::vector<std::vector<float>> logits;
+  std::vector<PrefillSequence> seqs;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    prompts.push_back(random_tokens(lengths[i], 40 + static_cast<uint32_t>(i), static_cast<int32_t>(c.n_vocab)));
+  }
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    caches.push_back(std::make_unique<KvCache>(c, lengths[i]));
+    logits.emplace_back(static_cast<size_t>(c.n_vocab));
+    seqs.push_back({caches.back().get(), prompts[i], nullptr, nullptr, logits.back().data()});
+  }
+  ASSERT_TRUE(forward.prefill_layers(seqs).ok());
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    KvCache alone(c, lengths[i]);
+    std::vector<float> alone_logits(static_cast<size_t>(c.n_vocab));
+    ASSERT_TRUE(forward.prefill(alone, prompts[i], alone_logits.data()).ok());
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      ASSERT_TRUE(same_layer(alone, *caches[i], c, l, lengths[i])) << "seq " << i << " layer " << l;
+    }
+    EXPECT_EQ(alone_logits, logits[i]) << "seq " << i;
+  }
+}
+
 TEST(PrefillLayers, StatisticsOfOneSequenceEqualPrefill) {
   KVGATE_REQUIRE_MODEL();
   const LlamaConfig& c = L->model->config();

@@ -76,6 +76,7 @@ class PrefillNodeTest : public ::testing::Test {
   void TearDown() override {
     if (node_) node_->stop();
     node_.reset();
+    sources_.clear();
     fake_.reset();
   }
 
@@ -141,6 +142,10 @@ class PrefillNodeTest : public ::testing::Test {
     });
     return m;
   }
+  std::optional<kvstore::CompressedKvCache> adopt_and_compare(const engine::PolicyPlan& plan,
+                                                             const control::TransferManifest& manifest,
+                                                             const FakeCluster::Grant& g,
+                                                             const kvstore::CompressedKvCache& local);
   std::optional<control::TransferManifest> manifest_of(uint64_t request) const {
     return fake_->decode_inbox().find<control::TransferManifest>(
         [&](const control::TransferManifest& x) { return x.request_id == RequestId(request); });
@@ -148,14 +153,19 @@ class PrefillNodeTest : public ::testing::Test {
 
   // Ships `policy` end to end and checks the manifest and the continued
   // decode of the adopted cache.
+  // grant_bytes 0: a grant that holds everything (the whole image ships
+  // during the prefill); else that much, and the decode side extends the
+  // live receive in place when the node asks.
   void ship_and_continue(const control::KvPolicySpec& policy,
-                         std::shared_ptr<const engine::GateModel> gate = nullptr);
+                         std::shared_ptr<const engine::GateModel> gate = nullptr,
+                         int64_t grant_bytes = 0);
 
   const engine::testing::TestModel* model_ = nullptr;
   int64_t page_bytes_ = 0;
   std::unique_ptr<FakeCluster> fake_;
   std::unique_ptr<PrefillNode> node_;
   std::vector<int32_t> prompt_;
+  std::vector<std::unique_ptr<kvstore::LeasePages>> sources_;
 };
 
 // Greedy continuation of an adopted (or local) compressed cache under `plan`.
@@ -193,12 +203,77 @@ std::vector<int32_t> continue_greedy(engine::CpuForward& fwd, const engine::Poli
   return out;
 }
 
+// Adopts the pages that landed for `g` (lease order = wire order) as the
+// decode node would and checks the cache row for row against `local`.
+std::optional<kvstore::CompressedKvCache> PrefillNodeTest::adopt_and_compare(
+    const engine::PolicyPlan& plan, const control::TransferManifest& manifest_in,
+    const FakeCluster::Grant& g, const kvstore::CompressedKvCache& local) {
+  const auto* manifest = &manifest_in;
+  const int64_t n = local.n_tokens();
+  std::vector<kvstore::PageId> pages(fake_->leases().pages(g.lease).begin(),
+                                     fake_->leases().pages(g.lease).end());
+  // The adopted cache draws on the lease through this source: it lives as
+  // long as the fixture (longer than any cache of the test body).
+  sources_.push_back(std::make_unique<kvstore::LeasePages>(&fake_->leases(), g.lease));
+  auto adopted =
+      kvstore::adopt_wire_image(plan.layout, sources_.back().get(), manifest->layout_descriptor, pages);
+  if (!adopted.ok()) {
+    ADD_FAILURE() << adopted.status().to_string();
+    return std::nullopt;
+  }
+  EXPECT_EQ(adopted->n_tokens(), n);
+  EXPECT_EQ(adopted->bytes(), local.bytes());
+
+  // Same state, row for row, before decoding on.
+  {
+    const kvstore::KvLayout& lay = plan.layout;
+    for (int64_t slot = 0; slot < lay.blocks.n_slots(); ++slot) {
+      EXPECT_EQ(adopted->retained_tokens(slot), local.retained_tokens(slot)) << slot;
+      for (int64_t i = 0; i < adopted->retained_tokens(slot); ++i) {
+        EXPECT_EQ(adopted->retained_position(slot, i), local.retained_position(slot, i));
+      }
+    }
+    const int64_t d = lay.head_dim;
+    for (int64_t l = 0; l < lay.n_layers(); ++l) {
+      for (int64_t h = 0; h < lay.n_kv_heads(); ++h) {
+        for (bool distant : {false, true}) {
+          auto a = distant ? adopted->distant(l, h) : adopted->proximal(l, h);
+          auto b = distant ? local.distant(l, h) : local.proximal(l, h);
+          if (!a.ok() || !b.ok()) { ADD_FAILURE() << "views"; return std::nullopt; }
+          if (a->n_tokens() != b->n_tokens()) {
+            ADD_FAILURE() << "layer " << l << " head " << h << ": " << a->n_tokens() << " vs "
+                          << b->n_tokens() << (distant ? " distant" : " proximal") << " rows";
+            return std::nullopt;
+          }
+          for (int64_t r = 0; r < a->n_tokens(); ++r) {
+            if (std::memcmp(a->k_row(r), b->k_row(r), d * 2) != 0 ||
+                std::memcmp(a->v_row(r), b->v_row(r), d * 2) != 0) {
+              ADD_FAILURE() << "K/V layer " << l << " head " << h
+                            << (distant ? " distant" : " proximal") << " row " << r << " differs";
+              return std::nullopt;
+            }
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < adopted->proximal_tokens(); ++r) {
+      EXPECT_EQ(adopted->proximal_row_position(r), local.proximal_row_position(r)) << r;
+    }
+  }
+
+  return std::optional<kvstore::CompressedKvCache>(std::move(*adopted));
+}
+
 void PrefillNodeTest::ship_and_continue(const control::KvPolicySpec& policy,
-                                        std::shared_ptr<const engine::GateModel> gate) {
+                                        std::shared_ptr<const engine::GateModel> gate,
+                                        int64_t grant_bytes) {
   start(config(), gate);
   const engine::LlamaModel& model = *model_->model;
   const int64_t n = static_cast<int64_t>(prompt_.size());
-  const FakeCluster::Grant g = fake_->reserve(RequestId(7), int64_t{4} << 20);
+  if (grant_bytes > 0) {
+    fake_->set_extend_answer([this](const control::Extend& e) { return fake_->extend_in_place(e); });
+  }
+  const FakeCluster::Grant g = fake_->reserve(RequestId(7), grant_bytes > 0 ? grant_bytes : int64_t{4} << 20);
   fake_->send_to_node(job(7, policy, g));
 
   auto manifest = wait_manifest(7);
@@ -242,45 +317,8 @@ void PrefillNodeTest::ship_and_continue(const control::KvPolicySpec& policy,
   EXPECT_EQ(covered, static_cast<uint64_t>(wire_pages * page_bytes_));
   EXPECT_EQ(received->bytes, covered);
 
-  // Adopt the landed pages (in lease order = wire order) and decode on.
-  std::vector<kvstore::PageId> pages(fake_->leases().pages(g.lease).begin(),
-                                     fake_->leases().pages(g.lease).end());
-  kvstore::LeasePages source(&fake_->leases(), g.lease);
-  auto adopted = kvstore::adopt_wire_image((*plan)->layout, &source, manifest->layout_descriptor, pages);
-  ASSERT_TRUE(adopted.ok()) << adopted.status().to_string();
-  EXPECT_EQ(adopted->n_tokens(), n);
-  EXPECT_EQ(adopted->bytes(), local->cache.bytes());
-
-  // Same state, row for row, before decoding on.
-  {
-    const kvstore::KvLayout& lay = (*plan)->layout;
-    for (int64_t slot = 0; slot < lay.blocks.n_slots(); ++slot) {
-      ASSERT_EQ(adopted->retained_tokens(slot), local->cache.retained_tokens(slot)) << slot;
-      for (int64_t i = 0; i < adopted->retained_tokens(slot); ++i) {
-        ASSERT_EQ(adopted->retained_position(slot, i), local->cache.retained_position(slot, i));
-      }
-    }
-    const int64_t d = lay.head_dim;
-    for (int64_t l = 0; l < lay.n_layers(); ++l) {
-      for (int64_t h = 0; h < lay.n_kv_heads(); ++h) {
-        for (bool distant : {false, true}) {
-          auto a = distant ? adopted->distant(l, h) : adopted->proximal(l, h);
-          auto b = distant ? local->cache.distant(l, h) : local->cache.proximal(l, h);
-          ASSERT_TRUE(a.ok() && b.ok());
-          ASSERT_EQ(a->n_tokens(), b->n_tokens());
-          for (int64_t r = 0; r < a->n_tokens(); ++r) {
-            ASSERT_EQ(std::memcmp(a->k_row(r), b->k_row(r), d * 2), 0)
-                << "K layer " << l << " head " << h << (distant ? " distant" : " proximal") << " row " << r;
-            ASSERT_EQ(std::memcmp(a->v_row(r), b->v_row(r), d * 2), 0)
-                << "V layer " << l << " head " << h << (distant ? " distant" : " proximal") << " row " << r;
-          }
-        }
-      }
-    }
-    for (int64_t r = 0; r < adopted->proximal_tokens(); ++r) {
-      ASSERT_EQ(adopted->proximal_row_position(r), local->cache.proximal_row_position(r)) << r;
-    }
-  }
+  auto adopted = adopt_and_compare(**plan, *manifest, g, local->cache);
+  ASSERT_TRUE(adopted.has_value());
 
   constexpr int kSteps = 8;
   std::vector<std::vector<float>> remote_logits, local_logits;
@@ -315,9 +353,102 @@ void PrefillNodeTest::ship_and_continue(const control::KvPolicySpec& policy,
   EXPECT_EQ(metric(m, "kvgate_prefill_kv_dense_bytes_total"),
             static_cast<double>(manifest->dense_bytes));
   EXPECT_TRUE(fake_->coordinator_inbox().all<control::Error>().empty());
+  EXPECT_EQ(metric(m, "kvgate_prefill_batches_total"), 1);
+  // Overlap: every block but the last layer's left while later layers were
+  // computing — all of them when the grant held the image; with a small
+  // grant, those that fit it, the rest after the Extend.
+  const double overlapped = metric(m, "kvgate_prefill_segments_sent_total", "when=\"overlapped\"");
+  const double after = metric(m, "kvgate_prefill_segments_sent_total", "when=\"after_prefill\"");
+  EXPECT_EQ(overlapped + after, static_cast<double>(manifest->segments.size()));
+  if (grant_bytes == 0) {
+    EXPECT_EQ(overlapped, static_cast<double>(manifest->segments.size() - 1));
+    EXPECT_TRUE(fake_->decode_inbox().all<control::Extend>().empty());
+  } else {
+    uint64_t fit = 0;
+    size_t fitting = 0;
+    for (const auto& seg : manifest->segments) {
+      if (seg.offset_bytes + seg.length_bytes > g.granted_bytes) break;
+      fit = seg.offset_bytes + seg.length_bytes;
+      ++fitting;
+    }
+    ASSERT_GT(fitting, 0u) << "the test's grant holds no segment";
+    ASSERT_LT(fit, covered) << "the test's grant holds the whole image";
+    EXPECT_EQ(overlapped, static_cast<double>(std::min(fitting, manifest->segments.size() - 1)));
+    EXPECT_EQ(fake_->decode_inbox().all<control::Extend>().size(), 1u);
+    EXPECT_EQ(fake_->extends_in_place(), 1);
+    EXPECT_EQ(metric(m, "kvgate_prefill_extends_total", "result=\"granted\""), 1);
+  }
 }
 
 TEST_F(PrefillNodeTest, DenseShipsAndContinuesLikeLocal) { ship_and_continue(spec("dense")); }
+
+TEST_F(PrefillNodeTest, ExtendAfterBlocksShippedGrowsTheTransferInPlace) {
+  // A grant of a third of the image: the first blocks ship during the
+  // prefill, then the node asks for more, the decode side grows the live
+  // receive, and the rest lands in the new pages — the same cache arrives.
+  const int64_t n = static_cast<int64_t>(prompt_.size());
+  const int64_t layer_bytes = 2 * 3 * ((n + kPageTokens - 1) / kPageTokens) * page_bytes_;
+  ship_and_continue(spec("dense"), nullptr, 10 * layer_bytes + page_bytes_);
+}
+
+TEST_F(PrefillNodeTest, QueuedJobsRunAsOneBatchAndEachEqualsItsOwnPrefill) {
+  start(config());
+  node_->set_paused_for_test(true);
+  const engine::LlamaModel& model = *model_->model;
+  std::vector<int32_t> twice = prompt_;
+  twice.insert(twice.end(), prompt_.begin(), prompt_.end());
+  const std::vector<std::vector<int32_t>> prompts = {
+      prompt_, std::vector<int32_t>(prompt_.begin(), prompt_.begin() + 19), twice};
+  const std::vector<control::KvPolicySpec> policies = {
+      spec("dense"),
+      spec("pod", {{"n_sink_tokens", 4}, {"n_window_tokens", 16}, {"pod_group_layers", 3}}),
+      spec("window", {{"n_sink_tokens", 2}, {"n_window_tokens", 8}})};
+  std::vector<FakeCluster::Grant> grants;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    grants.push_back(fake_->reserve(RequestId(91 + i), int64_t{4} << 20));
+    control::PrefillJob j = job(91 + i, policies[i], grants.back());
+    j.prompt_token_ids = prompts[i];
+    fake_->send_to_node(j);
+  }
+  ASSERT_TRUE(fake_->wait_until(
+      [&] { return metric(node_->metrics_text(), "kvgate_prefill_jobs_queued_total") == 3; }, 10s));
+  node_->set_paused_for_test(false);
+  ASSERT_TRUE(fake_->wait_until(
+      [&] { return metric(node_->metrics_text(), "kvgate_prefill_jobs_done_total") == 3; }, 60s));
+  const std::string m = node_->metrics_text();
+  EXPECT_EQ(metric(m, "kvgate_prefill_batches_total"), 1);  // one pass for all three
+  EXPECT_EQ(metric(m, "kvgate_prefill_batch_jobs_sum"), 3);
+  EXPECT_TRUE(fake_->coordinator_inbox().all<control::Error>().empty());
+
+  engine::ForwardOptions fo;
+  fo.n_threads = 2;
+  engine::CpuForward fwd(model, fo);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SCOPED_TRACE("job " + std::to_string(91 + i) + " (" + policies[i].name + ")");
+    auto manifest = manifest_of(91 + i);
+    ASSERT_TRUE(manifest.has_value());
+    std::optional<transport::TransferEvent> received;
+    ASSERT_TRUE(fake_->wait_until(
+        [&] { return (received = fake_->receive_event(grants[i].lease)).has_value(); }));
+    ASSERT_TRUE(received->status.ok()) << received->status.to_string();
+    auto cfg = engine::kv_policy_from_spec(manifest->kv_policy, nullptr);
+    ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+    auto plan = engine::plan_kv_policy(model.config(), *cfg);
+    ASSERT_TRUE(plan.ok());
+    const auto n = static_cast<int64_t>(prompts[i].size());
+    auto pool = kvstore::PagePool::create(
+                    page_bytes_, *engine::compressed_pool_bytes((*plan)->layout, n, page_bytes_))
+                    .value();
+    std::vector<float> logits(static_cast<size_t>(model.config().n_vocab));
+    auto local = engine::prefill_compressed(fwd, *plan, prompts[i], pool.get(), logits);
+    ASSERT_TRUE(local.ok()) << local.status().to_string();
+    EXPECT_EQ(manifest->prompt_tokens, static_cast<uint32_t>(n));
+    EXPECT_EQ(manifest->first_token_id, engine::argmax(logits));
+    EXPECT_EQ(manifest->actual_bytes, static_cast<uint64_t>(local->cache.bytes()));
+    EXPECT_DOUBLE_EQ(manifest->keep_rate, engine::cache_keep_rate(local->cache));
+    EXPECT_TRUE(adopt_and_compare(**plan, *manifest, grants[i], local->cache).has_value());
+  }
+}
 
 TEST_F(PrefillNodeTest, PodShipsAndContinuesLikeLocal) {
   // A small window so most prompt tokens are distant: shared base keys.

@@ -200,6 +200,7 @@ class FakeCluster {
   };
   // A lease of `bytes` with its pages taken and a receive posted over them.
   Grant reserve(RequestId request, int64_t bytes) {
+    std::lock_guard lock(decode_mu_);
     Grant g;
     auto lease = leases_->grant(request, bytes, std::chrono::seconds(120), Clock::now());
     EXPECT_TRUE(lease.ok()) << lease.status().to_string();
@@ -222,7 +223,49 @@ class FakeCluster {
   }
 
   // Polls the decode transport once; receive events are kept.
-  void pump() { decode_transport_->progress(events_); }
+  void pump() {
+    std::lock_guard lock(decode_mu_);
+    decode_transport_->progress(events_);
+  }
+
+  // What a decode node does on Extend (decode/decode_engine.cpp): grows the
+  // lease and its live receive in place, answering with the new grant.
+  // Runs on the io thread (an extend answer); the decode side's lock keeps
+  // it off the test thread's pump().
+  control::ExtendResult extend_in_place(const control::Extend& e) {
+    std::lock_guard lock(decode_mu_);
+    control::ExtendResult r;
+    r.request_id = e.request_id;
+    r.lease_id = e.lease_id;
+    auto grown = leases_->extend(e.lease_id, static_cast<int64_t>(e.extra_bytes), Clock::now());
+    if (!grown.ok()) {
+      r.code = grown.status().code();
+      r.message = grown.status().message();
+      return r;
+    }
+    auto more = leases_->take_pages(e.lease_id, leases_->pages_left(e.lease_id));
+    EXPECT_TRUE(more.ok()) << more.status().to_string();
+    std::vector<transport::DestRange> ranges;
+    for (kvstore::PageId p : *more) {
+      ranges.push_back({static_cast<uint64_t>(p.value) * pool_->page_bytes(),
+                        static_cast<uint64_t>(pool_->page_bytes())});
+    }
+    auto grant = decode_transport_->extend_receive(transport::TransferId(e.lease_id.value()), ranges);
+    if (!grant.ok()) {
+      r.code = grant.status().code();
+      r.message = grant.status().message();
+      return r;
+    }
+    ++extends_in_place_;
+    r.granted_bytes = static_cast<uint64_t>(*grown);
+    r.expires_in = std::chrono::seconds(60);
+    r.pool_descriptor = *grant;
+    return r;
+  }
+  int extends_in_place() const {
+    std::lock_guard lock(decode_mu_);
+    return extends_in_place_;
+  }
   std::optional<transport::TransferEvent> receive_event(LeaseId lease) const {
     for (const auto& e : events_) {
       if (e.side == transport::TransferSide::kReceive && e.id.value() == lease.value()) return e;
@@ -267,6 +310,10 @@ class FakeCluster {
   std::unique_ptr<transport::Transport> decode_transport_;
   control::Bytes decode_address_;
   std::vector<transport::TransferEvent> events_;
+  // The decode side (transport, leases): the test thread, or the io thread
+  // in extend_in_place().
+  mutable std::mutex decode_mu_;
+  int extends_in_place_ = 0;
 };
 
 }  // namespace kvgate::prefill::testing
