@@ -186,7 +186,6 @@ void DecodeEngine::loop() {
     // lease is a Release{expired} (re-placed), not a transfer error.
     expire_leases(Clock::now());
     events_.clear();
-    events_.swap(deferred_events_);
     transport_->progress(events_);
     for (const auto& ev : events_) on_transfer_event(ev);
     step();

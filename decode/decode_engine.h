@@ -206,7 +206,6 @@ class DecodeEngine {
   uint64_t steps_ = 0;
   uint64_t iterations_ = 0;
   std::vector<transport::TransferEvent> events_;
-  std::vector<transport::TransferEvent> deferred_events_;  // met outside the loop's progress()
   std::vector<float> logits_;
   std::vector<Status> step_status_;
   std::vector<engine::DecodeItem> step_items_;

@@ -45,7 +45,6 @@ struct DecodeEngine::Request {
   control::ConnectionPtr coordinator;    // Reserve came on it: grants, commits, tokens
   control::ConnectionPtr prefill;        // manifest / Extend came on it: results
   transport::TransferId transfer;        // the posted receive (none when not posted)
-  int transfer_posts = 0;
   Clock::time_point deadline{};          // the lease's and the receive's
   bool received = false;                 // the receive verified
   uint64_t received_bytes = 0;
