@@ -95,8 +95,7 @@ struct PolicyResult {
 Result<PolicyResult> measure(const engine::LlamaModel& model, const std::string& model_path,
                              const std::string& policy_name, std::span<const int32_t> prompt,
                              int64_t max_new, int64_t pool_bytes, int64_t page_tokens,
-                             int threads) {
-  KvConfig kv;
+                             int threads, KvConfig kv) {
   auto choice = [&]() -> Result<KvPolicyChoice> {
     static const std::pair<const char*, KvPolicyChoice> kNames[] = {
         {"dense", KvPolicyChoice::kDense},   {"window", KvPolicyChoice::kWindow},
@@ -222,6 +221,12 @@ int run_bench_capacity(const std::vector<std::string>& args) {
   p.add_option("page-tokens", "N", "tokens per KV page (decode.page_tokens)", "16");
   p.add_option("threads", "N", "CPU threads for the prefills; 0 = all cores", "0");
   p.add_option("text-dir", "DIR", "prompt text (default: eval-data/eval)");
+  p.add_option("config", "FILE",
+               "take the kv section (sinks, window, gate file, threshold offset, budget...) from "
+               "this cluster config, as its nodes would (default: the kv defaults)");
+  p.add_option("gate-threshold-offset", "X",
+               "gate, gate+pod: added to every calibrated threshold (default: the config's "
+               "kv.gate_threshold_offset)");
   p.add_flag("json", "print JSON");
   if (Status s = p.parse(args); !s.ok()) {
     print_error(s.message());
@@ -242,6 +247,23 @@ int run_bench_capacity(const std::vector<std::string>& args) {
       print_error(s.message());
       return 2;
     }
+  }
+  KvConfig kv;
+  if (p.has("config")) {
+    auto cfg = load_config_file(p.get("config"));
+    if (!cfg.ok()) {
+      print_error(cfg.status().message());
+      return 1;
+    }
+    kv = cfg->base.kv;
+  }
+  if (p.has("gate-threshold-offset")) {
+    auto off = p.get_double("gate-threshold-offset", -1e6, 1e6);
+    if (!off.ok()) {
+      print_error(off.status().message());
+      return 2;
+    }
+    kv.gate_threshold_offset = *off;
   }
   const std::string model_path = p.get("model");
   auto model = engine::LlamaModel::load(model_path);
@@ -273,7 +295,7 @@ int run_bench_capacity(const std::vector<std::string>& args) {
   std::string name;
   while (std::getline(policies, name, ',')) {
     auto r = measure(**model, model_path, name, ids, *max_new, *pool_bytes, *page_tokens,
-                     static_cast<int>(*threads));
+                     static_cast<int>(*threads), kv);
     if (!r.ok()) {
       print_error(name + ": " + r.status().message());
       return 1;
@@ -283,7 +305,8 @@ int run_bench_capacity(const std::vector<std::string>& args) {
   const double base = results.empty() || results[0].held == 0 ? 0.0 : results[0].held;
   json j = {{"model", model_path},         {"prompt_tokens", *prompt_tokens},
             {"max_new_tokens", *max_new},  {"pool_bytes", *pool_bytes},
-            {"page_tokens", *page_tokens}, {"policies", json::array()}};
+            {"page_tokens", *page_tokens}, {"gate_threshold_offset", kv.gate_threshold_offset},
+            {"policies", json::array()}};
   for (const auto& r : results) {
     j["policies"].push_back({{"policy", r.policy},
                              {"requests_held", r.held},

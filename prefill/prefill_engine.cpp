@@ -304,14 +304,17 @@ void PrefillEngine::ship_ready(JobRun& run) {
     const control::TransferSegment& seg = run.segments[run.sent];
     // Past the grant: held until the Extend after the prefill.
     if (seg.offset_bytes + seg.length_bytes > run.granted) return;
+    // A job without a deadline gives no bound for a transfer that spans the
+    // rest of the prefill: it ships after the prefill, under
+    // transport.transfer_deadline from its start.
+    if (!run.begun && in_prefill_ && run.job->deadline == Clock::time_point::max()) return;
     if (!run.begun) {
       run.transfer_start = Clock::now();
       // Started during the prefill, the transfer lasts as long as the rest
       // of it: bounded by the job's deadline (which the coordinator sized
       // for the prefill); started after it, by transport.transfer_deadline.
-      run.transfer_deadline = run.job->deadline != Clock::time_point::max()
-                                  ? run.job->deadline
-                                  : run.transfer_start + settings_.transfer_deadline;
+      run.transfer_deadline = std::min(run.job->deadline, run.transfer_start + settings_.transfer_deadline);
+      if (in_prefill_) run.transfer_deadline = run.job->deadline;
       if (Status s = transport_.begin_send(run.peer, run.transfer, run.grant, run.transfer_deadline);
           !s.ok()) {
         run.cause = JobFailure::kTransfer;
