@@ -149,6 +149,9 @@ int run_bench(const std::vector<std::string>& args) {
   if (!args.empty() && args[0] == "capacity") {
     return run_bench_capacity(std::vector<std::string>(args.begin() + 1, args.end()));
   }
+  if (!args.empty() && args[0] == "prefill") {
+    return run_bench_prefill(std::vector<std::string>(args.begin() + 1, args.end()));
+  }
   if (args.empty() || args[0] != "engine") {
     if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
       std::puts("usage: kvgate bench engine|load [options]\n\nBenchmarks. 'engine': prefill and decode "

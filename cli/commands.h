@@ -12,6 +12,7 @@ int run_tokenize(const std::vector<std::string>& args);
 int run_bench(const std::vector<std::string>& args);
 int run_bench_load(const std::vector<std::string>& args);      // `kvgate bench load`
 int run_bench_capacity(const std::vector<std::string>& args);  // `kvgate bench capacity`
+int run_bench_prefill(const std::vector<std::string>& args);   // `kvgate bench prefill`
 int run_eval(const std::vector<std::string>& args);
 int run_config(const std::vector<std::string>& args);
 int run_calibrate(const std::vector<std::string>& args);
