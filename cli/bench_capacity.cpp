@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cli/args.h"
+#include "cli/bench_common.h"
 #include "cli/commands.h"
 #include "cli/model_loading.h"
 #include "coordinator/footprint_predictor.h"
@@ -55,20 +56,7 @@ using nlohmann::json;
 // scripts/fetch-eval-data.sh; text no calibration saw), else of a built-in
 // paragraph repeated.
 std::string prompt_text(const std::string& dir) {
-  std::error_code ec;
-  std::vector<std::filesystem::path> files;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
-    if (e.is_regular_file()) files.push_back(e.path());
-  }
-  std::sort(files.begin(), files.end());
-  std::string text;
-  for (const auto& f : files) {
-    std::ifstream in(f);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    text += ss.str();
-    if (text.size() > 400000) break;
-  }
+  std::string text = read_text_files(dir, 400000);
   if (!text.empty()) return text;
   std::string s;
   for (int i = 0; i < 400; ++i) {
@@ -96,17 +84,7 @@ Result<PolicyResult> measure(const engine::LlamaModel& model, const std::string&
                              const std::string& policy_name, std::span<const int32_t> prompt,
                              int64_t max_new, int64_t pool_bytes, int64_t page_tokens,
                              int threads, KvConfig kv) {
-  auto choice = [&]() -> Result<KvPolicyChoice> {
-    static const std::pair<const char*, KvPolicyChoice> kNames[] = {
-        {"dense", KvPolicyChoice::kDense},   {"window", KvPolicyChoice::kWindow},
-        {"pod", KvPolicyChoice::kPod},       {"h2o", KvPolicyChoice::kH2o},
-        {"snapkv", KvPolicyChoice::kSnapKv}, {"gate", KvPolicyChoice::kGate},
-        {"gate+pod", KvPolicyChoice::kGatePod}};
-    for (const auto& [n, c] : kNames) {
-      if (policy_name == n) return c;
-    }
-    return invalid_argument("unknown policy '" + policy_name + "'");
-  }();
+  auto choice = policy_choice_by_name(policy_name);
   if (!choice.ok()) return choice.status();
   kv.policy = *choice;
   auto policy = engine::kv_policy_from_config(kv, model_path, model);

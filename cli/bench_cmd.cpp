@@ -154,14 +154,16 @@ int run_bench(const std::vector<std::string>& args) {
   }
   if (args.empty() || args[0] != "engine") {
     if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
-      std::puts("usage: kvgate bench engine|load [options]\n\nBenchmarks. 'engine': prefill and decode "
-                "tokens/s of the CPU engine vs llama.cpp.\n'load': TTFT / inter-token latency / "
-                "throughput of a running kvgate API under concurrent requests.\n'capacity': concurrent long "
-                "requests one decode pool holds per policy.\nRun 'kvgate bench "
-                "engine --help' or 'kvgate bench load --help' for options.");
+      std::puts("usage: kvgate bench engine|load|capacity|prefill [options]\n\nBenchmarks. 'engine': "
+                "prefill and decode tokens/s of the CPU engine vs llama.cpp.\n'load': TTFT / "
+                "inter-token latency / throughput of a running kvgate API under concurrent "
+                "requests.\n'capacity': concurrent long requests one decode pool holds per "
+                "policy.\n'prefill': the prefill node's batched pass vs one prompt at a time, and "
+                "per-block shipping vs shipping after the prefill.\nRun 'kvgate bench NAME --help' "
+                "for options.");
       return 0;
     }
-    print_error("unknown benchmark (available: engine, load, capacity; see 'kvgate bench --help')");
+    print_error("unknown benchmark (available: engine, load, capacity, prefill; see 'kvgate bench --help')");
     return 2;
   }
   ArgParser p("kvgate bench engine",

@@ -68,6 +68,7 @@
 #include <vector>
 
 #include "cli/args.h"
+#include "cli/bench_common.h"
 #include "cli/commands.h"
 #include "cli/model_loading.h"
 #include "common/crc32c.h"
@@ -111,34 +112,10 @@ std::string load_average() {
   return s;
 }
 
-// The text files of `dir` in name order, concatenated until `min_chars`;
-// empty when there are none.
-std::string read_text(const std::string& dir, size_t min_chars) {
-  std::error_code ec;
-  std::vector<std::filesystem::path> files;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
-    if (e.is_regular_file()) files.push_back(e.path());
-  }
-  std::sort(files.begin(), files.end());
-  std::string text;
-  for (const auto& f : files) {
-    std::ifstream in(f);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    text += ss.str();
-    if (text.size() >= min_chars) break;
-  }
-  return text;
-}
-
 Result<KvPolicyChoice> policy_choice(const std::string& name) {
-  for (KvPolicyChoice c :
-       {KvPolicyChoice::kDense, KvPolicyChoice::kWindow, KvPolicyChoice::kPod, KvPolicyChoice::kH2o,
-        KvPolicyChoice::kSnapKv, KvPolicyChoice::kGate, KvPolicyChoice::kGatePod}) {
-    if (name == kv_policy_config_name(c)) return c;
-  }
-  return invalid_argument("--policy: unknown policy '" + name +
-                          "' (dense, window, pod, h2o, snapkv, gate, gate+pod)");
+  auto c = policy_choice_by_name(name);
+  if (!c.ok()) return invalid_argument("--policy: " + c.status().message());
+  return c;
 }
 
 Result<std::vector<int64_t>> parse_sizes(const std::string& list) {
@@ -693,7 +670,7 @@ int run_bench_prefill(const std::vector<std::string>& args) {
   const int64_t need = std::max(*n_prompts * *prompt_tokens, *overlap_tokens);
   const std::string dir =
       p.has("text-dir") ? p.get("text-dir") : std::string(KVGATE_SOURCE_DIR) + "/eval-data/eval";
-  const std::string text = read_text(dir, static_cast<size_t>(need) * 8 + 4096);
+  const std::string text = read_text_files(dir, static_cast<size_t>(need) * 8 + 4096);
   const std::vector<int32_t> ids = loaded->tokenizer->encode(text, false, false);
   if (static_cast<int64_t>(ids.size()) < need) {
     print_error("the text in " + dir + " has " + std::to_string(ids.size()) + " tokens; " +
