@@ -141,63 +141,61 @@ void GatePrefill::compute_gate_slot(int64_t g, const GateDecision& decision,
   std::vector<int32_t> context;
   context.reserve(static_cast<size_t>(t_end));
   std::vector<float> scratch;
-  {
-    const float threshold = gate_.slots[g].threshold + static_cast<float>(decision.threshold_offset);
-    if (!attention) {
-      for (int64_t t = 0; t < t_end; ++t) {
-        gate_logits[t] = proj_[t * n_gate_slots + g];
-        gate_flags[t] = gate_logits[t] >= threshold ? 1 : 0;
-      }
-    } else {
-      const int64_t width = 3 * dim;
-      for (int64_t t = 0; t < t_end; ++t) {
-        const float* p = proj_.data() + (t * n_gate_slots + g) * width;
-        for (int64_t e = 0; e < row; ++e) {
-          kv16[t * row + e] = fp32_to_fp16(p[dim + e]);
-          kv32[t * row + e] = fp16_to_fp32(kv16[t * row + e]);
-        }
-      }
-      // Retained distant tokens, in position order, as the cache holds them.
-      std::vector<int32_t> retained;
-      for (int64_t t = 0; t < t_end; ++t) {
-        // At length t + 1 the distant range is [n_sink, t + 1 - window): the
-        // token entering it now is t - window (if it is not a sink), and
-        // its flag applies (decode: begin_append of token t).
-        const int64_t leaving = t - window;
-        if (leaving >= n_sink && gate_flags[leaving]) retained.push_back(static_cast<int32_t>(leaving));
-        context.clear();
-        for (int64_t i = 0; i < std::min(n_sink, t + 1); ++i) context.push_back(static_cast<int32_t>(i));
-        context.insert(context.end(), retained.begin(), retained.end());
-        for (int64_t i = std::max(n_sink, t + 1 - window); i <= t; ++i) {
-          context.push_back(static_cast<int32_t>(i));
-        }
-        const float* q = proj_.data() + (t * n_gate_slots + g) * width;
-        gate_logits[t] = gate_attention_logit(
-            gate_, g, q, static_cast<int64_t>(context.size()),
-            [&](int64_t c) -> const float* { return kv32.data() + context[c] * row; }, scratch);
-        gate_flags[t] = gate_logits[t] >= threshold ? 1 : 0;
+  const float threshold = gate_.slots[g].threshold + static_cast<float>(decision.threshold_offset);
+  if (!attention) {
+    for (int64_t t = 0; t < t_end; ++t) {
+      gate_logits[t] = proj_[t * n_gate_slots + g];
+      gate_flags[t] = gate_logits[t] >= threshold ? 1 : 0;
+    }
+  } else {
+    const int64_t width = 3 * dim;
+    for (int64_t t = 0; t < t_end; ++t) {
+      const float* p = proj_.data() + (t * n_gate_slots + g) * width;
+      for (int64_t e = 0; e < row; ++e) {
+        kv16[t * row + e] = fp32_to_fp16(p[dim + e]);
+        kv32[t * row + e] = fp16_to_fp32(kv16[t * row + e]);
       }
     }
-    if (decision.retained_budget_tokens > 0) {
-      // Budget: the prompt's highest logits among non-sink tokens, at most
-      // the budget; tokens generated later are not retained (see header).
-      std::fill(gate_flags.begin(), gate_flags.end(), 0);
-      std::vector<int32_t> order;
-      for (int64_t t = n_sink; t < t_end; ++t) order.push_back(static_cast<int32_t>(t));
-      const auto k = std::min<int64_t>(decision.retained_budget_tokens, static_cast<int64_t>(order.size()));
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int32_t a, int32_t b) { return gate_logits[a] > gate_logits[b]; });
-      for (int64_t i = 0; i < k; ++i) gate_flags[order[i]] = 1;
+    // Retained distant tokens, in position order, as the cache holds them.
+    std::vector<int32_t> retained;
+    for (int64_t t = 0; t < t_end; ++t) {
+      // At length t + 1 the distant range is [n_sink, t + 1 - window): the
+      // token entering it now is t - window (if it is not a sink), and
+      // its flag applies (decode: begin_append of token t).
+      const int64_t leaving = t - window;
+      if (leaving >= n_sink && gate_flags[leaving]) retained.push_back(static_cast<int32_t>(leaving));
+      context.clear();
+      for (int64_t i = 0; i < std::min(n_sink, t + 1); ++i) context.push_back(static_cast<int32_t>(i));
+      context.insert(context.end(), retained.begin(), retained.end());
+      for (int64_t i = std::max(n_sink, t + 1 - window); i <= t; ++i) {
+        context.push_back(static_cast<int32_t>(i));
+      }
+      const float* q = proj_.data() + (t * n_gate_slots + g) * width;
+      gate_logits[t] = gate_attention_logit(
+          gate_, g, q, static_cast<int64_t>(context.size()),
+          [&](int64_t c) -> const float* { return kv32.data() + context[c] * row; }, scratch);
+      gate_flags[t] = gate_logits[t] >= threshold ? 1 : 0;
     }
-    for (int64_t s = 0; s < n_slots; ++s) {
-      if (gate_slot_[s] != g) continue;
-      for (int64_t t = 0; t < t_end; ++t) {
-        flags[s * t_end + t] = gate_flags[t];
-        logits_[s * t_end + t] = gate_logits[t];
-        if (attention) {
-          std::copy(kv16.data() + t * row, kv16.data() + (t + 1) * row,
-                    gate_rows.data() + (t * n_slots + s) * row);
-        }
+  }
+  if (decision.retained_budget_tokens > 0) {
+    // Budget: the prompt's highest logits among non-sink tokens, at most
+    // the budget; tokens generated later are not retained (see header).
+    std::fill(gate_flags.begin(), gate_flags.end(), 0);
+    std::vector<int32_t> order;
+    for (int64_t t = n_sink; t < t_end; ++t) order.push_back(static_cast<int32_t>(t));
+    const auto k = std::min<int64_t>(decision.retained_budget_tokens, static_cast<int64_t>(order.size()));
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int32_t a, int32_t b) { return gate_logits[a] > gate_logits[b]; });
+    for (int64_t i = 0; i < k; ++i) gate_flags[order[i]] = 1;
+  }
+  for (int64_t s = 0; s < n_slots; ++s) {
+    if (gate_slot_[s] != g) continue;
+    for (int64_t t = 0; t < t_end; ++t) {
+      flags[s * t_end + t] = gate_flags[t];
+      logits_[s * t_end + t] = gate_logits[t];
+      if (attention) {
+        std::copy(kv16.data() + t * row, kv16.data() + (t + 1) * row,
+                  gate_rows.data() + (t * n_slots + s) * row);
       }
     }
   }
