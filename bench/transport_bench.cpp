@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -221,8 +222,16 @@ const char* op_name(UcxOp op) {
   return "?";
 }
 
+double median(std::vector<double> v) {
+  if (v.empty()) return -1;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 int main(int argc, char** argv) {
   size_t total = size_t{512} << 20;
+  int rounds = 1;
   bool run_perftest = true;
   Knobs knobs;
   std::vector<std::string> tls_names = {"tcp", "shm"};
@@ -232,7 +241,8 @@ int main(int argc, char** argv) {
   auto usage = [&] {
     std::fprintf(stderr,
                  "usage: %s [--bytes-per-point N] [--no-perftest] [--quick] [--tls tcp,shm]\n"
-                 "          [--ops am,tag,put,auto] [--sizes-mib 1,4,16,64,256] [--window N] [--segments N]\n",
+                 "          [--ops am,tag,put,auto] [--sizes-mib 1,4,16,64,256] [--window N] [--segments N]\n"
+                 "          [--rounds N]\n",
                  argv[0]);
     return 2;
   };
@@ -245,6 +255,7 @@ int main(int argc, char** argv) {
     else if (a == "--tls" && has) tls_names = split(argv[++i]);
     else if (a == "--window" && has) knobs.window = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--segments" && has) knobs.segments = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--rounds" && has) rounds = std::max(1, std::atoi(argv[++i]));
     else if (a == "--sizes-mib" && has) {
       sizes.clear();
       for (const auto& v : split(argv[++i])) sizes.push_back(std::strtoull(v.c_str(), nullptr, 10) << 20);
@@ -279,33 +290,61 @@ int main(int argc, char** argv) {
     std::printf("# window %s, segments per transfer %zu, bytes per point %zu\n",
                 knobs.window ? std::to_string(knobs.window).c_str() : "by size", knobs.segments, total);
   }
+  // With --rounds N, each point is N rounds of [ucx_perftest, then kvgate
+  // per op], interleaved so a burst of load hits both; the line gives the
+  // medians (ratio: median of the per-round ratios) and the ratios' range.
+  std::printf("# rounds %d (medians; ratio range in brackets)\n", rounds);
   std::printf("%-4s %-8s %-4s %10s %14s %8s\n", "tls", "size", "op", "GB/s", "perftest best", "ratio");
   int port = 13400 + static_cast<int>(getpid() % 500);
   for (const auto& tls : tlss) {
     for (size_t size : sizes) {
-      double pt = -1;
-      if (run_perftest) {
-        // The peer's best operation at this size (put over tcp collapses,
-        // STACK.md, so its bytes are capped as for kvgate's put below).
-        progress_msg("ucx_perftest tag_bw/put_bw " + std::string(tls.name) + " " + std::to_string(size) + " B");
-        const size_t put_bytes = tls.name == std::string("tcp") ? total / 8 : total;
-        pt = std::max(perftest(tls, "tag_bw", size, total, port), perftest(tls, "put_bw", size, put_bytes, port + 1));
-        port += 2;
-      }
-      for (UcxOp op : ops) {
-        const char* opn = op_name(op);
-        progress_msg(std::string("kvgate ") + tls.name + " " + opn + " " + std::to_string(size) + " B");
-        // Put over tcp collapses at large sizes (STACK.md): cap its bytes.
-        const size_t bytes = (op == UcxOp::kPut && tls.name == std::string("tcp")) ? total / 8 : total;
-        Point p = run_point(tls, op, size, bytes, knobs);
-        const std::string size_s = size >= (1 << 20) ? std::to_string(size >> 20) + "MiB" : std::to_string(size >> 10) + "KiB";
-        if (!p.ok) {
-          std::printf("%-4s %-8s %-4s %10s %14s %8s   (%s)\n", tls.name, size_s.c_str(), opn, "error",
-                      pt > 0 ? fmt(pt).c_str() : "-", "-", p.error.c_str());
-        } else {
-          std::printf("%-4s %-8s %-4s %10s %14s %8s\n", tls.name, size_s.c_str(), opn, fmt(p.gbps).c_str(),
-                      pt > 0 ? fmt(pt).c_str() : "-", pt > 0 ? fmt(p.gbps / pt).c_str() : "-");
+      std::vector<double> pts;
+      std::vector<std::vector<double>> gbps(ops.size()), ratios(ops.size());
+      std::vector<std::string> errors(ops.size());
+      for (int round = 0; round < rounds; ++round) {
+        double pt = -1;
+        if (run_perftest) {
+          // The peer's best operation at this size (put over tcp collapses,
+          // STACK.md, so its bytes are capped as for kvgate's put below).
+          progress_msg("ucx_perftest tag_bw/put_bw " + std::string(tls.name) + " " +
+                       std::to_string(size) + " B");
+          const size_t put_bytes = tls.name == std::string("tcp") ? total / 8 : total;
+          pt = std::max(perftest(tls, "tag_bw", size, total, port),
+                        perftest(tls, "put_bw", size, put_bytes, port + 1));
+          port += 2;
+          if (pt > 0) pts.push_back(pt);
         }
+        for (size_t o = 0; o < ops.size(); ++o) {
+          const UcxOp op = ops[o];
+          progress_msg(std::string("kvgate ") + tls.name + " " + op_name(op) + " " + std::to_string(size) + " B");
+          // Put over tcp collapses at large sizes (STACK.md): cap its bytes.
+          const size_t bytes = (op == UcxOp::kPut && tls.name == std::string("tcp")) ? total / 8 : total;
+          Point p = run_point(tls, op, size, bytes, knobs);
+          if (!p.ok) {
+            errors[o] = p.error;
+            continue;
+          }
+          gbps[o].push_back(p.gbps);
+          if (pt > 0) ratios[o].push_back(p.gbps / pt);
+        }
+      }
+      const std::string size_s = size >= (1 << 20) ? std::to_string(size >> 20) + "MiB" : std::to_string(size >> 10) + "KiB";
+      const double pt = median(pts);
+      for (size_t o = 0; o < ops.size(); ++o) {
+        const char* opn = op_name(ops[o]);
+        if (gbps[o].empty()) {
+          std::printf("%-4s %-8s %-4s %10s %14s %8s   (%s)\n", tls.name, size_s.c_str(), opn, "error",
+                      pt > 0 ? fmt(pt).c_str() : "-", "-", errors[o].c_str());
+          continue;
+        }
+        std::string range;
+        if (ratios[o].size() > 1) {
+          range = "  [" + fmt(*std::min_element(ratios[o].begin(), ratios[o].end())) + ", " +
+                  fmt(*std::max_element(ratios[o].begin(), ratios[o].end())) + "]";
+        }
+        std::printf("%-4s %-8s %-4s %10s %14s %8s%s\n", tls.name, size_s.c_str(), opn,
+                    fmt(median(gbps[o])).c_str(), pt > 0 ? fmt(pt).c_str() : "-",
+                    ratios[o].empty() ? "-" : fmt(median(ratios[o])).c_str(), range.c_str());
         std::fflush(stdout);
       }
     }
