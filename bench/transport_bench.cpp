@@ -7,15 +7,18 @@
 //       [--tls tcp,shm] [--ops am,tag,put,auto] [--sizes-mib 1,4,16,64,256]
 //       [--window N] [--segments N]
 //
-// Each point: a receiver (this thread) keeps `window` transfers posted in a
+// Each point: a receiver (this process) keeps `window` transfers posted in a
 // registered region (default by size: 32 up to 64 KiB, 8 up to 1 MiB, else
-// 2, as the decode node), a sender (a second thread, owning its Transport)
-// ships each as `segments` segments (default 1) from a prepared buffer;
+// 2, as the decode node), a sender (a child process, as a prefill node is
+// another process — UCX uses shared memory only between processes) ships
+// each as `segments` segments (default 1) from a prepared buffer;
 // bandwidth is payload bytes / wall time from the first post to the last
 // verified completion (CRC32C on both sides included). Progress goes to
 // stderr. Noise: on a shared 2-core machine any other busy process halves
 // both figures unevenly; without the perftest runs first the machine is
 // also measurably slower (use --no-perftest only for relative checks).
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -58,6 +61,101 @@ struct Knobs {
   size_t segments = 1;  // segments per transfer, all in flight together
 };
 
+// The pipe between the receiver (this process) and the sender (a child):
+// length-prefixed blobs, the receiver's address first, then one grant per
+// transfer (u64 id, then the grant); end of file = no more transfers.
+bool write_all(int fd, const void* p, size_t n) {
+  const auto* c = static_cast<const char*>(p);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, c, n);
+    if (w <= 0) return false;
+    c += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+bool write_blob(int fd, uint64_t id, const Bytes& b) {
+  const uint64_t len = b.size();
+  return write_all(fd, &id, 8) && write_all(fd, &len, 8) && write_all(fd, b.data(), b.size());
+}
+
+// Takes complete blobs off the front of `buf`.
+bool next_blob(std::vector<char>& buf, uint64_t& id, Bytes& out) {
+  if (buf.size() < 16) return false;
+  uint64_t len = 0;
+  std::memcpy(&id, buf.data(), 8);
+  std::memcpy(&len, buf.data() + 8, 8);
+  if (buf.size() < 16 + len) return false;
+  out.assign(reinterpret_cast<const std::byte*>(buf.data() + 16),
+             reinterpret_cast<const std::byte*>(buf.data() + 16 + len));
+  buf.erase(buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(16 + len));
+  return true;
+}
+
+// The sender process: connects to the address, ships every granted
+// transfer as `nseg` segments from a prepared buffer, progresses until the
+// pipe closes and its transfers ended. Exit 0, or 3 after a failure.
+[[noreturn]] void sender_main(int fd, const TransportConfig& c, size_t size, size_t seg_bytes) {
+  std::vector<std::byte> src(size);
+  for (size_t i = 0; i < size; ++i) src[i] = std::byte(static_cast<uint8_t>(i * 131 + 7));
+  std::vector<char> buf;
+  char chunk[65536];
+  bool eof = false;
+  auto pump_pipe = [&](bool block) {
+    if (eof) return;
+    const ssize_t r = ::read(fd, chunk, sizeof chunk);
+    if (r > 0) buf.insert(buf.end(), chunk, chunk + r);
+    else if (r == 0) eof = true;
+    else if (block) std::this_thread::yield();
+  };
+  uint64_t id = 0;
+  Bytes address;
+  while (!next_blob(buf, id, address)) {
+    pump_pipe(true);
+    if (eof) _exit(3);
+  }
+  int flags = fcntl(fd, F_GETFL);
+  fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+  TransportOptions so;
+  so.cluster_token = "bench";
+  int code = 0;
+  {
+    auto s = create_transport(c, so);
+    if (!s.ok()) _exit(3);
+    auto peer = (*s)->connect(address);
+    if (!peer.ok()) _exit(3);
+    std::vector<TransferEvent> ev;
+    size_t in_flight = 0;
+    Bytes grant;
+    while (!eof || in_flight > 0) {
+      pump_pipe(false);
+      while (next_blob(buf, id, grant)) {
+        Status st = (*s)->begin_send(*peer, TransferId(id), grant, Clock::now() + std::chrono::seconds(60));
+        for (size_t k = 0; st.ok() && k * seg_bytes < size; ++k) {
+          const size_t off = k * seg_bytes;
+          st = (*s)->send_segment(*peer, TransferId(id), static_cast<uint32_t>(k), src.data() + off,
+                                  std::min(seg_bytes, size - off), off);
+        }
+        if (st.ok()) st = (*s)->finish(*peer, TransferId(id));
+        if (!st.ok()) code = 3;
+        ++in_flight;
+      }
+      ev.clear();
+      (*s)->progress(ev);
+      for (auto& e : ev) {
+        if (!e.status.ok()) code = 3;
+        if (in_flight > 0) --in_flight;
+      }
+    }
+    // Destroyed here while the receiver still progresses (it waits for us).
+  }
+  _exit(code);
+}
+
+// Receiver in this process, sender in a child (a real second process, as a
+// prefill and a decode node are: UCX picks shared memory between
+// processes, but not between two workers of one process).
 Point run_point(const Tls& tls, UcxOp op, size_t size, size_t total_bytes, const Knobs& knobs) {
   const size_t window = knobs.window ? knobs.window : size <= (64 << 10) ? 32 : size <= (1 << 20) ? 8 : 2;
   const size_t nseg = std::max<size_t>(1, std::min(knobs.segments, size));
@@ -68,94 +166,81 @@ Point run_point(const Tls& tls, UcxOp op, size_t size, size_t total_bytes, const
   c.ucx_op = op;
   c.ucx_tls = tls.tls;
   c.ucx_net_devices = {"lo"};
+  int fds[2];
+  if (::pipe(fds) != 0) return {0, false, "pipe failed"};
+  std::fflush(nullptr);
+  const pid_t child = ::fork();
+  if (child < 0) return {0, false, "fork failed"};
+  if (child == 0) {
+    ::close(fds[1]);
+    sender_main(fds[0], c, size, seg_bytes);
+  }
+  ::close(fds[0]);
+  const int out = fds[1];
+
   std::vector<std::byte> region(window * size);
-  std::vector<std::byte> src(size);
-  for (size_t i = 0; i < size; ++i) src[i] = std::byte(static_cast<uint8_t>(i * 131 + 7));
   TransportOptions ro;
   ro.cluster_token = "bench";
   ro.region = region.data();
   ro.region_bytes = region.size();
-  auto recv = create_transport(c, ro);
-  if (!recv.ok()) return {0, false, recv.status().to_string()};
-  auto addr = (*recv)->address();
-
-  std::mutex mu;
-  std::deque<std::pair<uint64_t, Bytes>> grants;  // guarded by mu
-  std::atomic<bool> stop{false};
-  std::string sender_error;
-  std::thread sender([&] {
-    TransportOptions so;
-    so.cluster_token = "bench";
-    auto s = create_transport(c, so);
-    if (!s.ok()) {
-      sender_error = s.status().to_string();
-      stop = true;
-      return;
-    }
-    auto peer = (*s)->connect(*addr);
-    std::vector<TransferEvent> ev;
-    while (!stop) {
-      std::deque<std::pair<uint64_t, Bytes>> mine;
-      {
-        std::lock_guard lock(mu);
-        mine.swap(grants);
-      }
-      for (auto& [id, g] : mine) {
-        const auto deadline = Clock::now() + std::chrono::seconds(60);
-        Status st = (*s)->begin_send(*peer, TransferId(id), g, deadline);
-        for (size_t k = 0; st.ok() && k * seg_bytes < size; ++k) {
-          const size_t off = k * seg_bytes;
-          st = (*s)->send_segment(*peer, TransferId(id), static_cast<uint32_t>(k), src.data() + off,
-                                  std::min(seg_bytes, size - off), off);
-        }
-        if (st.ok()) st = (*s)->finish(*peer, TransferId(id));
-        if (!st.ok()) sender_error = st.to_string();
-      }
-      ev.clear();
-      (*s)->progress(ev);
-      for (auto& e : ev)
-        if (!e.status.ok()) sender_error = e.status.to_string();
-    }
-    // Destroyed here, by its owner thread, while the receiver still progresses.
-  });
-
-  uint64_t next_id = 1;
-  auto post = [&](size_t slot) {
-    const uint64_t id = next_id++;
-    auto g = (*recv)->post_receive(
-        {TransferId(id), {{slot * size, size}}, Clock::now() + std::chrono::seconds(60)});
-    std::lock_guard lock(mu);
-    grants.emplace_back(id, *g);
-  };
-  const auto t0 = Clock::now();
-  for (size_t w = 0; w < window; ++w) post(w);
-  size_t done = 0, posted = window;
   std::string error;
-  std::vector<TransferEvent> ev;
-  while (done < n && error.empty() && sender_error.empty()) {
-    ev.clear();
-    (*recv)->progress(ev);
-    for (auto& e : ev) {
-      if (!e.status.ok()) error = e.status.to_string();
-      ++done;
-      if (posted < n) {
-        post((e.id.value() - 1) % window);
-        ++posted;
+  double secs = 0;
+  {
+    auto recv = create_transport(c, ro);
+    if (!recv.ok()) error = recv.status().to_string();
+    if (error.empty()) {
+      auto addr = (*recv)->address();
+      if (!addr.ok() || !write_blob(out, 0, *addr)) error = "cannot hand the address to the sender";
+    }
+    uint64_t next_id = 1;
+    auto post = [&](size_t slot) {
+      const uint64_t id = next_id++;
+      auto g = (*recv)->post_receive(
+          {TransferId(id), {{slot * size, size}}, Clock::now() + std::chrono::seconds(60)});
+      if (!g.ok() || !write_blob(out, id, *g)) error = "cannot post or hand over a grant";
+    };
+    const auto t0 = Clock::now();
+    size_t done = 0, posted = 0;
+    std::vector<TransferEvent> ev;
+    if (error.empty()) {
+      for (; posted < window; ++posted) post(posted);
+    }
+    while (error.empty() && done < n) {
+      ev.clear();
+      (*recv)->progress(ev);
+      for (auto& e : ev) {
+        if (!e.status.ok()) error = e.status.to_string();
+        ++done;
+        if (posted < n) {
+          post((e.id.value() - 1) % window);
+          ++posted;
+        }
+      }
+      if (Clock::now() - t0 > std::chrono::seconds(120)) error = "timed out";
+    }
+    secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    ::close(out);  // no more transfers: the sender winds down
+    // Keep progressing while the sender tears down (its endpoint flush
+    // needs us), then collect its verdict.
+    int status = 0;
+    const auto give_up = Clock::now() + std::chrono::seconds(30);
+    while (true) {
+      if (recv.ok()) {
+        ev.clear();
+        (*recv)->progress(ev);
+      }
+      const pid_t w = ::waitpid(child, &status, WNOHANG);
+      if (w == child) break;
+      if (Clock::now() > give_up) {
+        ::kill(child, SIGKILL);
+        ::waitpid(child, &status, 0);
+        if (error.empty()) error = "sender did not finish";
+        break;
       }
     }
-    if (Clock::now() - t0 > std::chrono::seconds(120)) error = "timed out";
+    if (error.empty() && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) error = "the sender failed";
   }
-  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  stop = true;
-  // Keep progressing while the sender thread tears down.
-  std::atomic<bool> joined{false};
-  std::thread joiner([&] {
-    sender.join();
-    joined = true;
-  });
-  while (!joined) (*recv)->progress(ev);
-  joiner.join();
-  if (!error.empty() || !sender_error.empty()) return {0, false, error.empty() ? sender_error : error};
+  if (!error.empty()) return {0, false, error};
   return {static_cast<double>(n) * size / secs / 1e9, true, ""};
 }
 
