@@ -99,12 +99,20 @@ PrefillMetrics::PrefillMetrics(std::shared_ptr<prometheus::Registry> registry,
                          "Share of distant prompt tokens the policy retained",
                          {0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0});
   transfer_seconds_ = histogram("kvgate_prefill_transfer_duration_seconds",
-                                "From begin_send to the transfer's event (OK only)",
+                                "From begin_send to the transfer's event (OK only); blocks ship "
+                                "during the prefill, so this spans the rest of the prefill",
                                 {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                  0.5, 1, 2.5, 10});
   transfer_bandwidth_ = histogram("kvgate_prefill_transfer_bandwidth_bytes_per_second",
-                                  "Wire bytes of one transfer over its duration",
+                                  "Wire bytes of one transfer over its duration (a lower bound of "
+                                  "the link's: the duration includes prefill compute it overlapped)",
                                   {1e7, 1e8, 2.5e8, 5e8, 1e9, 2e9, 4e9, 8e9, 16e9, 32e9});
+  transfer_exposed_seconds_ =
+      histogram("kvgate_prefill_transfer_exposed_seconds",
+                "From the end of the prefill pass to the transfer's OK event: the part of the "
+                "transfer a request waits for after its prefill",
+                {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,
+                 2.5, 10});
   auto* tfail = counter("kvgate_prefill_transfer_failures_total",
                         "KV transfers that failed, by cause");
   for (int i = 0; i < kTransferFailureCount; ++i) {
@@ -156,8 +164,9 @@ void PrefillMetrics::kv_shipped(int64_t dense_bytes, int64_t shipped_bytes, int6
   keep_rate_->Observe(keep_rate);
 }
 
-void PrefillMetrics::transfer_done(int64_t wire_bytes, double seconds) {
+void PrefillMetrics::transfer_done(int64_t wire_bytes, double seconds, double exposed_seconds) {
   transfer_seconds_->Observe(seconds);
+  transfer_exposed_seconds_->Observe(exposed_seconds);
   if (seconds > 0) transfer_bandwidth_->Observe(static_cast<double>(wire_bytes) / seconds);
 }
 

@@ -74,7 +74,11 @@ class PrefillMetrics {
   void prefill_done(int64_t prompt_tokens, double seconds);
   void kv_shipped(int64_t dense_bytes, int64_t shipped_bytes, int64_t wire_bytes,
                   double keep_rate);
-  void transfer_done(int64_t wire_bytes, double seconds);
+  // seconds: begin_send to the OK event (with per-block shipping this
+  // spans the rest of the prefill); exposed_seconds: from the end of the
+  // prefill pass to the event — what the request waits for after its
+  // prefill.
+  void transfer_done(int64_t wire_bytes, double seconds, double exposed_seconds);
   void transfer_failed(TransferFailure cause);
   void extend(bool granted);
   // One layer-major prefill of `jobs` jobs with `tokens` prompt tokens.
@@ -105,6 +109,7 @@ class PrefillMetrics {
   prometheus::Histogram* keep_rate_;
   prometheus::Histogram* transfer_seconds_;
   prometheus::Histogram* transfer_bandwidth_;
+  prometheus::Histogram* transfer_exposed_seconds_;
   prometheus::Counter* transfer_failed_[kTransferFailureCount];
   prometheus::Counter* extend_granted_;
   prometheus::Counter* extend_refused_;

@@ -416,7 +416,8 @@ void PrefillEngine::run_batch(std::vector<QueuedJob>& jobs) {
           return between_layers();
         });
     in_prefill_ = false;
-    const double batch_s = seconds(Clock::now() - t0);
+    pass_end_ = Clock::now();
+    const double batch_s = seconds(pass_end_ - t0);
     for (size_t i = 0; i < in_batch.size(); ++i) {
       JobRun& run = *in_batch[i];
       Status s = run.status;
@@ -537,13 +538,15 @@ Status PrefillEngine::complete(JobRun& run, kvstore::CompressedKvCache& cache, d
     return Status(event->status.code(), "transfer: " + event->status.message());
   }
   const double transfer_s = seconds(event->elapsed);
-  metrics_.transfer_done(needed, transfer_s);
+  const double exposed_s = seconds(Clock::now() - pass_end_);
+  metrics_.transfer_done(needed, transfer_s, exposed_s);
   metrics_.kv_shipped(dense_bytes, actual_bytes, needed, keep_rate);
   log::info("kv shipped", {{"request", j.request_id},
                            {"lease", j.lease_id},
                            {"wire_bytes", needed},
                            {"segments", manifest.segments.size()},
-                           {"seconds", transfer_s}});
+                           {"seconds", transfer_s},
+                           {"exposed_seconds", exposed_s}});
 
   run.cause = JobFailure::kDecodeUnreachable;
   if (Status s = links_.send_decode(j.decode_control_address, manifest); !s.ok()) return s;

@@ -127,6 +127,7 @@ class PrefillEngine {
   // The running jobs, for routing the decode nodes' answers.
   std::map<RequestId, JobRun*> active_;
   bool in_prefill_ = false;  // segments shipped now overlap later layers' compute
+  Clock::time_point pass_end_;  // the end of the last prefill pass
   // Staging buffers of transfers abandoned before their event (a transport
   // that never reported, a job failed mid-transfer): kept until the event
   // arrives, never freed early.
