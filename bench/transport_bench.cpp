@@ -5,7 +5,7 @@
 //
 //   kvgate_transport_bench [--bytes-per-point N] [--no-perftest] [--quick]
 //       [--tls tcp,shm] [--ops am,tag,put,auto] [--sizes-mib 1,4,16,64,256]
-//       [--window N] [--segments N]
+//       [--window N] [--segments N] [--rounds N] [--producer-crc]
 //
 // Each point: a receiver (this process) keeps `window` transfers posted in a
 // registered region (default by size: 32 up to 64 KiB, 8 up to 1 MiB, else
@@ -31,10 +31,12 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "common/crc32c.h"
 #include "transport/transport.h"
 
 using namespace kvgate;
@@ -59,6 +61,11 @@ struct Point {
 struct Knobs {
   size_t window = 0;    // transfers posted at once; 0: by size (as kvgate's decode node)
   size_t segments = 1;  // segments per transfer, all in flight together
+  // The sender hands each segment's CRC32C to the transport, computed once
+  // when the source buffer was written (as the prefill node computes it
+  // while staging its pages), instead of the transport reading the bytes
+  // again per transfer. The receiver verifies every byte as always.
+  bool producer_crc = false;
 };
 
 // The pipe between the receiver (this process) and the sender (a child):
@@ -96,9 +103,14 @@ bool next_blob(std::vector<char>& buf, uint64_t& id, Bytes& out) {
 // The sender process: connects to the address, ships every granted
 // transfer as `nseg` segments from a prepared buffer, progresses until the
 // pipe closes and its transfers ended. Exit 0, or 3 after a failure.
-[[noreturn]] void sender_main(int fd, const TransportConfig& c, size_t size, size_t seg_bytes) {
+[[noreturn]] void sender_main(int fd, const TransportConfig& c, size_t size, size_t seg_bytes,
+                              bool producer_crc) {
   std::vector<std::byte> src(size);
   for (size_t i = 0; i < size; ++i) src[i] = std::byte(static_cast<uint8_t>(i * 131 + 7));
+  std::vector<uint32_t> crcs;
+  for (size_t off = 0; producer_crc && off < size; off += seg_bytes) {
+    crcs.push_back(crc32c(src.data() + off, std::min(seg_bytes, size - off)));
+  }
   std::vector<char> buf;
   char chunk[65536];
   bool eof = false;
@@ -135,7 +147,8 @@ bool next_blob(std::vector<char>& buf, uint64_t& id, Bytes& out) {
         for (size_t k = 0; st.ok() && k * seg_bytes < size; ++k) {
           const size_t off = k * seg_bytes;
           st = (*s)->send_segment(*peer, TransferId(id), static_cast<uint32_t>(k), src.data() + off,
-                                  std::min(seg_bytes, size - off), off);
+                                  std::min(seg_bytes, size - off), off,
+                                  producer_crc ? std::optional<uint32_t>(crcs[k]) : std::nullopt);
         }
         if (st.ok()) st = (*s)->finish(*peer, TransferId(id));
         if (!st.ok()) code = 3;
@@ -173,7 +186,7 @@ Point run_point(const Tls& tls, UcxOp op, size_t size, size_t total_bytes, const
   if (child < 0) return {0, false, "fork failed"};
   if (child == 0) {
     ::close(fds[1]);
-    sender_main(fds[0], c, size, seg_bytes);
+    sender_main(fds[0], c, size, seg_bytes, knobs.producer_crc);
   }
   ::close(fds[0]);
   const int out = fds[1];
@@ -327,7 +340,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: %s [--bytes-per-point N] [--no-perftest] [--quick] [--tls tcp,shm]\n"
                  "          [--ops am,tag,put,auto] [--sizes-mib 1,4,16,64,256] [--window N] [--segments N]\n"
-                 "          [--rounds N]\n",
+                 "          [--rounds N] [--producer-crc]\n",
                  argv[0]);
     return 2;
   };
@@ -341,6 +354,7 @@ int main(int argc, char** argv) {
     else if (a == "--window" && has) knobs.window = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--segments" && has) knobs.segments = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--rounds" && has) rounds = std::max(1, std::atoi(argv[++i]));
+    else if (a == "--producer-crc") knobs.producer_crc = true;
     else if (a == "--sizes-mib" && has) {
       sizes.clear();
       for (const auto& v : split(argv[++i])) sizes.push_back(std::strtoull(v.c_str(), nullptr, 10) << 20);
@@ -372,8 +386,9 @@ int main(int argc, char** argv) {
       std::fclose(f);
     }
     std::printf("# cores %ld, load average %s", sysconf(_SC_NPROCESSORS_ONLN), load);
-    std::printf("# window %s, segments per transfer %zu, bytes per point %zu\n",
-                knobs.window ? std::to_string(knobs.window).c_str() : "by size", knobs.segments, total);
+    std::printf("# window %s, segments per transfer %zu, bytes per point %zu, sender CRC %s\n",
+                knobs.window ? std::to_string(knobs.window).c_str() : "by size", knobs.segments, total,
+                knobs.producer_crc ? "handed over by the producer" : "computed by the transport");
   }
   // With --rounds N, each point is N rounds of [ucx_perftest, then kvgate
   // per op], interleaved so a burst of load hits both; the line gives the

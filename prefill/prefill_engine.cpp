@@ -288,11 +288,17 @@ Status PrefillEngine::stage_segment(JobRun& run, std::span<const kvstore::PageId
   if (pages.empty()) return run.status;  // no tokens in these slots: no segment
   const auto page_bytes = static_cast<size_t>(settings_.page_bytes);
   std::vector<std::byte> buf(pages.size() * page_bytes);
+  // The checksum is taken page by page right after each copy, while the
+  // page is in cache; the transport gets it and does not read the bytes
+  // again.
+  uint32_t crc = 0;
   for (size_t i = 0; i < pages.size(); ++i) {
-    std::memcpy(buf.data() + i * page_bytes, pool.data(pages[i]), page_bytes);
+    std::byte* dst = buf.data() + i * page_bytes;
+    std::memcpy(dst, pool.data(pages[i]), page_bytes);
+    crc = crc32c(dst, page_bytes, crc);
   }
   const uint64_t length = buf.size();
-  run.segments.push_back({run.staged_bytes, length, crc32c(buf.data(), buf.size())});
+  run.segments.push_back({run.staged_bytes, length, crc});
   run.staged_bytes += length;
   run.staging.push_back(std::move(buf));
   ship_ready(run);
@@ -325,7 +331,7 @@ void PrefillEngine::ship_ready(JobRun& run) {
     }
     Status s = transport_.send_segment(run.peer, run.transfer, static_cast<uint32_t>(run.sent),
                                        run.staging[run.sent].data(), seg.length_bytes,
-                                       seg.offset_bytes);
+                                       seg.offset_bytes, seg.crc32c);
     if (!s.ok()) {
       run.cause = JobFailure::kTransfer;
       run.status = Status(s.code(), "transfer: " + s.message());

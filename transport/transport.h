@@ -19,7 +19,8 @@
 //     offset 0 is the first byte of ranges[0]) and a deadline. It returns
 //     the grant (ReserveGrant::pool_descriptor) the sender needs.
 //   - Sender: begin_send(peer, id, grant, deadline), any number of
-//     send_segment() (non-blocking; each is CRC32C'd here), then finish(),
+//     send_segment() (non-blocking; each is CRC32C'd here unless the caller
+//     hands its CRC32C over), then finish(),
 //     which sends the manifest (count, total bytes, per-segment CRC32C)
 //     once every segment has been delivered.
 //   - The receiver verifies every segment's CRC32C against the manifest
@@ -73,6 +74,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -208,8 +210,14 @@ class Transport {
   // after finish, index >= kMaxSegments or reused, zero bytes). A segment
   // past the grant is not a caller error: it fails the transfer
   // (kOutOfRange, on both sides).
+  // `crc`: the CRC32C of the bytes when the caller already has it (the
+  // prefill node computes it while staging the pages): then the transport
+  // does not read the bytes a second time to checksum them. A wrong value
+  // fails the transfer at the receiver (kDataLoss, both sides), never
+  // silently. Without it the transport checksums the bytes itself.
   virtual Status send_segment(PeerId peer, TransferId id, uint32_t segment_index,
-                              const std::byte* data, size_t bytes, uint64_t remote_offset) = 0;
+                              const std::byte* data, size_t bytes, uint64_t remote_offset,
+                              std::optional<uint32_t> crc = std::nullopt) = 0;
   // No more segments; indexes must be 0..n-1. The manifest follows the
   // data. INVALID_ARGUMENT for an unknown transfer or a gap in the indexes.
   virtual Status finish(PeerId peer, TransferId id) = 0;

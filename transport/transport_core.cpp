@@ -528,7 +528,7 @@ Status TransportCore::extend_send(PeerId peer, TransferId id, std::span<const st
 }
 
 Status TransportCore::send_segment(PeerId peer, TransferId id, uint32_t index, const std::byte* data,
-                                   size_t bytes, uint64_t remote_offset) {
+                                   size_t bytes, uint64_t remote_offset, std::optional<uint32_t> crc) {
   auto it = sends_.find({peer.value(), id.value()});
   if (it == sends_.end()) return invalid_argument("transport: send_segment: no " + tid(id.value()));
   SendTransfer& t = it->second;
@@ -540,7 +540,8 @@ Status TransportCore::send_segment(PeerId peer, TransferId id, uint32_t index, c
   if (t.failed) return t.status;
   if (index >= t.segs.size()) t.segs.resize(index + 1);
   SendSeg& s = t.segs[index];
-  s = {remote_offset, bytes, 0, 0, data, SegState::kQueued};
+  // A CRC handed over is final at once: no checksum pass over the bytes.
+  s = {remote_offset, bytes, crc.value_or(0), crc ? bytes : 0, data, SegState::kQueued};
   const bool check = op_ == wire::DataOp::kPut || !hooks_.skip_sender_range_check;
   if (check && (remote_offset > t.map.total_bytes() || bytes > t.map.total_bytes() - remote_offset)) {
     Status st = out_of_range("transport: " + tid(id.value()) + ": segment " + std::to_string(index) +
@@ -595,7 +596,9 @@ void TransportCore::segment_sent(uint64_t cookie, Status status) {
   t.segs[ref.segment].state = SegState::kDone;
   // Checksummed now, in progress(): the link just read these bytes, so they
   // are likely still in cache, and the wire never waited for the CRC.
-  if (status.ok() && !t.failed) crc_jobs_.push_back({TransferSide::kSend, ref.peer, ref.transfer, ref.segment});
+  if (status.ok() && !t.failed && t.segs[ref.segment].crc_bytes < t.segs[ref.segment].length) {
+    crc_jobs_.push_back({TransferSide::kSend, ref.peer, ref.transfer, ref.segment});
+  }
   if (!status.ok() && !t.failed)
     fail_send(t, unavailable("transport: " + tid(t.id.value()) + ": segment " + std::to_string(ref.segment) +
                              " failed: " + status.message()), true);

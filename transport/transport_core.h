@@ -43,7 +43,8 @@ class TransportCore : public Transport {
                     Clock::time_point deadline) override;
   Status extend_send(PeerId peer, TransferId id, std::span<const std::byte> grant) override;
   Status send_segment(PeerId peer, TransferId id, uint32_t segment_index, const std::byte* data,
-                      size_t bytes, uint64_t remote_offset) override;
+                      size_t bytes, uint64_t remote_offset,
+                      std::optional<uint32_t> crc = std::nullopt) override;
   Status finish(PeerId peer, TransferId id) override;
   Status cancel_send(PeerId peer, TransferId id) override;
   size_t progress(std::vector<TransferEvent>& events) override;

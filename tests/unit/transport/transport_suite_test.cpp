@@ -8,6 +8,7 @@
 #include <memory>
 #include <numeric>
 
+#include "common/crc32c.h"
 #include "tests/unit/transport/transport_test_util.h"
 #include "transport/wire.h"
 
@@ -146,6 +147,39 @@ TEST_P(TransportSuite, CorruptedSegmentIsDataLossAndFreesState) {
   ASSERT_TRUE(pump_until([&] { return both_done(); }));
   EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
   EXPECT_TRUE(sent_[0].status.ok());
+}
+
+// The sender may hand over each segment's CRC32C (computed where the bytes
+// were written) instead of the transport reading them again: the right one
+// delivers, a wrong one is caught by the receiver's check.
+TEST_P(TransportSuite, CrcHandedOverByTheSenderIsVerified) {
+  const auto ranges = pages(0, 8);
+  const auto src = random_bytes(5 * 65536 + 123, 11);
+  const size_t half = src.size() / 2;
+  for (bool right : {true, false}) {
+    SCOPED_TRACE(right ? "right CRC" : "wrong CRC");
+    sent_.clear();
+    received_.clear();
+    const TransferId id(right ? 21 : 22);
+    const Bytes grant = post(id, ranges);
+    ASSERT_TRUE(sender_->begin_send(peer_, id, grant, Clock::now() + 20s).ok());
+    const uint32_t crc0 = crc32c(src.data(), half);
+    const uint32_t crc1 = crc32c(src.data() + half, src.size() - half) ^ (right ? 0u : 1u);
+    ASSERT_TRUE(sender_->send_segment(peer_, id, 0, src.data(), half, 0, crc0).ok());
+    ASSERT_TRUE(sender_->send_segment(peer_, id, 1, src.data() + half, src.size() - half, half, crc1).ok());
+    ASSERT_TRUE(sender_->finish(peer_, id).ok());
+    ASSERT_TRUE(pump_until([&] { return both_done(); }));
+    if (right) {
+      EXPECT_TRUE(received_[0].status.ok()) << received_[0].status.to_string();
+      EXPECT_TRUE(sent_[0].status.ok()) << sent_[0].status.to_string();
+      EXPECT_TRUE(gather(region_, ranges, 0, src.size()) == src);
+    } else {
+      EXPECT_EQ(received_[0].status.code(), StatusCode::kDataLoss) << received_[0].status.to_string();
+      EXPECT_NE(received_[0].status.message().find("segment 1"), std::string::npos)
+          << received_[0].status.message();
+      EXPECT_EQ(sent_[0].status.code(), StatusCode::kDataLoss) << sent_[0].status.to_string();
+    }
+  }
 }
 
 TEST_P(TransportSuite, DeadlineExceededOnBothSides) {
