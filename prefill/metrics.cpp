@@ -81,10 +81,12 @@ PrefillMetrics::PrefillMetrics(std::shared_ptr<prometheus::Registry> registry,
   const Histogram::BucketBoundaries seconds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                                1,     2.5,  5,     10,   30,  60,   120};
   prefill_seconds_ = histogram("kvgate_prefill_duration_seconds",
-                               "Full-attention prefill plus compression of one prompt", seconds);
+                               "Full-attention prefill plus compression of one prompt (the "
+                               "whole pass of the batch it ran in)",
+                               seconds);
   prefill_tokens_per_second_ =
       histogram("kvgate_prefill_throughput_tokens_per_second",
-                "Prompt tokens per second of one prefill",
+                "Prompt tokens per second of one prefill pass (all the jobs of a batch)",
                 {50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000});
   dense_bytes_ = &counter("kvgate_prefill_kv_dense_bytes_total",
                           "Bytes the prompts' KV takes as a dense fp16 cache")
@@ -153,7 +155,6 @@ void PrefillMetrics::set_queue(int64_t jobs, int64_t tokens) {
 void PrefillMetrics::prefill_done(int64_t prompt_tokens, double seconds) {
   prompt_tokens_->Increment(static_cast<double>(prompt_tokens));
   prefill_seconds_->Observe(seconds);
-  if (seconds > 0) prefill_tokens_per_second_->Observe(static_cast<double>(prompt_tokens) / seconds);
 }
 
 void PrefillMetrics::kv_shipped(int64_t dense_bytes, int64_t shipped_bytes, int64_t wire_bytes,
@@ -178,10 +179,11 @@ void PrefillMetrics::extend(bool granted) {
   (granted ? extend_granted_ : extend_refused_)->Increment();
 }
 
-void PrefillMetrics::batch(int64_t jobs, int64_t tokens) {
+void PrefillMetrics::batch(int64_t jobs, int64_t tokens, double seconds) {
   batches_->Increment();
   batch_jobs_->Observe(static_cast<double>(jobs));
   batch_tokens_->Observe(static_cast<double>(tokens));
+  if (seconds > 0) prefill_tokens_per_second_->Observe(static_cast<double>(tokens) / seconds);
 }
 
 void PrefillMetrics::segment_sent(bool overlapped) {

@@ -81,8 +81,9 @@ class PrefillMetrics {
   void transfer_done(int64_t wire_bytes, double seconds, double exposed_seconds);
   void transfer_failed(TransferFailure cause);
   void extend(bool granted);
-  // One layer-major prefill of `jobs` jobs with `tokens` prompt tokens.
-  void batch(int64_t jobs, int64_t tokens);
+  // One layer-major prefill pass of `jobs` jobs with `tokens` prompt tokens
+  // that took `seconds` (its throughput is the node's prefill rate).
+  void batch(int64_t jobs, int64_t tokens, double seconds);
   // A wire segment issued to the transport while later layers were still
   // computing (overlapped) or after the prefill (held for an Extend, or the
   // last layer's).

@@ -412,7 +412,6 @@ void PrefillEngine::run_batch(std::vector<QueuedJob>& jobs) {
     int64_t tokens = 0;
     for (const JobRun* r : in_batch) tokens += static_cast<int64_t>(r->job->job.prompt_token_ids.size());
     log::info("prefill batch", {{"jobs", in_batch.size()}, {"prompt_tokens", tokens}});
-    metrics_.batch(static_cast<int64_t>(in_batch.size()), tokens);
     const auto t0 = Clock::now();
     in_prefill_ = true;
     auto results = engine::prefill_compressed_batch(
@@ -424,6 +423,7 @@ void PrefillEngine::run_batch(std::vector<QueuedJob>& jobs) {
     in_prefill_ = false;
     pass_end_ = Clock::now();
     const double batch_s = seconds(pass_end_ - t0);
+    metrics_.batch(static_cast<int64_t>(in_batch.size()), tokens, batch_s);
     for (size_t i = 0; i < in_batch.size(); ++i) {
       JobRun& run = *in_batch[i];
       Status s = run.status;
