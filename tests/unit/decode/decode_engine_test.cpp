@@ -16,6 +16,7 @@
 
 #include "decode/decode_engine.h"
 #include "engine/gate_file.h"
+#include "tests/unit/engine/gate_test_util.h"
 #include "engine/generate.h"
 #include "engine/kv_policy_spec.h"
 #include "tests/unit/decode/decode_test_util.h"
@@ -272,11 +273,8 @@ TEST_F(DecodeEngineTest, BatchedRequestsEqualEachAlone) {
 // batched with dense: each equals generate() alone. Needs the calibrated
 // gate side file next to the model (made by scripts/setup.sh).
 TEST_F(DecodeEngineTest, GatePolicyBatchedWithDenseEqualsGenerate) {
-  const std::string gate_path = engine::default_gate_path(KVGATE_TEST_MODEL);
-  if (!std::filesystem::exists(gate_path)) GTEST_SKIP() << "no gate file at " << gate_path;
-  auto g = engine::load_gate_for_model(gate_path, *L_->model);
-  ASSERT_TRUE(g.ok()) << g.status().to_string();
-  auto gate = std::make_shared<const engine::GateModel>(std::move(*g));
+  auto gate = engine::calibrated_or_random_gate(*L_->model, KVGATE_TEST_MODEL);
+  ASSERT_NE(gate, nullptr);
   start_engine(int64_t{32} << 20, {}, 8, gate);
   engine::KvPolicyConfig gp;
   gp.policy = engine::KvPolicy::kGatePod;

@@ -7,10 +7,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <memory>
+#include <string>
 #include <random>
 #include <vector>
 
 #include "engine/gate.h"
+#include "engine/gate_file.h"
+#include "engine/kv_policy_spec.h"
+#include "engine/model.h"
 #include "kvstore/block_map.h"
 
 namespace kvgate::engine {
@@ -69,6 +75,30 @@ inline GateModel random_gate(const ModelFingerprint& fingerprint, GateKind kind,
   }
   EXPECT_TRUE(g.validate().ok()) << g.validate().to_string();
   return g;
+}
+
+// A gate for tests that need one, not a good one (shipping, batching,
+// decode equality): the calibrated side file next to `model_path` when it
+// exists (scripts/setup.sh makes it), else a seeded random attention gate
+// of the model's shapes — so those tests run everywhere, CI included.
+inline std::shared_ptr<const GateModel> calibrated_or_random_gate(const LlamaModel& model,
+                                                                  const std::string& model_path) {
+  const std::string path = default_gate_path(model_path);
+  if (std::filesystem::exists(path)) {
+    auto g = load_gate_for_model(path, model);
+    EXPECT_TRUE(g.ok()) << g.status().to_string();
+    if (g.ok()) return std::make_shared<const GateModel>(std::move(*g));
+  }
+  auto fp = fingerprint_model(model);
+  EXPECT_TRUE(fp.ok()) << fp.status().to_string();
+  if (!fp.ok()) return nullptr;
+  GateModel g = random_gate(*fp, GateKind::kAttention, 17);
+  // The calibrated file's proximal set (and the policies' defaults): a gate
+  // supplies sinks and window to every policy, dense included, so a node
+  // with this gate and one without agree on them as with the real file.
+  g.n_sink_tokens = 4;
+  g.n_window_tokens = 256;
+  return std::make_shared<const GateModel>(std::move(g));
 }
 
 }  // namespace kvgate::engine

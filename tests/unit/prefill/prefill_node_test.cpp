@@ -18,6 +18,7 @@
 #include <string>
 
 #include "../engine/test_model.h"
+#include "tests/unit/engine/gate_test_util.h"
 #include "engine/gate_file.h"
 #include "engine/gate_runtime.h"
 #include "engine/kv_policy_spec.h"
@@ -457,13 +458,10 @@ TEST_F(PrefillNodeTest, PodShipsAndContinuesLikeLocal) {
 }
 
 TEST_F(PrefillNodeTest, GatePodShipsGateStateAndContinuesLikeLocal) {
-  const std::string path = engine::default_gate_path(KVGATE_TEST_MODEL);
-  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no gate side file at " << path;
-  auto gate = engine::load_gate_for_model(path, *model_->model);
-  ASSERT_TRUE(gate.ok()) << gate.status().to_string();
+  auto gate = engine::calibrated_or_random_gate(*model_->model, KVGATE_TEST_MODEL);
+  ASSERT_NE(gate, nullptr);
   // A small window, so the gates decide most of the prompt.
-  ship_and_continue(spec("gate+pod", {{"n_sink_tokens", 4}, {"n_window_tokens", 16}}),
-                    std::make_shared<const engine::GateModel>(std::move(*gate)));
+  ship_and_continue(spec("gate+pod", {{"n_sink_tokens", 4}, {"n_window_tokens", 16}}), gate);
 }
 
 TEST_F(PrefillNodeTest, RegistersAndHeartbeats) {
