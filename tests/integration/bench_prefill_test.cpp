@@ -13,36 +13,14 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "tests/integration/cli_run.h"
+
 namespace {
 
-struct CliRun {
-  int code = -1;
-  std::string out;
-  std::string err;
-};
+using kvgate::testing::CliRun;
 
-CliRun run(const std::string& args) {
-  static int counter = 0;
-  const std::string err_path = testing::TempDir() + "kvgate_bench_prefill_err_" +
-                               std::to_string(::getpid()) + "_" + std::to_string(counter++);
-  const std::string cmd = std::string(KVGATE_BIN) + " " + args + " 2>" + err_path;
-  CliRun r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream e(err_path);
-  r.err.assign(std::istreambuf_iterator<char>(e), std::istreambuf_iterator<char>());
-  std::filesystem::remove(err_path);
-  return r;
-}
-
-size_t lines(const std::string& s) {
-  return std::count(s.begin(), s.end(), '\n');
-}
+CliRun run(const std::string& args) { return kvgate::testing::run_cli(args); }
+size_t lines(const std::string& s) { return kvgate::testing::count_lines(s); }
 
 // A directory with enough English text for the prompts, so the test does
 // not depend on eval-data being fetched.
