@@ -132,15 +132,20 @@ void GatePrefill::compute_gate_slot(int64_t g, const GateDecision& decision,
   for (int64_t s = 0; s < n_slots && !used; ++s) used = gate_slot_[s] == g;
   if (!used) return;
 
-  std::vector<float> gate_logits(static_cast<size_t>(t_end));
-  std::vector<uint8_t> gate_flags(static_cast<size_t>(t_end));
-  std::vector<fp16_t> kv16(static_cast<size_t>(attention ? t_end * row : 0));
+  // Buffers kept across gate slots (one allocation per prefill).
+  std::vector<float>& gate_logits = work_.logits;
+  std::vector<uint8_t>& gate_flags = work_.flags;
+  std::vector<fp16_t>& kv16 = work_.kv16;
   // The same rows in fp32 (exactly the fp16 values): the context of every
   // token reads them, converting once here instead of per read.
-  std::vector<float> kv32(static_cast<size_t>(attention ? t_end * row : 0));
-  std::vector<int32_t> context;
+  std::vector<float>& kv32 = work_.kv32;
+  std::vector<int32_t>& context = work_.context;
+  std::vector<float>& scratch = work_.scratch;
+  gate_logits.resize(static_cast<size_t>(t_end));
+  gate_flags.resize(static_cast<size_t>(t_end));
+  kv16.resize(static_cast<size_t>(attention ? t_end * row : 0));
+  kv32.resize(static_cast<size_t>(attention ? t_end * row : 0));
   context.reserve(static_cast<size_t>(t_end));
-  std::vector<float> scratch;
   const float threshold = gate_.slots[g].threshold + static_cast<float>(decision.threshold_offset);
   if (!attention) {
     for (int64_t t = 0; t < t_end; ++t) {

@@ -88,6 +88,12 @@ class GatePrefill final : public LayerInputObserver {
   std::vector<float> proj_;         // [token][slot][3·D] q, k, v (attention) or [token][slot] logit (linear)
   std::vector<float> logits_;
   std::vector<uint8_t> computed_;   // per gate slot: flags computed (finish_slots)
+  struct SlotWork {                 // compute_gate_slot's buffers, reused per slot
+    std::vector<float> logits, kv32, scratch;
+    std::vector<uint8_t> flags;
+    std::vector<fp16_t> kv16;
+    std::vector<int32_t> context;
+  } work_;
 };
 
 // Observes compressed decode steps: at each slot's base layer it computes

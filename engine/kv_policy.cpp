@@ -165,7 +165,8 @@ namespace {
 // kvstore::predict_footprint — and flags stay a pure function of the
 // position (no state between calls).
 void ranked_flags(const KvPolicyConfig& policy, const kvstore::KvLayout& layout,
-                  const AttentionStats& stats, int64_t first, int64_t n, std::vector<uint8_t>& flags) {
+                  const AttentionStats& stats, int64_t first, int64_t n, std::vector<uint8_t>& flags,
+                  std::span<const int64_t> only_slots) {
   const auto& map = layout.blocks;
   const int64_t n_slots = map.n_slots();
   const int64_t t = stats.n_tokens;
@@ -187,6 +188,9 @@ void ranked_flags(const KvPolicyConfig& policy, const kvstore::KvLayout& layout,
   std::vector<int64_t> order;
   std::vector<uint8_t> keep(any_prompt ? t : 0);
   for (int64_t s = 0; s < n_slots; ++s) {
+    if (!only_slots.empty() && std::find(only_slots.begin(), only_slots.end(), s) == only_slots.end()) {
+      continue;
+    }
     if (any_prompt) {
       const int64_t h = map.slot_head(s);
       const auto block = map.slot_block(s);
@@ -223,7 +227,8 @@ void ranked_flags(const KvPolicyConfig& policy, const kvstore::KvLayout& layout,
 }  // namespace
 
 Status policy_flags(const KvPolicyConfig& policy, const kvstore::KvLayout& layout, int64_t first,
-                    int64_t n, std::vector<uint8_t>& flags, const AttentionStats* stats) {
+                    int64_t n, std::vector<uint8_t>& flags, const AttentionStats* stats,
+                    std::span<const int64_t> only_slots) {
   const int64_t n_slots = layout.blocks.n_slots();
   uint8_t keep;
   switch (policy.policy) {
@@ -240,8 +245,10 @@ Status policy_flags(const KvPolicyConfig& policy, const kvstore::KvLayout& layou
         return failed_precondition(std::string("KV policy '") + kv_policy_name(policy.policy) +
                                    "' needs the prefill's attention statistics");
       }
-      flags.assign(static_cast<size_t>(n_slots * n), 1);
-      ranked_flags(policy, layout, *stats, first, n, flags);
+      if (only_slots.empty() || flags.size() != static_cast<size_t>(n_slots * n)) {
+        flags.assign(static_cast<size_t>(n_slots * n), 1);
+      }
+      ranked_flags(policy, layout, *stats, first, n, flags, only_slots);
       return Status();
     case KvPolicy::kGate:
     case KvPolicy::kGatePod:

@@ -109,7 +109,12 @@ bool policy_uses_gate(const KvPolicyConfig& policy);
 // (positions < stats->n_tokens) by rank, later tokens kept (or, in budget
 // mode, kept while the slot's budget is not used up). Gate policies:
 // FAILED_PRECONDITION (their flags come from the gate runtime).
+// only_slots (h2o, snapkv): rank just these slots — a slot's ranking reads
+// only its block's layers, so a layer-major prefill ranks each block once
+// its layers are done — leaving the other slots' rows of `flags` as they
+// are (it must hold n_slots x n entries already; else it is sized with 1s).
 Status policy_flags(const KvPolicyConfig& policy, const kvstore::KvLayout& layout, int64_t first,
-                    int64_t n, std::vector<uint8_t>& flags, const AttentionStats* stats = nullptr);
+                    int64_t n, std::vector<uint8_t>& flags, const AttentionStats* stats = nullptr,
+                    std::span<const int64_t> only_slots = {});
 
 }  // namespace kvgate::engine

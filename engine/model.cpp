@@ -183,6 +183,21 @@ const fp16_t* KvCache::v(int64_t layer, int64_t kv_head) const {
   return data_.data() + (((layer * 2 + 1) * n_kv_heads_ + kv_head) * capacity_) * head_dim_;
 }
 
+namespace {
+
+// INVALID_ARGUMENT naming the first token id outside [0, n_vocab).
+Status check_token_ids(std::span<const int32_t> tokens, int64_t n_vocab, const std::string& prefix) {
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= n_vocab) {
+      return invalid_argument(prefix + "token id " + std::to_string(t) + " outside the vocabulary [0, " +
+                              std::to_string(n_vocab) + ")");
+    }
+  }
+  return Status();
+}
+
+}  // namespace
+
 CpuForward::CpuForward(const LlamaModel& model, const ForwardOptions& options)
     : model_(model), options_(options), pool_(options.n_threads) {
   options_.max_batch_tokens = std::max<int64_t>(1, options_.max_batch_tokens);
@@ -223,12 +238,7 @@ Status CpuForward::forward(std::span<const BatchItem> items, float* logits_out) 
       return out_of_range("sequence of " + std::to_string(end) + " tokens exceeds its KV cache of " +
                           std::to_string(it.cache->capacity()) + " tokens");
     }
-    for (int32_t t : it.tokens) {
-      if (t < 0 || t >= c.n_vocab) {
-        return invalid_argument("token id " + std::to_string(t) + " outside the vocabulary [0, " +
-                                std::to_string(c.n_vocab) + ")");
-      }
-    }
+    KVGATE_RETURN_IF_ERROR(check_token_ids(it.tokens, c.n_vocab, ""));
     n += static_cast<int64_t>(it.tokens.size());
     max_context = std::max(max_context, end);
     n_logits += it.want_logits ? 1 : 0;
@@ -378,10 +388,7 @@ Status CpuForward::forward_compressed(std::span<const CompressedItem> items, flo
   for (int64_t i = 0; i < n; ++i) {
     const CompressedItem& it = items[i];
     if (it.cache == nullptr) return invalid_argument("batch item " + std::to_string(i) + " has no cache");
-    if (it.token < 0 || it.token >= c.n_vocab) {
-      return invalid_argument("token id " + std::to_string(it.token) + " outside the vocabulary [0, " +
-                              std::to_string(c.n_vocab) + ")");
-    }
+    KVGATE_RETURN_IF_ERROR(check_token_ids(std::span<const int32_t>(&it.token, 1), c.n_vocab, ""));
     if (it.cache->layout().n_layers() != c.n_layers || it.cache->layout().n_kv_heads() != c.n_kv_heads ||
         it.cache->layout().head_dim != c.head_dim) {
       return invalid_argument("batch item " + std::to_string(i) + ": cache layout does not match the model");
@@ -663,12 +670,7 @@ Status CpuForward::prefill_layers(std::span<const PrefillSequence> seqs,
       return out_of_range(which + ": " + std::to_string(end) + " tokens exceed its KV cache of " +
                           std::to_string(s.cache->capacity()) + " tokens");
     }
-    for (int32_t t : s.tokens) {
-      if (t < 0 || t >= c.n_vocab) {
-        return invalid_argument(which + ": token id " + std::to_string(t) +
-                                " outside the vocabulary [0, " + std::to_string(c.n_vocab) + ")");
-      }
-    }
+    KVGATE_RETURN_IF_ERROR(check_token_ids(s.tokens, c.n_vocab, which + ": "));
     if (s.stats != nullptr) {
       if (seqs.size() != 1) {
         return invalid_argument("attention statistics are recorded for a prefill of one sequence only");

@@ -339,8 +339,9 @@ Status ship_groups(const LlamaConfig& c, StreamJob& j, int64_t layer) {
       dense_gate = gate->dense_gate(j.gate_rows);
     } else if (policy_needs_stats(plan.config)) {
       // Ranked by the attention the tokens received in the group's layers,
-      // which are complete now (later layers' statistics are not used).
-      KVGATE_RETURN_IF_ERROR(policy_flags(plan.config, plan.layout, 0, j.n, j.flags, j.obs.stats.get()));
+      // which are complete now; only the group's slots.
+      KVGATE_RETURN_IF_ERROR(
+          policy_flags(plan.config, plan.layout, 0, j.n, j.flags, j.obs.stats.get(), group.slots));
     } else if (!j.flags_ready) {
       KVGATE_RETURN_IF_ERROR(policy_flags(plan.config, plan.layout, 0, j.n, j.flags, nullptr));
       j.flags_ready = true;
