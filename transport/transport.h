@@ -134,6 +134,10 @@ struct TransportCounters {
   uint64_t malformed_messages = 0;  // failed to decode or violate the protocol
   uint64_t transfers_ok = 0;
   uint64_t transfers_failed = 0;
+  // Received segments whose CRC32C the backend took while the bytes landed
+  // (ucx over tcp/shared-memory bounce buffers, eager payloads): no second
+  // pass over the pages.
+  uint64_t segments_checksummed_landing = 0;
 };
 
 // Tests only: fault injection.

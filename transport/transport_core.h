@@ -92,7 +92,9 @@ class TransportCore : public Transport {
   // move the payload into the pieces, then segment_landed(cookie, …).
   // Error: drop the payload (already counted and handled here).
   Result<Landing> on_segment_header(std::span<const std::byte> header, size_t payload_bytes);
-  void segment_landed(uint64_t cookie, Status status);
+  // `crc`: the segment's CRC32C, taken by the backend while the bytes
+  // landed (then no pass over the pages follows); else the core computes it.
+  void segment_landed(uint64_t cookie, Status status, std::optional<uint32_t> crc = std::nullopt);
   void segment_sent(uint64_t cookie, Status status);
   void flushed(uint64_t cookie, Status status);
   void peer_lost(PeerId peer, Status status);

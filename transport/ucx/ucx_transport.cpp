@@ -1,8 +1,11 @@
 #include "transport/ucx/ucx_transport.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <string>
+
+#include "common/crc32c.h"
 
 namespace kvgate::transport {
 
@@ -94,7 +97,71 @@ struct UcxTransport::Op {
   Bytes buffer;                                // control message
   std::byte header[wire::kSegmentBytes];       // AM data header
   std::vector<ucp_dt_iov_t> iov;               // scattered receive
+  // Receive through the copy+crc datatype: where the bytes go, a cursor
+  // (the piece holding offset piece_base), and the CRC32C of the bytes
+  // [0, crc_next) while fragments come in order.
+  std::vector<std::pair<std::byte*, size_t>> pieces;
+  size_t piece = 0;
+  uint64_t piece_base = 0;
+  uint32_t crc = 0;
+  uint64_t crc_next = 0;
+  bool fused = false;
+  bool in_order = true;
 };
+
+// UCX's generic datatype for a receive: the receive's buffer is its Op.
+struct UcxTransport::LandingDt {
+  static void* start_pack(void*, const void*, size_t) { return nullptr; }  // receive only
+  static void* start_unpack(void*, void* buffer, size_t) { return buffer; }
+  static size_t packed_size(void* state) { return static_cast<Op*>(state)->expect_bytes; }
+  static size_t pack(void*, size_t, void*, size_t) { return 0; }
+  static void finish(void*) {}
+
+  // One fragment of the payload at `offset`: checksummed while hot (in
+  // order only), then copied into the pieces.
+  static ucs_status_t unpack(void* state, size_t offset, const void* src, size_t length) {
+    Op* op = static_cast<Op*>(state);
+    if (offset > op->expect_bytes || length > op->expect_bytes - offset) return UCS_ERR_MESSAGE_TRUNCATED;
+    if (offset == op->crc_next) {
+      op->crc = crc32c(src, length, op->crc);
+      op->crc_next += length;
+    } else {
+      op->in_order = false;
+    }
+    if (offset < op->piece_base) {
+      op->piece = 0;
+      op->piece_base = 0;
+    }
+    while (op->piece < op->pieces.size() && offset >= op->piece_base + op->pieces[op->piece].second) {
+      op->piece_base += op->pieces[op->piece].second;
+      ++op->piece;
+    }
+    const auto* from = static_cast<const std::byte*>(src);
+    size_t i = op->piece;
+    uint64_t base = op->piece_base, at = offset;
+    while (length > 0 && i < op->pieces.size()) {
+      const auto [dst, n] = op->pieces[i];
+      const uint64_t within = at - base;
+      const size_t take = std::min<uint64_t>(length, n - within);
+      std::memcpy(dst + within, from, take);
+      from += take;
+      at += take;
+      length -= take;
+      if (within + take == n) {
+        base += n;
+        ++i;
+      }
+    }
+    return UCS_OK;
+  }
+};
+
+bool UcxTransport::lands_by_copy(const std::vector<std::string>& tls) {
+  if (tls.empty()) return false;  // UCX's choice: may be zero-copy
+  for (const auto& tl : tls)
+    if (tl != "tcp" && tl != "posix" && tl != "sysv" && tl != "self") return false;
+  return true;
+}
 
 Result<UcxOp> UcxTransport::choose_op(const TransportConfig& config) {
   switch (config.ucx_op) {
@@ -124,6 +191,7 @@ Result<std::unique_ptr<Transport>> UcxTransport::create(const TransportConfig& c
   KVGATE_ASSIGN_OR_RETURN(auto ctx, UcxContext::create(config, options.region, options.region_bytes));
   std::unique_ptr<UcxTransport> t(new UcxTransport(options, op, std::move(ctx)));
   KVGATE_RETURN_IF_ERROR(t->install_handlers());
+  if (lands_by_copy(config.ucx_tls)) KVGATE_RETURN_IF_ERROR(t->create_landing_datatype());
   return std::unique_ptr<Transport>(std::move(t));
 }
 
@@ -156,6 +224,42 @@ Status UcxTransport::install_handlers() {
     if (st != UCS_OK) return ucx_status(st, "ucp_worker_set_am_recv_handler");
   }
   return {};
+}
+
+Status UcxTransport::create_landing_datatype() {
+  static const ucp_generic_dt_ops_t ops = {&LandingDt::start_pack, &LandingDt::start_unpack,
+                                           &LandingDt::packed_size, &LandingDt::pack,
+                                           &LandingDt::unpack,      &LandingDt::finish};
+  ucs_status_t st = ucp_dt_create_generic(&ops, nullptr, &landing_dt_);
+  if (st != UCS_OK) {
+    landing_dt_ = 0;
+    return ucx_status(st, "ucp_dt_create_generic");
+  }
+  return {};
+}
+
+void UcxTransport::set_landing(Op* op, const std::vector<std::pair<std::byte*, size_t>>& pieces,
+                               uint64_t bytes, ucp_request_param_t& prm, void*& buffer, size_t& count) {
+  op->expect_bytes = bytes;
+  if (landing_dt_) {
+    op->fused = true;
+    op->pieces = pieces;
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    prm.datatype = landing_dt_;
+    buffer = op;
+    count = 1;
+    return;
+  }
+  buffer = pieces[0].first;
+  count = pieces[0].second;
+  if (pieces.size() > 1) {
+    op->iov.reserve(pieces.size());
+    for (auto [dst, n] : pieces) op->iov.push_back({dst, n});
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    prm.datatype = ucp_dt_make_iov();
+    buffer = op->iov.data();
+    count = op->iov.size();
+  }
 }
 
 UcxTransport::~UcxTransport() {
@@ -209,6 +313,7 @@ UcxTransport::~UcxTransport() {
   for (auto r : closing) ucp_request_free(r);
   ctx_.reset();  // may still complete requests: on_send/on_recv see closing_
   for (Op* op : live_ops_) delete op;
+  if (landing_dt_) ucp_dt_destroy(landing_dt_);
 }
 
 UcxTransport::Peer* UcxTransport::live_peer(PeerId peer) {
@@ -290,7 +395,10 @@ void UcxTransport::complete(Op* op, ucs_status_t status) {
         flushed(op->cookie, std::move(s));
         break;
       case kRecvOp:
-        segment_landed(op->cookie, std::move(s));
+        segment_landed(op->cookie, std::move(s),
+                       op->fused && op->in_order && op->crc_next == op->expect_bytes
+                           ? std::optional<uint32_t>(op->crc)
+                           : std::nullopt);
         break;
       case kDrainOp:  // a refused segment's payload, consumed and discarded
         break;
@@ -443,12 +551,14 @@ ucs_status_t UcxTransport::on_am_data(void* arg, const void* header, size_t head
   auto landing = self->on_segment_header({static_cast<const std::byte*>(header), header_length}, length);
   if (!landing.ok()) return UCS_OK;  // dropped: a rendezvous is not fetched, its send completes
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    // In UCX's receive buffer, hot: checksummed on the way into the pages.
+    const uint32_t crc = crc32c(data, length);
     size_t at = 0;
     for (auto [dst, n] : landing->pieces) {
       std::memcpy(dst, static_cast<const std::byte*>(data) + at, n);
       at += n;
     }
-    self->segment_landed(landing->cookie, {});
+    self->segment_landed(landing->cookie, {}, crc);
     return UCS_OK;
   }
   Op* op = self->new_op(kRecvOp, landing->cookie);
@@ -456,16 +566,9 @@ ucs_status_t UcxTransport::on_am_data(void* arg, const void* header, size_t head
   prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   prm.cb.recv_am = &UcxTransport::on_recv;
   prm.user_data = op;
-  void* buffer = landing->pieces[0].first;
-  size_t count = landing->pieces[0].second;
-  if (landing->pieces.size() > 1) {
-    op->iov.reserve(landing->pieces.size());
-    for (auto [dst, n] : landing->pieces) op->iov.push_back({dst, n});
-    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
-    prm.datatype = ucp_dt_make_iov();
-    buffer = op->iov.data();
-    count = op->iov.size();
-  }
+  void* buffer = nullptr;
+  size_t count = 0;
+  self->set_landing(op, landing->pieces, length, prm, buffer, count);
   self->track(op, ucp_am_recv_data_nbx(self->ctx_->worker(), data, buffer, count, &prm));
   return UCS_INPROGRESS;
 }
@@ -492,33 +595,24 @@ ucs_status_t UcxTransport::on_am_tag_header(void* arg, const void* header, size_
     // send completes. From anyone else: nothing is posted on their behalf
     // (their tagged messages are swept and discarded, sweep_unexpected).
     if (landing.status().code() == StatusCode::kUnavailable || seg.length_bytes == 0) return UCS_OK;
-    self->receive_tagged(tag, nullptr, 0, false, self->new_op(kDrainOp, 0));
+    self->receive_tagged(tag, nullptr, 0, {}, self->new_op(kDrainOp, 0));
     return UCS_OK;
   }
   Op* op = self->new_op(kRecvOp, landing->cookie);
-  op->expect_bytes = seg.length_bytes;
   op->peer = landing->peer.value();  // cancelled if that peer is lost
-  void* buffer = landing->pieces[0].first;
-  size_t count = landing->pieces[0].second;
-  if (landing->pieces.size() > 1) {
-    op->iov.reserve(landing->pieces.size());
-    for (auto [dst, n] : landing->pieces) op->iov.push_back({dst, n});
-    buffer = op->iov.data();
-    count = op->iov.size();
-  }
-  self->receive_tagged(tag, buffer, count, landing->pieces.size() > 1, op);
+  ucp_request_param_t prm{};
+  void* buffer = nullptr;
+  size_t count = 0;
+  self->set_landing(op, landing->pieces, seg.length_bytes, prm, buffer, count);
+  self->receive_tagged(tag, buffer, count, prm, op);
   return UCS_OK;
 }
 
-void UcxTransport::receive_tagged(uint64_t tag, void* buffer, size_t count, bool iov, Op* op) {
-  ucp_request_param_t prm{};
-  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+// `prm` carries the datatype (set_landing), if any.
+void UcxTransport::receive_tagged(uint64_t tag, void* buffer, size_t count, ucp_request_param_t prm, Op* op) {
+  prm.op_attr_mask |= UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
   prm.cb.recv = &UcxTransport::on_tag_recv;
   prm.user_data = op;
-  if (iov) {
-    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
-    prm.datatype = ucp_dt_make_iov();
-  }
   auto held = held_.find(tag);
   if (held != held_.end()) {  // it arrived before its header and was swept
     const ucp_tag_message_h message = held->second.message;

@@ -8,10 +8,9 @@
 //               rendezvous is rejected and counted.
 //   kAmData     a segment: the Segment header as the AM header, the bytes
 //               as the payload. Rendezvous payloads are received with
-//               ucp_am_recv_data_nbx straight into the posted pages (an iov
-//               when the segment spans several pages): no extra copy.
+//               ucp_am_recv_data_nbx into the posted pages (see "Landing").
 //               Eager payloads (small segments) are copied once from UCX's
-//               receive buffer into the pages.
+//               receive buffer into the pages, checksummed as they are.
 //   kAmTagHeader (op tag) a segment's header alone, forced eager. The
 //               payload follows as a tagged message (ucp_tag_send_nbx from
 //               the sender's buffer); the receiver, on the header, posts
@@ -30,6 +29,17 @@
 //               endpoint's, a payload racing its header) are taken out of
 //               UCX's unexpected queue every sweep and held at most
 //               kHoldUnexpected, then discarded (truncated): bounded memory.
+// Landing: over transports where the CPU copies every received byte out of
+// UCX's bounce buffers anyway (transport.ucx_tls naming only tcp, posix,
+// sysv, self), a rendezvous or tagged payload is received through a UCX
+// generic datatype whose unpack callback copies each fragment into the
+// pages and extends the segment's CRC32C over it while it is still in
+// cache; the completed segment needs no second pass over its bytes (the
+// core checks the CRC against the manifest as always). Fragments out of
+// order (not seen over one tcp lane) fall back to a pass after landing.
+// Elsewhere (RDMA, cma/knem, or UCX's choice when ucx_tls is empty) the
+// payload lands zero-copy in the pages (contiguous or iov) and the core
+// checksums it after. `landing_name()` says which.
 // On the wire the tag op announces itself as active messages (the segment
 // header protocol is the same); a receiver accepts am and tag from any peer.
 // With DataOp put the sender writes the pages itself (ucp_put_nbx with the
@@ -68,6 +78,11 @@ class UcxTransport final : public TransportCore {
   Result<Bytes> address() override { return address_; }
   // "am", "tag" or "put": the data op this side uses to send.
   std::string_view op_name() const;
+  // "copy+crc" (generic datatype, checksummed while landing) or "direct".
+  std::string_view landing_name() const { return landing_dt_ ? "copy+crc" : "direct"; }
+  // Whether `tls` (transport.ucx_tls) lands received bytes through a CPU
+  // copy anyway: every entry tcp, posix, sysv or self.
+  static bool lands_by_copy(const std::vector<std::string>& tls);
 
   // The op `config.ucx_op` selects (see above): kAm, kTag or kPut.
   static Result<UcxOp> choose_op(const TransportConfig& config);
@@ -82,9 +97,14 @@ class UcxTransport final : public TransportCore {
  private:
   struct Peer;
   struct Op;
+  struct LandingDt;  // the generic datatype's callbacks
 
   UcxTransport(const TransportOptions& options, UcxOp op, std::unique_ptr<UcxContext> ctx);
   Status install_handlers();
+  Status create_landing_datatype();
+  // Fills the receive's buffer/count/datatype for `op` landing in `pieces`.
+  void set_landing(Op* op, const std::vector<std::pair<std::byte*, size_t>>& pieces, uint64_t bytes,
+                   ucp_request_param_t& prm, void*& buffer, size_t& count);
   Peer* live_peer(PeerId peer);
   Op* new_op(int kind, uint64_t cookie);
   void track(Op* op, ucs_status_ptr_t request);
@@ -95,7 +115,7 @@ class UcxTransport final : public TransportCore {
   // only_dead, those whose transfer the core erased.
   void cancel_tag_receives(uint64_t peer, bool only_dead);
   // Receives a tagged payload into buffer/count (count 0: discards it).
-  void receive_tagged(uint64_t tag, void* buffer, size_t count, bool iov, Op* op);
+  void receive_tagged(uint64_t tag, void* buffer, size_t count, ucp_request_param_t prm, Op* op);
   void sweep_unexpected(bool discard_all);
 
   static void on_send(void* request, ucs_status_t status, void* user_data);
@@ -112,6 +132,7 @@ class UcxTransport final : public TransportCore {
 
   std::unique_ptr<UcxContext> ctx_;
   UcxOp data_op_;  // kAm, kTag or kPut
+  ucp_datatype_t landing_dt_ = 0;  // nonzero: land through the copy+crc generic datatype
   Clock::time_point next_sweep_{};  // next check for tag receives of erased transfers
   struct Held {
     ucp_tag_message_h message;

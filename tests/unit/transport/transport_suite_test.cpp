@@ -14,6 +14,8 @@
 
 #if KVGATE_HAVE_UCX
 #include <ucp/api/ucp.h>
+
+#include "transport/ucx/ucx_transport.h"
 #endif
 
 namespace kvgate::transport::testing {
@@ -116,6 +118,13 @@ TEST_P(TransportSuite, ManySegmentsLandInScatteredPages) {
   EXPECT_EQ(received_[0].segments, sizes.size());
   EXPECT_EQ(sent_[0].bytes, total);
   EXPECT_TRUE(gather(region_, ranges, 0, total) == src);
+  // Over tcp every segment (eager or rendezvous, one page or several) was
+  // checksummed as it landed, and that CRC matched the sender's.
+  if (GetParam().checksums_while_landing) {
+    EXPECT_EQ(receiver_->counters().segments_checksummed_landing, sizes.size());
+  } else if (GetParam().config.kind == TransportKind::kLoopback || GetParam().config.ucx_op == UcxOp::kPut) {
+    EXPECT_EQ(receiver_->counters().segments_checksummed_landing, 0u);
+  }
   // Bytes outside the posted pages are untouched.
   EXPECT_EQ(region_[0], std::byte{0});
   EXPECT_EQ(region_[5 * kPageBytes], std::byte{0});
@@ -616,6 +625,19 @@ TEST_P(TransportSuite, WithoutExtendSendTheOldGrantStillBinds) {
 
 INSTANTIATE_TEST_SUITE_P(AllTransports, TransportSuite, ::testing::ValuesIn(all_transports()),
                          [](const auto& info) { return info.param.name; });
+
+#if KVGATE_HAVE_UCX
+TEST(TransportFactory, UcxLandsByCopyOnlyOverBounceBufferTransports) {
+  EXPECT_TRUE(UcxTransport::lands_by_copy({"tcp"}));
+  EXPECT_TRUE(UcxTransport::lands_by_copy({"posix", "sysv", "tcp"}));
+  EXPECT_TRUE(UcxTransport::lands_by_copy({"self", "tcp"}));
+  EXPECT_FALSE(UcxTransport::lands_by_copy({}));  // UCX's choice: may be zero-copy
+  EXPECT_FALSE(UcxTransport::lands_by_copy({"sm", "tcp"}));  // sm includes cma/knem
+  EXPECT_FALSE(UcxTransport::lands_by_copy({"cma", "tcp"}));
+  EXPECT_FALSE(UcxTransport::lands_by_copy({"rc", "tcp"}));
+  EXPECT_FALSE(UcxTransport::lands_by_copy({"cuda_copy", "tcp"}));
+}
+#endif
 
 TEST(TransportFactory, NcclIsUnimplemented) {
   TransportConfig c;

@@ -24,6 +24,9 @@ using namespace std::chrono_literals;
 struct TransportParam {
   std::string name;  // test name suffix
   TransportConfig config;
+  // The receiver checksums every received segment while it lands (ucx
+  // am/tag over tcp: the copy+crc datatype; eager payloads).
+  bool checksums_while_landing = false;
 };
 
 inline std::vector<TransportParam> all_transports() {
@@ -38,7 +41,8 @@ inline std::vector<TransportParam> all_transports() {
     c.ucx_op = op;
     c.ucx_tls = {"tcp"};
     c.ucx_net_devices = {"lo"};
-    v.push_back({op == UcxOp::kAm ? "ucx_am_tcp" : op == UcxOp::kTag ? "ucx_tag_tcp" : "ucx_put_tcp", c});
+    v.push_back({op == UcxOp::kAm ? "ucx_am_tcp" : op == UcxOp::kTag ? "ucx_tag_tcp" : "ucx_put_tcp", c,
+                 op != UcxOp::kPut});
   }
   for (auto op : {UcxOp::kAm, UcxOp::kTag}) {
     TransportConfig shm;
