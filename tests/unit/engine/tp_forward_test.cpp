@@ -19,6 +19,12 @@
 #include "engine/tp/tp_shard.h"
 #include "tests/unit/engine/test_model.h"
 
+#if KVGATE_HAVE_NCCL
+#include <cuda_runtime_api.h>
+
+#include "engine/tp/nccl_collective.h"
+#endif
+
 namespace kvgate::engine::tp {
 namespace {
 
@@ -356,6 +362,47 @@ TEST(TpForward, World3MatchesCpuForwardWithinRounding) {
               "continuations fully equal\n",
               worst, steps_compared, prompts_fully_compared, std::size(kPrompts));
 }
+
+#if KVGATE_HAVE_NCCL
+// ---- NcclCollective, the one path a single GPU can run: a group of one.
+// Built with -DKVGATE_NCCL=ON; skips without a GPU (UNVERIFIED so far: no
+// GPU was available when it was written).
+TEST(NcclCollective, SingleRankIsTheIdentityOnDeviceMemory) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
+  auto id = NcclCollective::new_unique_id();
+  ASSERT_TRUE(id.ok()) << id.status().to_string();
+  NcclCollectiveOptions o;
+  o.timeout = std::chrono::milliseconds(20000);
+  auto comm = NcclCollective::create(*id, 0, 1, o);
+  ASSERT_TRUE(comm.ok()) << comm.status().to_string();
+  EXPECT_EQ((*comm)->rank(), 0);
+  EXPECT_EQ((*comm)->world(), 1);
+  const size_t n = 4099;
+  std::vector<float> host(n), back(n);
+  for (size_t i = 0; i < n; ++i) host[i] = std::ldexp(1.0f + 0.37f * static_cast<float>(i), -static_cast<int>(i % 40));
+  void* raw = nullptr;
+  ASSERT_EQ(cudaMalloc(&raw, n * sizeof(float)), cudaSuccess);
+  auto* dev = static_cast<float*>(raw);
+  ASSERT_EQ(cudaMemcpy(dev, host.data(), n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  Status s = (*comm)->all_reduce_sum(dev, n);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  EXPECT_TRUE((*comm)->broadcast(dev, n * sizeof(float), 0).ok());
+  EXPECT_TRUE((*comm)->barrier().ok());
+  ASSERT_EQ(cudaMemcpy(back.data(), dev, n * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_TRUE(bit_equal(back, host));
+  // Host memory is refused, not handed to NCCL.
+  EXPECT_EQ((*comm)->all_reduce_sum(host.data(), n).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ((*comm)->broadcast(dev, 4, 1).code(), StatusCode::kInvalidArgument);
+  cudaFree(dev);
+}
+
+TEST(NcclCollective, BadRankIsInvalidArgument) {
+  NcclUniqueIdBytes id{};
+  EXPECT_EQ(NcclCollective::create(id, 1, 1).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(NcclCollective::create(id, 0, 0).status().code(), StatusCode::kInvalidArgument);
+}
+#endif
 
 }  // namespace
 }  // namespace kvgate::engine::tp
