@@ -9,10 +9,12 @@
 //     over an ncclComm_t; pointers are device pointers.
 //
 // Semantics every implementation keeps: each rank calls the same sequence of
-// operations with the same sizes. all_reduce_sum sums in rank order
-// (((r0 + r1) + r2) + ...) for every element, so every rank receives
-// bit-identical results and a run is reproducible. For world 1 every
-// operation is the identity (the data is unchanged bit for bit).
+// operations with the same sizes; all_reduce_sum hands every rank
+// bit-identical results (so replicated computation after it stays identical
+// on all ranks); for world 1 every operation is the identity (the data is
+// unchanged bit for bit). InProcessGroup also fixes the order of the sum,
+// rank order (((r0 + r1) + r2) + ...) for every element, so a run is
+// reproducible; NCCL picks its own order (nccl_collective.h).
 //
 // Threading: a Collective belongs to one thread (its rank's); different
 // ranks' objects are used concurrently. Calls block until every rank has
