@@ -17,11 +17,18 @@ nvcc="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
 if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
   cuda_build="${build}-cuda"
   echo "test: CUDA leg in ${cuda_build} (compile the CUDA backend; gpu tests run where a GPU is)"
-  if [[ ! -f "${cuda_build}/build.ninja" ]]; then
-    cmake -S "${root}" -B "${cuda_build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-      -DKVGATE_CUDA=ON -DCMAKE_CUDA_COMPILER="${nvcc}"
+  # NCCL (tensor parallelism's collective) where its header is installed.
+  nccl=OFF
+  targets=(kvgate_engine_cuda cuda_conformance_test)
+  if [[ -f /usr/local/cuda/include/nccl.h || -f /usr/include/nccl.h ]]; then
+    nccl=ON
+    targets+=(kvgate_engine_tp_nccl)
   fi
-  cmake --build "${cuda_build}" -j "${jobs}" --target kvgate_engine_cuda cuda_conformance_test
+  # Configured every time (seconds when nothing changed) so an option added
+  # here reaches a build directory made before it.
+  cmake -S "${root}" -B "${cuda_build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DKVGATE_CUDA=ON -DKVGATE_NCCL="${nccl}" -DCMAKE_CUDA_COMPILER="${nvcc}" >/dev/null
+  cmake --build "${cuda_build}" -j "${jobs}" --target "${targets[@]}"
   (cd "${cuda_build}" && ctest --output-on-failure --timeout 600 -L gpu)
 else
   echo "test: CUDA leg skipped (no ${nvcc}, or KVGATE_CUDA_LEG=0)"
