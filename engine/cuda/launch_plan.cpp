@@ -178,6 +178,60 @@ Status check_attn_tasks(const AttnTask* tasks, int64_t n_tasks, const AttentionP
   return Status();
 }
 
+Result<PrefillAttentionPlan> plan_prefill_attention(const PrefillAttentionShape& s) {
+  if (s.max_queries < 1 || s.n_heads < 1 || s.n_kv_heads < 1 || s.head_dim < 1 ||
+      s.max_context < 1) {
+    return invalid_argument("cuda prefill attention: queries (" + str(s.max_queries) +
+                            "), heads (" + str(s.n_heads) + "), KV heads (" + str(s.n_kv_heads) +
+                            "), head_dim (" + str(s.head_dim) + ") and context (" +
+                            str(s.max_context) + ") must be >= 1");
+  }
+  if (s.n_heads % s.n_kv_heads != 0) {
+    return invalid_argument("cuda prefill attention: " + str(s.n_heads) +
+                            " query heads are not a multiple of " + str(s.n_kv_heads) +
+                            " KV heads");
+  }
+  if (s.head_dim % 2 != 0 || s.head_dim > kPrefillMaxHeadDim) {
+    return unimplemented("cuda prefill attention: head_dim " + str(s.head_dim) +
+                         " (the kernel takes even head dims up to " + str(kPrefillMaxHeadDim) +
+                         ")");
+  }
+  if (s.max_queries > s.max_context) {
+    return invalid_argument("cuda prefill attention: " + str(s.max_queries) +
+                            " queries per launch exceed the cache's " + str(s.max_context) +
+                            " rows");
+  }
+  // Row offsets inside one KV head's slice are computed in int64, but key
+  // indices are int: the context must fit int32.
+  if (s.max_context > std::numeric_limits<int32_t>::max() / 2) {
+    return invalid_argument("cuda prefill attention: context " + str(s.max_context) +
+                            " exceeds 2^30");
+  }
+  if (s.n_heads > kMaxGridY) {
+    return invalid_argument("cuda prefill attention: " + str(s.n_heads) + " heads exceed " +
+                            str(kMaxGridY) + " per launch");
+  }
+  PrefillAttentionPlan p;
+  p.shape = s;
+  p.group = s.n_heads / s.n_kv_heads;
+  p.queries_per_warp = s.head_dim <= 128 ? kPrefillMaxQueriesPerWarp : kPrefillMaxQueriesPerWarp / 2;
+  p.q_tile = int64_t{kPrefillWarps} * p.queries_per_warp;
+  p.key_tile = kPrefillKeyTile;
+  p.max_q_tiles = ceil_div(s.max_queries, p.q_tile);
+  p.block_threads = kPrefillWarps * kWarpSize;
+  p.k_row_halves = s.head_dim + 2;
+  p.shared_bytes = static_cast<size_t>(p.q_tile * s.head_dim) * sizeof(float) +
+                   static_cast<size_t>(p.key_tile * p.k_row_halves) * 2 +
+                   static_cast<size_t>(p.key_tile * s.head_dim) * 2;
+  if (p.shared_bytes > static_cast<size_t>(kPrefillMaxSharedBytes)) {
+    // Not reachable for head_dim <= kPrefillMaxHeadDim (the tile shrinks
+    // above 128); kept so a change of constants cannot launch a bad shape.
+    return unimplemented("cuda prefill attention: head_dim " + str(s.head_dim) + " needs " +
+                         str(static_cast<int64_t>(p.shared_bytes)) + " bytes of shared memory");
+  }
+  return p;
+}
+
 Result<PageCopyPlan> plan_page_copy(int64_t n_pages, int64_t page_bytes) {
   if (n_pages < 0 || page_bytes < 1) {
     return invalid_argument("cuda page copy: n_pages (" + str(n_pages) +

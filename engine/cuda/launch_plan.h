@@ -113,6 +113,50 @@ Result<AttentionPlan> plan_decode_attention(const AttentionShape& shape);
 // so this is the caller's gate before uploading them.
 Status check_attn_tasks(const AttnTask* tasks, int64_t n_tasks, const AttentionPlan& plan);
 
+// ---------------------------------------------------------------- prefill attention
+
+// Causal prefill attention over a dense fp16 cache (one sequence): queries
+// at positions [past, past + n) attend to keys [0, past + n) of their KV
+// head (GQA: query head q uses KV head q / (n_heads / n_kv_heads)). The
+// cache holds, per KV head, max_context rows of head_dim fp16 (K and V in
+// separate arrays, as engine::KvCache's layer slices).
+struct PrefillAttentionShape {
+  int64_t max_queries = 0;  // queries per launch (the prefill chunk)
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_context = 0;  // cache rows per KV head; past + n <= this
+};
+
+// Grid (q_tiles, n_heads) of block_threads threads; q_tile =
+// kPrefillWarps * queries_per_warp queries per block (4 per warp up to
+// head_dim 128, 2 above, so shared memory stays within
+// kPrefillMaxSharedBytes). Shared memory: the tile's queries as fp32
+// (rounded to fp16), and one key tile of K (rows padded by 2 halves: the
+// lanes' row reads fall in distinct banks) and V as fp16.
+struct PrefillAttentionPlan {
+  PrefillAttentionShape shape;
+  int64_t group = 0;  // query heads per KV head
+  int queries_per_warp = 0;
+  int64_t q_tile = 0;
+  int64_t key_tile = 0;  // kPrefillKeyTile
+  int64_t max_q_tiles = 0;  // grid x for max_queries
+  int block_threads = 0;
+  int64_t k_row_halves = 0;  // head_dim + 2
+  size_t shared_bytes = 0;
+};
+
+// Errors: a size < 1, n_heads not a multiple of n_kv_heads, max_queries >
+// max_context (INVALID_ARGUMENT); odd head_dim or head_dim >
+// kPrefillMaxHeadDim (UNIMPLEMENTED); grid or cache sizes past CUDA's or
+// int32's limits (INVALID_ARGUMENT).
+Result<PrefillAttentionPlan> plan_prefill_attention(const PrefillAttentionShape& shape);
+
+// Query tiles (grid x) for a launch of n_queries.
+inline int64_t prefill_q_tiles(const PrefillAttentionPlan& plan, int64_t n_queries) {
+  return (n_queries + plan.q_tile - 1) / plan.q_tile;
+}
+
 // ---------------------------------------------------------------- copies
 
 // KV page gather (pages -> contiguous wire staging) and scatter (back):
