@@ -30,6 +30,7 @@
 
 #include "engine/cuda/cuda_forward.h"
 #include "engine/cuda/device_buffer.h"
+#include "engine/cuda/launch_plan.h"
 #include "engine/model.h"
 
 namespace kvgate::engine::cuda {
@@ -205,13 +206,27 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
   CudaForwardOptions o;
   o.max_prefill_tokens = max_prefill;
   o.max_context_tokens = std::max(max_prefill, f.decode_context + f.decode_steps + 8);
-  // What the device must hold (fits an 80 GB H100 for Llama-3-8B in F16:
-  // ~15 GB of weights, ~1 GB of cache at 4 K tokens, ~1 GB of scratch).
-  const double kv_gb = 2.0 * c.n_layers * c.kv_dim() * 2 * double(o.max_context_tokens) / 1e9;
-  const double scratch_gb =
-      4.0 * max_prefill * (4.0 * c.n_embd + 2.0 * c.q_dim() + 2.0 * c.kv_dim() + 2.0 * c.n_ff) / 1e9;
-  std::fprintf(stderr, "%s: uploading (KV cache %.2f GB, scratch %.2f GB)\n", name.c_str(), kv_gb,
-               scratch_gb);
+  // What the device must hold (Llama-3-8B in F16: ~15 GB of weights, ~0.6
+  // GB of cache, ~1.5 GB of scratch; cuda_plan_test checks the arithmetic).
+  ForwardMemoryShape ms;
+  ms.n_layers = c.n_layers;
+  ms.n_embd = c.n_embd;
+  ms.n_ff = c.n_ff;
+  ms.n_heads = c.n_heads;
+  ms.n_kv_heads = c.n_kv_heads;
+  ms.head_dim = c.head_dim;
+  ms.n_vocab = c.n_vocab;
+  ms.layer_type = w.layers[0].wq.type;
+  ms.embd_type = w.token_embd.type;
+  ms.tied_output = w.output.data == w.token_embd.data;
+  ms.output_type = w.output.type;
+  ms.max_context = o.max_context_tokens;
+  ms.max_prefill = o.max_prefill_tokens;
+  if (auto need = plan_forward_memory(ms); need.ok()) {
+    std::fprintf(stderr, "%s: uploading; device memory needed ~%.2f GB (KV cache %.2f GB, "
+                 "scratch %.2f GB)\n", name.c_str(), need->total_bytes / 1e9,
+                 need->kv_cache_bytes / 1e9, need->scratch_bytes / 1e9);
+  }
   auto created = CudaForward::create(w, o);
   if (!check(created.status(), "create")) return 1;
   CudaForward& fwd = **created;

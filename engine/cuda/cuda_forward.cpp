@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -64,6 +65,35 @@ Result<EmbedType> embed_type(GgmlType t) {
       return unimplemented("cuda forward: token embedding type " +
                            str(static_cast<int64_t>(t)) + " (F32, F16, Q4_1, Q8_0 only)");
   }
+}
+
+// The shape plan_forward_memory counts, when every layer matrix has one
+// type (otherwise the uploads find out one by one).
+std::optional<ForwardMemoryShape> memory_shape(const HostWeights& w,
+                                               const CudaForwardOptions& o) {
+  const LlamaConfig& c = w.config;
+  if (w.layers.empty()) return std::nullopt;
+  const GgmlType t = w.layers[0].wq.type;
+  for (const LayerWeights& l : w.layers) {
+    for (const cpu::WeightView* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+      if (m->type != t) return std::nullopt;
+    }
+  }
+  ForwardMemoryShape s;
+  s.n_layers = c.n_layers;
+  s.n_embd = c.n_embd;
+  s.n_ff = c.n_ff;
+  s.n_heads = c.n_heads;
+  s.n_kv_heads = c.n_kv_heads;
+  s.head_dim = c.head_dim;
+  s.n_vocab = c.n_vocab;
+  s.layer_type = t;
+  s.embd_type = w.token_embd.type;
+  s.tied_output = w.output.data == w.token_embd.data && w.output.type == w.token_embd.type;
+  s.output_type = w.output.type;
+  s.max_context = o.max_context_tokens;
+  s.max_prefill = o.max_prefill_tokens;
+  return s;
 }
 
 }  // namespace
@@ -163,6 +193,9 @@ Status CudaForward::Impl::upload_matrix(const cpu::WeightView& view, int64_t row
   if (!mp.ok()) return Status(mp.status().code(), name + ": " + mp.status().message());
   m.gemm = *mp;
   if (view.type != GgmlType::kF16) {
+    // A pageable upload may return before its DMA lands (on the legacy
+    // stream, which the forward's non-blocking stream does not wait for).
+    KVGATE_RETURN_IF_ERROR(cuda_status(cudaDeviceSynchronize(), "weight upload"));
     KVGATE_ASSIGN_OR_RETURN(m.f16, weight_to_f16(m.gemm, m.raw.data(), s()));
     gemm_bytes += m.f16.bytes();
   }
@@ -198,6 +231,26 @@ Status CudaForward::Impl::build(const HostWeights& w) {
   KVGATE_ASSIGN_OR_RETURN(embd_type, embed_type(w.token_embd.type));
   KVGATE_ASSIGN_OR_RETURN(stream, CudaStream::create());
   KVGATE_ASSIGN_OR_RETURN(cublas, CublasHandle::create());
+  // Does it fit? Counted before the first upload, so a model too large for
+  // the device fails at once, with the sizes, not after gigabytes of copies.
+  if (const auto shape = memory_shape(w, opt)) {
+    auto need = plan_forward_memory(*shape);
+    if (!need.ok()) {
+      return Status(need.status().code(), "cuda forward: " + need.status().message());
+    }
+    size_t free_bytes = 0, total_bytes = 0;
+    KVGATE_RETURN_IF_ERROR(cuda_status(cudaMemGetInfo(&free_bytes, &total_bytes), "memory info"));
+    if (need->total_bytes > free_bytes) {
+      return resource_exhausted(
+          "cuda forward: the model needs ~" + str(static_cast<int64_t>(need->total_bytes >> 20)) +
+          " MiB of device memory (weights " +
+          str(static_cast<int64_t>((need->gemv_weight_bytes + need->embedding_bytes +
+                                    need->gemm_weight_bytes) >> 20)) +
+          " MiB, KV cache " + str(static_cast<int64_t>(need->kv_cache_bytes >> 20)) +
+          " MiB, scratch " + str(static_cast<int64_t>(need->scratch_bytes >> 20)) + " MiB); " +
+          str(static_cast<int64_t>(free_bytes >> 20)) + " MiB are free");
+    }
+  }
 
   // Weights.
   const auto row_bytes = ggml_row_bytes(w.token_embd.type, static_cast<uint64_t>(c.n_embd));

@@ -157,6 +157,36 @@ inline int64_t prefill_q_tiles(const PrefillAttentionPlan& plan, int64_t n_queri
   return (n_queries + plan.q_tile - 1) / plan.q_tile;
 }
 
+// ---------------------------------------------------------------- forward memory
+
+// Device memory of a CudaForward (cuda_forward.h) for a model shape and its
+// options, counted on the host before anything is uploaded: does the model
+// fit? Layer matrices of one type (`layer_type`: F16, Q4_1 or Q8_0); an
+// fp16 copy of each for the prefill GEMM unless they are F16 already.
+struct ForwardMemoryShape {
+  int64_t n_layers = 0, n_embd = 0, n_ff = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t n_vocab = 0;
+  GgmlType layer_type = GgmlType::kF16;
+  GgmlType embd_type = GgmlType::kF16;
+  bool tied_output = true;  // the vocabulary projection reads the embedding
+  GgmlType output_type = GgmlType::kF16;  // when not tied
+  int64_t max_context = 0;
+  int64_t max_prefill = 0;
+};
+
+struct ForwardMemory {
+  size_t gemv_weight_bytes = 0;  // layer matrices + output projection: a decode step reads all
+  size_t embedding_bytes = 0;    // the token table when untied (0 when tied: counted above)
+  size_t gemm_weight_bytes = 0;  // fp16 copies for the prefill GEMM
+  size_t kv_cache_bytes = 0;     // layers x 2 x kv_dim x max_context fp16
+  size_t scratch_bytes = 0;      // activations for max_prefill rows, logits, workspaces (bound)
+  size_t total_bytes = 0;
+};
+
+// INVALID_ARGUMENT for sizes < 1 or a head count that does not divide;
+// UNIMPLEMENTED for a type the GEMV does not take.
+Result<ForwardMemory> plan_forward_memory(const ForwardMemoryShape& shape);
+
 // ---------------------------------------------------------------- copies
 
 // KV page gather (pages -> contiguous wire staging) and scatter (back):

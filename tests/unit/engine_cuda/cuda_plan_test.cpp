@@ -306,6 +306,86 @@ TEST(PrefillAttentionPlan, RejectsWhatTheKernelCannotTake) {
   EXPECT_NE(long_chunk.status().message().find("101 queries"), std::string::npos);
 }
 
+// ---------------------------------------------------------------- forward memory
+
+ForwardMemoryShape llama3_8b_f16() {
+  ForwardMemoryShape s;
+  s.n_layers = 32;
+  s.n_embd = 4096;
+  s.n_ff = 14336;
+  s.n_heads = 32;
+  s.n_kv_heads = 8;
+  s.head_dim = 128;
+  s.n_vocab = 128256;
+  s.layer_type = GgmlType::kF16;
+  s.embd_type = GgmlType::kF16;
+  s.tied_output = true;  // as the benchmark's synthetic model
+  s.max_context = 4096 + 512;
+  s.max_prefill = 4096;
+  return s;
+}
+
+TEST(ForwardMemory, Llama3_8BInF16FitsAnH100) {
+  auto m = plan_forward_memory(llama3_8b_f16());
+  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  // Per layer q, o: 4096 x 4096; k, v: 1024 x 4096; gate, up, down: 14336 x
+  // 4096 elements, 2 bytes each; plus the tied 128256 x 4096 table.
+  const size_t layer = (2ull * 4096 * 4096 + 2ull * 1024 * 4096 + 3ull * 14336 * 4096) * 2;
+  EXPECT_EQ(layer, 436207616u);
+  EXPECT_EQ(m->gemv_weight_bytes, 32 * layer + 128256ull * 4096 * 2);  // 15.0 GB
+  EXPECT_EQ(m->embedding_bytes, 0u);
+  EXPECT_EQ(m->gemm_weight_bytes, 0u);  // F16 rows serve the GEMM as they are
+  EXPECT_EQ(m->kv_cache_bytes, 32ull * 2 * 1024 * 4608 * 2);  // 0.6 GB
+  // Activations of a 4096-token chunk: ~0.6 GB; the rest is small.
+  EXPECT_GT(m->scratch_bytes, 4096ull * (2 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336) * 4);
+  EXPECT_LT(m->scratch_bytes, 2'000'000'000u);
+  EXPECT_EQ(m->total_bytes, m->gemv_weight_bytes + m->kv_cache_bytes + m->scratch_bytes);
+  EXPECT_LT(m->total_bytes, 20'000'000'000u);  // an 80 GB H100 holds it 4 times over
+  // Untied (as Llama 3 ships): one more 1.05 GB table.
+  ForwardMemoryShape untied = llama3_8b_f16();
+  untied.tied_output = false;
+  auto u = plan_forward_memory(untied);
+  ASSERT_TRUE(u.ok());
+  EXPECT_EQ(u->embedding_bytes, 128256ull * 4096 * 2);
+  EXPECT_EQ(u->total_bytes, m->total_bytes + 128256ull * 4096 * 2);
+}
+
+TEST(ForwardMemory, SmolLM2Q4_1) {
+  ForwardMemoryShape s;
+  s.n_layers = 30;
+  s.n_embd = 576;
+  s.n_ff = 1536;
+  s.n_heads = 9;
+  s.n_kv_heads = 3;
+  s.head_dim = 64;
+  s.n_vocab = 49152;
+  s.layer_type = GgmlType::kQ4_1;
+  s.embd_type = GgmlType::kQ8_0;
+  s.max_context = 1000;
+  s.max_prefill = 512;
+  auto m = plan_forward_memory(s);
+  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  // Q4_1: 20 bytes per 32 weights. q, o: 576 x 576; k, v: 192 x 576;
+  // gate, up: 1536 x 576; down: 576 x 1536. Q8_0 table: 34 per 32.
+  const size_t layer = 2 * 576 * 18 * 20 + 2 * 192 * 18 * 20 + 2 * 1536 * 18 * 20 + 576 * 48 * 20;
+  EXPECT_EQ(layer, 2211840u);
+  EXPECT_EQ(m->gemv_weight_bytes, 30 * layer + 49152u * 18 * 34);
+  EXPECT_EQ(m->gemm_weight_bytes, 30u * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576) * 2);
+  EXPECT_EQ(m->kv_cache_bytes, 30u * 2 * 192 * 1000 * 2);
+}
+
+TEST(ForwardMemory, Rejections) {
+  ForwardMemoryShape s = llama3_8b_f16();
+  s.layer_type = GgmlType::kQ4_0;
+  EXPECT_EQ(plan_forward_memory(s).status().code(), StatusCode::kUnimplemented);
+  s = llama3_8b_f16();
+  s.n_kv_heads = 5;
+  EXPECT_EQ(plan_forward_memory(s).status().code(), StatusCode::kInvalidArgument);
+  s = llama3_8b_f16();
+  s.max_prefill = 0;
+  EXPECT_EQ(plan_forward_memory(s).status().code(), StatusCode::kInvalidArgument);
+}
+
 // ---------------------------------------------------------------- copies
 
 TEST(PageCopyPlan, SizesAndVectorization) {
