@@ -41,8 +41,12 @@
 namespace kvgate::engine::cuda {
 namespace {
 
+// 8-bit activations (the CPU) against fp16 ones (the GPU's GEMM) differ by
+// ~0.5% per element (amax/127/sqrt(12) against the row's RMS); over 30
+// layers that is ~0.1-0.2 of logit noise, its maximum over 49152 entries a
+// few times more.
 constexpr double kTieLogits = 0.5;
-constexpr double kMaxLogitDelta = 1.0;
+constexpr double kMaxLogitDelta = 1.5;
 // Token-by-token decode runs the CPU's quantized arithmetic throughout; only
 // the attention rounding and summation order differ.
 constexpr double kDecodeMaxLogitDelta = 0.25;
@@ -193,7 +197,9 @@ TEST(CudaForward, ChunkedPrefillAgreesWithOneChunk) {
     ASSERT_TRUE(chunked->decode(tok, b.data()).ok());
     compare_step(a, b, kMaxLogitDelta, "step " + std::to_string(s), acc);
   }
-  EXPECT_EQ(acc.flips, 0);
+  // The last chunk (1 token) runs on the GEMV path, the single chunk on the
+  // GEMM: the same differences as against the CPU, so near-ties may flip.
+  EXPECT_LE(acc.flips, 1);
 }
 
 // Greedy generation three ways from the same prompt: plain decode() with
