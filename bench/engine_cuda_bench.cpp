@@ -151,8 +151,10 @@ struct SyntheticLlama3 {
     c.rope_freq_base = 500000.0f;
     c.rms_eps = 1e-5f;
     std::fprintf(stderr, "llama3-8b: generating %.2f GB of random F16 weights on the host\n",
-                 2.0 * (c.n_vocab * c.n_embd + c.q_dim() * c.n_embd + c.kv_dim() * c.n_embd +
-                        2 * c.n_ff * c.n_embd) / 1e9);
+                 2.0 *
+                     (c.n_vocab * c.n_embd + c.q_dim() * c.n_embd + c.kv_dim() * c.n_embd +
+                      2 * c.n_ff * c.n_embd) /
+                     1e9);
     fill(embd, static_cast<size_t>(c.n_vocab * c.n_embd), 3, 1);  // embeddings ~ U(-1, 1)
     fill(wq, static_cast<size_t>(c.q_dim() * c.n_embd), c.n_embd, 2);
     fill(wk, static_cast<size_t>(c.kv_dim() * c.n_embd), c.n_embd, 3);
@@ -223,19 +225,21 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
   ms.max_context = o.max_context_tokens;
   ms.max_prefill = o.max_prefill_tokens;
   if (auto need = plan_forward_memory(ms); need.ok()) {
-    std::fprintf(stderr, "%s: uploading; device memory needed ~%.2f GB (KV cache %.2f GB, "
-                 "scratch %.2f GB)\n", name.c_str(), need->total_bytes / 1e9,
-                 need->kv_cache_bytes / 1e9, need->scratch_bytes / 1e9);
+    std::fprintf(stderr,
+                 "%s: uploading; device memory needed ~%.2f GB (KV cache %.2f GB, "
+                 "scratch %.2f GB)\n",
+                 name.c_str(), need->total_bytes / 1e9, need->kv_cache_bytes / 1e9,
+                 need->scratch_bytes / 1e9);
   }
   auto created = CudaForward::create(w, o);
   if (!check(created.status(), "create")) return 1;
   CudaForward& fwd = **created;
-  std::printf("%s: %lld layers, embd %lld, ff %lld, heads %lld/%lld x %lld, vocab %lld; device "
-              "weights %.2f GB (GEMV) + %.2f GB (fp16 for GEMM), KV cache %.2f GB\n",
-              name.c_str(), (long long)c.n_layers, (long long)c.n_embd, (long long)c.n_ff,
-              (long long)c.n_heads, (long long)c.n_kv_heads, (long long)c.head_dim,
-              (long long)c.n_vocab, fwd.gemv_weight_bytes() / 1e9, fwd.gemm_weight_bytes() / 1e9,
-              fwd.kv_cache_bytes() / 1e9);
+  std::printf(
+      "%s: %lld layers, embd %lld, ff %lld, heads %lld/%lld x %lld, vocab %lld; device "
+      "weights %.2f GB (GEMV) + %.2f GB (fp16 for GEMM), KV cache %.2f GB\n",
+      name.c_str(), (long long)c.n_layers, (long long)c.n_embd, (long long)c.n_ff,
+      (long long)c.n_heads, (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.n_vocab,
+      fwd.gemv_weight_bytes() / 1e9, fwd.gemm_weight_bytes() / 1e9, fwd.kv_cache_bytes() / 1e9);
 
   std::vector<int32_t> prompt(static_cast<size_t>(o.max_context_tokens));
   for (size_t i = 0; i < prompt.size(); ++i) {
@@ -256,9 +260,10 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
       best = std::min(best, now_s() - t0);
     }
     const double tflops = prefill_flops(c, n) / best / 1e12;
-    std::printf("%s prefill %6lld tokens: %8.2f ms  %10.0f tok/s  %7.1f TFLOP/s  (%.1f%% of %.0f)\n",
-                name.c_str(), (long long)n, best * 1e3, n / best, tflops,
-                100.0 * tflops / f.peak_tflops, f.peak_tflops);
+    std::printf(
+        "%s prefill %6lld tokens: %8.2f ms  %10.0f tok/s  %7.1f TFLOP/s  (%.1f%% of %.0f)\n",
+        name.c_str(), (long long)n, best * 1e3, n / best, tflops, 100.0 * tflops / f.peak_tflops,
+        f.peak_tflops);
   }
 
   // Decode at batch 1 after a prompt of decode_context tokens: plain steps
@@ -286,10 +291,11 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
     if (!check(fwd.synchronize(), "decode")) return 1;
     const double step = (now_s() - t0) / f.decode_steps;
     const double gbps = bytes_per_step / step / 1e9;
-    std::printf("%s decode (%s, ctx %lld): %7.3f ms/token  %8.1f tok/s  %7.1f GB/s  (%.1f%% of "
-                "%.0f)\n",
-                name.c_str(), mode == 0 ? "plain" : "graph", (long long)f.decode_context,
-                step * 1e3, 1.0 / step, gbps, 100.0 * gbps / f.peak_gbps, f.peak_gbps);
+    std::printf(
+        "%s decode (%s, ctx %lld): %7.3f ms/token  %8.1f tok/s  %7.1f GB/s  (%.1f%% of "
+        "%.0f)\n",
+        name.c_str(), mode == 0 ? "plain" : "graph", (long long)f.decode_context, step * 1e3,
+        1.0 / step, gbps, 100.0 * gbps / f.peak_gbps, f.peak_gbps);
   }
   return 0;
 }

@@ -62,15 +62,14 @@ Result<EmbedType> embed_type(GgmlType t) {
     case GgmlType::kQ8_0:
       return EmbedType::kQ8_0;
     default:
-      return unimplemented("cuda forward: token embedding type " +
-                           str(static_cast<int64_t>(t)) + " (F32, F16, Q4_1, Q8_0 only)");
+      return unimplemented("cuda forward: token embedding type " + str(static_cast<int64_t>(t)) +
+                           " (F32, F16, Q4_1, Q8_0 only)");
   }
 }
 
 // The shape plan_forward_memory counts, when every layer matrix has one
 // type (otherwise the uploads find out one by one).
-std::optional<ForwardMemoryShape> memory_shape(const HostWeights& w,
-                                               const CudaForwardOptions& o) {
+std::optional<ForwardMemoryShape> memory_shape(const HostWeights& w, const CudaForwardOptions& o) {
   const LlamaConfig& c = w.config;
   if (w.layers.empty()) return std::nullopt;
   const GgmlType t = w.layers[0].wq.type;
@@ -115,10 +114,10 @@ struct CudaForward::Impl {
   CublasHandle cublas;
 
   std::vector<Layer> layers;
-  DeviceBuffer embd;     // token_embd rows (GGUF)
+  DeviceBuffer embd;  // token_embd rows (GGUF)
   EmbedType embd_type = EmbedType::kF32;
   int64_t embd_row_bytes = 0;
-  Matrix output_own;     // when not tied
+  Matrix output_own;  // when not tied
   const void* output_rows = nullptr;
   GemvPlan output_gemv;
   DeviceBuffer output_norm;
@@ -127,15 +126,15 @@ struct CudaForward::Impl {
 
   // Scratch for max_prefill_tokens rows (a decode step uses row 0).
   DeviceBuffer x, xn, q, k, v, attn, gate, up, logits;
-  DeviceBuffer tokens, positions;       // int32 per chunk row
-  DeviceBuffer step;                    // DecodeStep
-  DeviceBuffer next_token;              // int32: argmax of the last logits
+  DeviceBuffer tokens, positions;  // int32 per chunk row
+  DeviceBuffer step;               // DecodeStep
+  DeviceBuffer next_token;         // int32: argmax of the last logits
   DeviceBuffer gemv_ws, gemm_ws, attn_ws;
-  DeviceBuffer tasks;                   // AttnTask [layer][kv_head]
-  DeviceBuffer pages;                   // per task: K row base, V row base
+  DeviceBuffer tasks;  // AttnTask [layer][kv_head]
+  DeviceBuffer pages;  // per task: K row base, V row base
   AttentionPlan decode_plan;
   PrefillAttentionPlan prefill_plan;
-  std::vector<int32_t> host_rows;       // staging for tokens / positions
+  std::vector<int32_t> host_rows;  // staging for tokens / positions
   DecodeStep host_step;
 
   cudaGraphExec_t graph = nullptr;
@@ -212,8 +211,8 @@ Status CudaForward::Impl::build(const HostWeights& w) {
   if (opt.max_context_tokens < 1 || opt.max_prefill_tokens < 1 ||
       opt.max_prefill_tokens > opt.max_context_tokens) {
     return invalid_argument("cuda forward: max_prefill_tokens (" + str(opt.max_prefill_tokens) +
-                            ") must be in [1, max_context_tokens (" +
-                            str(opt.max_context_tokens) + ")]");
+                            ") must be in [1, max_context_tokens (" + str(opt.max_context_tokens) +
+                            ")]");
   }
   // Plans first: a shape the kernels cannot take fails before any upload.
   KVGATE_ASSIGN_OR_RETURN(const int sms, multiprocessor_count());
@@ -244,8 +243,8 @@ Status CudaForward::Impl::build(const HostWeights& w) {
       return resource_exhausted(
           "cuda forward: the model needs ~" + str(static_cast<int64_t>(need->total_bytes >> 20)) +
           " MiB of device memory (weights " +
-          str(static_cast<int64_t>((need->gemv_weight_bytes + need->embedding_bytes +
-                                    need->gemm_weight_bytes) >> 20)) +
+          str(static_cast<int64_t>(
+              (need->gemv_weight_bytes + need->embedding_bytes + need->gemm_weight_bytes) >> 20)) +
           " MiB, KV cache " + str(static_cast<int64_t>(need->kv_cache_bytes >> 20)) +
           " MiB, scratch " + str(static_cast<int64_t>(need->scratch_bytes >> 20)) + " MiB); " +
           str(static_cast<int64_t>(free_bytes >> 20)) + " MiB are free");
@@ -259,9 +258,9 @@ Status CudaForward::Impl::build(const HostWeights& w) {
     return invalid_argument("cuda forward: token embedding is missing or mis-shaped");
   }
   embd_row_bytes = static_cast<int64_t>(*row_bytes);
-  KVGATE_ASSIGN_OR_RETURN(embd, upload_bytes(w.token_embd.data,
-                                             static_cast<size_t>(c.n_vocab * embd_row_bytes),
-                                             "token_embd"));
+  KVGATE_ASSIGN_OR_RETURN(
+      embd, upload_bytes(w.token_embd.data, static_cast<size_t>(c.n_vocab * embd_row_bytes),
+                         "token_embd"));
   if (w.output.data == w.token_embd.data && w.output.type == w.token_embd.type) {
     KVGATE_ASSIGN_OR_RETURN(output_gemv,
                             plan_gemv(w.output.type, c.n_vocab, c.n_embd, kGemvMaxTokens));
@@ -300,9 +299,9 @@ Status CudaForward::Impl::build(const HostWeights& w) {
   // Cache and scratch: everything a step touches exists from here on.
   const int64_t P = opt.max_prefill_tokens;
   const auto fl = [&](int64_t n) { return DeviceBuffer::allocate(static_cast<size_t>(n) * 4); };
-  KVGATE_ASSIGN_OR_RETURN(
-      kv, DeviceBuffer::allocate(static_cast<size_t>(c.n_layers * 2 * c.kv_dim()) *
-                                 static_cast<size_t>(opt.max_context_tokens) * 2));
+  KVGATE_ASSIGN_OR_RETURN(kv,
+                          DeviceBuffer::allocate(static_cast<size_t>(c.n_layers * 2 * c.kv_dim()) *
+                                                 static_cast<size_t>(opt.max_context_tokens) * 2));
   KVGATE_ASSIGN_OR_RETURN(x, fl(P * c.n_embd));
   KVGATE_ASSIGN_OR_RETURN(xn, fl(P * c.n_embd));
   KVGATE_ASSIGN_OR_RETURN(q, fl(P * c.q_dim()));
@@ -354,8 +353,8 @@ Status CudaForward::Impl::build(const HostWeights& w) {
     }
   }
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    KVGATE_RETURN_IF_ERROR(check_attn_tasks(recs.data() + l * c.n_kv_heads, c.n_kv_heads,
-                                            decode_plan));
+    KVGATE_RETURN_IF_ERROR(
+        check_attn_tasks(recs.data() + l * c.n_kv_heads, c.n_kv_heads, decode_plan));
   }
   KVGATE_RETURN_IF_ERROR(pages.upload(page_ptrs.data(), page_ptrs.size() * sizeof(void*)));
   KVGATE_ASSIGN_OR_RETURN(tasks, DeviceBuffer::allocate(recs.size() * sizeof(AttnTask)));
@@ -377,8 +376,7 @@ Status CudaForward::Impl::matmul(const Matrix& m, const float* x_in, int64_t n, 
 Status CudaForward::Impl::run_layer(int64_t l, int64_t n, bool decode, int64_t past) {
   const Layer& w = layers[l];
   const int32_t* pos = decode ? step_pos() : positions.as<int32_t>();
-  KVGATE_RETURN_IF_ERROR(
-      rms_norm(f(x), f(w.attn_norm), f(xn), n, c.n_embd, c.rms_eps, s()));
+  KVGATE_RETURN_IF_ERROR(rms_norm(f(x), f(w.attn_norm), f(xn), n, c.n_embd, c.rms_eps, s()));
   KVGATE_RETURN_IF_ERROR(matmul(w.wq, f(xn), n, f(q)));
   KVGATE_RETURN_IF_ERROR(matmul(w.wk, f(xn), n, f(k)));
   KVGATE_RETURN_IF_ERROR(matmul(w.wv, f(xn), n, f(v)));
@@ -386,13 +384,13 @@ Status CudaForward::Impl::run_layer(int64_t l, int64_t n, bool decode, int64_t p
   KVGATE_RETURN_IF_ERROR(rope_norm(f(k), n, c.n_kv_heads, c.head_dim, pos, c.rope_freq_base, s()));
   // K/V rows to the cache in fp16 (both attention kernels round q to fp16
   // themselves, as the CPU does before its dot products).
-  KVGATE_RETURN_IF_ERROR(launched(
-      kernels::store_kv(f(k), f(v), n, c.n_kv_heads, c.head_dim, pos,
-                        opt.max_context_tokens * c.head_dim, k_cache(l), v_cache(l), s()),
-      "store_kv launch"));
+  KVGATE_RETURN_IF_ERROR(
+      launched(kernels::store_kv(f(k), f(v), n, c.n_kv_heads, c.head_dim, pos,
+                                 opt.max_context_tokens * c.head_dim, k_cache(l), v_cache(l), s()),
+               "store_kv launch"));
   if (decode) {
-    KVGATE_RETURN_IF_ERROR(decode_attention(
-        decode_plan, tasks.as<AttnTask>() + l * c.n_kv_heads, c.n_kv_heads, f(attn_ws), s()));
+    KVGATE_RETURN_IF_ERROR(decode_attention(decode_plan, tasks.as<AttnTask>() + l * c.n_kv_heads,
+                                            c.n_kv_heads, f(attn_ws), s()));
   } else {
     KVGATE_RETURN_IF_ERROR(
         prefill_attention(prefill_plan, f(q), n, past, k_cache(l), v_cache(l), f(attn), s()));
@@ -416,22 +414,21 @@ Status CudaForward::Impl::final_logits(int64_t row, int32_t next_pos) {
       rms_norm(f(x) + row * c.n_embd, f(output_norm), f(xn), 1, c.n_embd, c.rms_eps, s()));
   KVGATE_RETURN_IF_ERROR(gemv(output_gemv, output_rows, f(xn), 1, f(logits), gemv_ws.data(), s()));
   KVGATE_RETURN_IF_ERROR(argmax(f(logits), 1, c.n_vocab, next_token.as<int32_t>(), s()));
-  return launched(kernels::finish_step(next_token.as<int32_t>(), step.as<DecodeStep>(), next_pos,
-                                       s()),
-                  "finish_step launch");
+  return launched(
+      kernels::finish_step(next_token.as<int32_t>(), step.as<DecodeStep>(), next_pos, s()),
+      "finish_step launch");
 }
 
 // The decode step as both decode() and the graph run it: reads the token
 // and position from `step`, nothing from the host.
 Status CudaForward::Impl::enqueue_decode_step() {
-  KVGATE_RETURN_IF_ERROR(launched(kernels::set_task_lengths(tasks.as<AttnTask>(),
-                                                            c.n_layers * c.n_kv_heads,
-                                                            step.as<DecodeStep>(), s()),
-                                  "set_task_lengths launch"));
-  KVGATE_RETURN_IF_ERROR(launched(
-      kernels::embed_rows(embd.data(), embd_type, embd_row_bytes, step_token(), 1,
-                          c.n_embd, f(x), s()),
-      "embedding launch"));
+  KVGATE_RETURN_IF_ERROR(
+      launched(kernels::set_task_lengths(tasks.as<AttnTask>(), c.n_layers * c.n_kv_heads,
+                                         step.as<DecodeStep>(), s()),
+               "set_task_lengths launch"));
+  KVGATE_RETURN_IF_ERROR(launched(kernels::embed_rows(embd.data(), embd_type, embd_row_bytes,
+                                                      step_token(), 1, c.n_embd, f(x), s()),
+                                  "embedding launch"));
   for (int64_t l = 0; l < c.n_layers; ++l) KVGATE_RETURN_IF_ERROR(run_layer(l, 1, true, 0));
   return final_logits(0, -1);
 }
@@ -447,8 +444,8 @@ Status CudaForward::Impl::check_usable() const {
 Status CudaForward::Impl::begin_decode(int32_t token) {
   KVGATE_RETURN_IF_ERROR(check_usable());
   if (token < 0 || token >= c.n_vocab) {
-    return invalid_argument("cuda forward: token id " + str(token) + " outside the vocabulary [0, " +
-                            str(c.n_vocab) + ")");
+    return invalid_argument("cuda forward: token id " + str(token) +
+                            " outside the vocabulary [0, " + str(c.n_vocab) + ")");
   }
   if (n_tokens >= opt.max_context_tokens) {
     return out_of_range("cuda forward: the KV cache of " + str(opt.max_context_tokens) +
@@ -456,9 +453,9 @@ Status CudaForward::Impl::begin_decode(int32_t token) {
   }
   host_step = DecodeStep{token, static_cast<int32_t>(n_tokens)};
   // Pageable source: the copy is staged before cudaMemcpyAsync returns.
-  return cuda_status(cudaMemcpyAsync(step.data(), &host_step, sizeof(DecodeStep),
-                                     cudaMemcpyHostToDevice, s()),
-                     "decode step upload");
+  return cuda_status(
+      cudaMemcpyAsync(step.data(), &host_step, sizeof(DecodeStep), cudaMemcpyHostToDevice, s()),
+      "decode step upload");
 }
 
 // After a step was enqueued: a failure poisons the forward (the cache may
@@ -499,8 +496,8 @@ Status CudaForward::prefill(std::span<const int32_t> tokens, float* logits_out) 
   }
   const auto total = static_cast<int64_t>(tokens.size());
   if (m.n_tokens + total > m.opt.max_context_tokens) {
-    return out_of_range("cuda forward: " + str(m.n_tokens + total) + " tokens exceed the KV cache of " +
-                        str(m.opt.max_context_tokens));
+    return out_of_range("cuda forward: " + str(m.n_tokens + total) +
+                        " tokens exceed the KV cache of " + str(m.opt.max_context_tokens));
   }
   Status st;
   for (int64_t start = 0; start < total && st.ok(); start += m.opt.max_prefill_tokens) {
@@ -509,9 +506,9 @@ Status CudaForward::prefill(std::span<const int32_t> tokens, float* logits_out) 
     // Tokens, then positions, through the same staging vector: each copy is
     // staged before cudaMemcpyAsync returns (pageable memory).
     std::copy(tokens.begin() + start, tokens.begin() + start + n, m.host_rows.begin());
-    st = cuda_status(cudaMemcpyAsync(m.tokens.data(), m.host_rows.data(), n * 4,
-                                     cudaMemcpyHostToDevice, m.s()),
-                     "prefill tokens upload");
+    st = cuda_status(
+        cudaMemcpyAsync(m.tokens.data(), m.host_rows.data(), n * 4, cudaMemcpyHostToDevice, m.s()),
+        "prefill tokens upload");
     if (!st.ok()) break;
     for (int64_t i = 0; i < n; ++i) m.host_rows[i] = static_cast<int32_t>(past + i);
     st = cuda_status(cudaMemcpyAsync(m.positions.data(), m.host_rows.data(), n * 4,

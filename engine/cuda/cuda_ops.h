@@ -69,8 +69,8 @@ Status decode_attention(const AttentionPlan& plan, const AttnTask* tasks_dev, in
 // CpuForward::attention does (prefill_attention.cu lists the differences).
 // INVALID_ARGUMENT when past + n_queries exceeds max_context.
 Status prefill_attention(const PrefillAttentionPlan& plan, const float* q_dev, int64_t n_queries,
-                         int64_t past, const uint16_t* k_dev, const uint16_t* v_dev,
-                         float* out_dev, cudaStream_t stream);
+                         int64_t past, const uint16_t* k_dev, const uint16_t* v_dev, float* out_dev,
+                         cudaStream_t stream);
 
 // Wire staging: staging_dev[i * page_bytes ...] <-> *pages_dev[i].
 Status gather_pages(const PageCopyPlan& plan, const void* const* pages_dev, void* staging_dev,

@@ -68,8 +68,7 @@ __global__ void add_kernel(float* y, const float* __restrict__ x, int64_t n) {
   }
 }
 
-__global__ void set_task_lengths_kernel(AttnTask* tasks, int64_t n_tasks,
-                                        const DecodeStep* step) {
+__global__ void set_task_lengths_kernel(AttnTask* tasks, int64_t n_tasks, const DecodeStep* step) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n_tasks) tasks[i].near_tokens = step->pos + 1;
 }

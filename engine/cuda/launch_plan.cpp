@@ -215,7 +215,8 @@ Result<PrefillAttentionPlan> plan_prefill_attention(const PrefillAttentionShape&
   PrefillAttentionPlan p;
   p.shape = s;
   p.group = s.n_heads / s.n_kv_heads;
-  p.queries_per_warp = s.head_dim <= 128 ? kPrefillMaxQueriesPerWarp : kPrefillMaxQueriesPerWarp / 2;
+  p.queries_per_warp =
+      s.head_dim <= 128 ? kPrefillMaxQueriesPerWarp : kPrefillMaxQueriesPerWarp / 2;
   p.q_tile = int64_t{kPrefillWarps} * p.queries_per_warp;
   p.key_tile = kPrefillKeyTile;
   p.max_q_tiles = ceil_div(s.max_queries, p.q_tile);
@@ -237,8 +238,9 @@ Result<ForwardMemory> plan_forward_memory(const ForwardMemoryShape& s) {
   if (s.n_layers < 1 || s.n_embd < 1 || s.n_ff < 1 || s.n_heads < 1 || s.n_kv_heads < 1 ||
       s.head_dim < 1 || s.n_vocab < 1 || s.max_context < 1 || s.max_prefill < 1 ||
       s.n_heads % s.n_kv_heads != 0) {
-    return invalid_argument("cuda forward memory: every size must be >= 1 and the query heads a "
-                            "multiple of the KV heads");
+    return invalid_argument(
+        "cuda forward memory: every size must be >= 1 and the query heads a "
+        "multiple of the KV heads");
   }
   const int64_t q_dim = s.n_heads * s.head_dim, kv_dim = s.n_kv_heads * s.head_dim;
   ForwardMemory m;
@@ -248,7 +250,7 @@ Result<ForwardMemory> plan_forward_memory(const ForwardMemoryShape& s) {
     return static_cast<size_t>(rows * p.row_bytes);
   };
   const std::pair<int64_t, int64_t> shapes[] = {
-      {q_dim, s.n_embd}, {kv_dim, s.n_embd}, {kv_dim, s.n_embd}, {s.n_embd, q_dim},
+      {q_dim, s.n_embd},  {kv_dim, s.n_embd}, {kv_dim, s.n_embd}, {s.n_embd, q_dim},
       {s.n_ff, s.n_embd}, {s.n_ff, s.n_embd}, {s.n_embd, s.n_ff}};
   size_t layer = 0, layer_f16 = 0;
   for (const auto& [rows, cols] : shapes) {
@@ -266,8 +268,8 @@ Result<ForwardMemory> plan_forward_memory(const ForwardMemoryShape& s) {
     m.gemv_weight_bytes += out;
     m.embedding_bytes = embd;
   }
-  m.kv_cache_bytes = static_cast<size_t>(s.n_layers * 2 * kv_dim) *
-                     static_cast<size_t>(s.max_context) * 2;
+  m.kv_cache_bytes =
+      static_cast<size_t>(s.n_layers * 2 * kv_dim) * static_cast<size_t>(s.max_context) * 2;
   const int64_t P = s.max_prefill;
   const int64_t max_cols = std::max({s.n_embd, q_dim, s.n_ff});
   // x, xn, q, k, v, attn, gate, up (fp32) + tokens/positions; the GEMM's
@@ -281,8 +283,8 @@ Result<ForwardMemory> plan_forward_memory(const ForwardMemoryShape& s) {
   const size_t attn_ws = static_cast<size_t>(s.n_heads * kAttnMaxSplits * (s.head_dim + 2)) * 4;
   m.scratch_bytes = rows + gemm_ws + gemv_ws + attn_ws + static_cast<size_t>(s.n_vocab) * 4 +
                     static_cast<size_t>(s.n_layers * s.n_kv_heads) * (sizeof(AttnTask) + 16);
-  m.total_bytes = m.gemv_weight_bytes + m.embedding_bytes + m.gemm_weight_bytes +
-                  m.kv_cache_bytes + m.scratch_bytes;
+  m.total_bytes = m.gemv_weight_bytes + m.embedding_bytes + m.gemm_weight_bytes + m.kv_cache_bytes +
+                  m.scratch_bytes;
   return m;
 }
 

@@ -139,7 +139,7 @@ struct PrefillAttentionPlan {
   int64_t group = 0;  // query heads per KV head
   int queries_per_warp = 0;
   int64_t q_tile = 0;
-  int64_t key_tile = 0;  // kPrefillKeyTile
+  int64_t key_tile = 0;     // kPrefillKeyTile
   int64_t max_q_tiles = 0;  // grid x for max_queries
   int block_threads = 0;
   int64_t k_row_halves = 0;  // head_dim + 2
@@ -168,7 +168,7 @@ struct ForwardMemoryShape {
   int64_t n_vocab = 0;
   GgmlType layer_type = GgmlType::kF16;
   GgmlType embd_type = GgmlType::kF16;
-  bool tied_output = true;  // the vocabulary projection reads the embedding
+  bool tied_output = true;                // the vocabulary projection reads the embedding
   GgmlType output_type = GgmlType::kF16;  // when not tied
   int64_t max_context = 0;
   int64_t max_prefill = 0;

@@ -42,8 +42,8 @@ __device__ __forceinline__ float warp_max(float v) {
 // Rows [k0, k0 + kPrefillKeyTile) of one KV head's slice to shared memory
 // as pairs of halves (row stride `row_words`); rows at or past n_keys are
 // zero, so masked keys never bring a NaN from unwritten cache rows.
-__device__ __forceinline__ void load_tile(uint32_t* dst, const uint32_t* __restrict__ src,
-                                          int k0, int n_keys, int d2, int row_words) {
+__device__ __forceinline__ void load_tile(uint32_t* dst, const uint32_t* __restrict__ src, int k0,
+                                          int n_keys, int d2, int row_words) {
   for (int idx = threadIdx.x; idx < kPrefillKeyTile * d2; idx += blockDim.x) {
     const int j = idx / d2, p = idx % d2;
     const int key = k0 + j;
@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(kPrefillWarps* kWarpSize)
 
   for (int i = threadIdx.x; i < kQTile * d; i += blockDim.x) {
     const int r = i / d, e = i % d;
-    q_sh[i] = q0 + r < n ? __half2float(__float2half_rn(q[(q0 + r) * q_stride + head * d + e]))
-                         : 0.0f;
+    q_sh[i] =
+        q0 + r < n ? __half2float(__float2half_rn(q[(q0 + r) * q_stride + head * d + e])) : 0.0f;
   }
   // The warp's queries: tile rows warp * kQpw + i, at absolute positions
   // past + q0 + row; each sees keys 0..its position (-1: past the chunk).

@@ -19,6 +19,8 @@
 // These bounds were set before any GPU run (none was available when this
 // was written); the first run on a device reports the observed deltas
 // (RecordProperty) to tighten them.
+#include "engine/cuda/cuda_forward.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -27,12 +29,10 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
-#include "engine/cuda/cuda_forward.h"
 #include "engine/cuda/device_buffer.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
@@ -65,11 +65,11 @@ const LlamaModel* test_model() {
   return model;
 }
 
-#define REQUIRE_GPU_AND_MODEL()                                                          \
-  KVGATE_REQUIRE_GPU();                                                                  \
-  const LlamaModel* model = test_model();                                                \
-  if (model == nullptr) GTEST_SKIP() << "model not found at " KVGATE_TEST_MODEL;         \
-  const LlamaConfig& cfg = model->config();                                              \
+#define REQUIRE_GPU_AND_MODEL()                                                  \
+  KVGATE_REQUIRE_GPU();                                                          \
+  const LlamaModel* model = test_model();                                        \
+  if (model == nullptr) GTEST_SKIP() << "model not found at " KVGATE_TEST_MODEL; \
+  const LlamaConfig& cfg = model->config();                                      \
   (void)cfg
 
 // Prompt ids of the golden cases (tests/data/golden_generate.json, made by
@@ -118,9 +118,8 @@ void compare_step(const std::vector<float>& cpu, const std::vector<float>& gpu, 
   const int32_t c = argmax(cpu), g = argmax(gpu);
   if (c != g) {
     ++acc.flips;
-    EXPECT_LE(cpu[c] - cpu[g], kTieLogits)
-        << where << ": GPU picks " << g << ", CPU " << c << " (CPU logits " << cpu[c] << " vs "
-        << cpu[g] << ")";
+    EXPECT_LE(cpu[c] - cpu[g], kTieLogits) << where << ": GPU picks " << g << ", CPU " << c
+                                           << " (CPU logits " << cpu[c] << " vs " << cpu[g] << ")";
   }
 }
 
@@ -233,7 +232,8 @@ TEST(CudaForward, GraphDecodeIsBitIdenticalToPlainDecode) {
     if (mode == 2) {
       // The device fed itself: recover its tokens from the logits.
       for (int s = 0; s < kGraphSteps; ++s) {
-        toks.push_back(s == 0 ? -1 : argmax(std::span<const float>(logits.data() + (s - 1) * V, V)));
+        toks.push_back(s == 0 ? -1
+                              : argmax(std::span<const float>(logits.data() + (s - 1) * V, V)));
       }
     }
   };
@@ -295,8 +295,7 @@ TEST(CudaForward, CreateRejectsWhatTheKernelsLack) {
 TEST(CudaForward, CreateWithoutDeviceIsUnavailable) {
   if (device_count() > 0) GTEST_SKIP() << "a device is present";
   HostWeights w;
-  EXPECT_EQ(CudaForward::create(w, CudaForwardOptions{}).status().code(),
-            StatusCode::kUnavailable);
+  EXPECT_EQ(CudaForward::create(w, CudaForwardOptions{}).status().code(), StatusCode::kUnavailable);
 }
 
 }  // namespace

@@ -32,8 +32,8 @@ struct Case {
 };
 
 struct Data {
-  std::vector<float> q;        // [n][n_heads][d]
-  std::vector<fp16_t> k, v;    // [n_kv][capacity][d]
+  std::vector<float> q;      // [n][n_heads][d]
+  std::vector<fp16_t> k, v;  // [n_kv][capacity][d]
 };
 
 Data make_data(const Case& c, uint32_t seed) {
@@ -60,7 +60,8 @@ Data make_data(const Case& c, uint32_t seed) {
 // CpuForward::attention for one chunk (engine/model.cpp), scalar kernels:
 // q rounded to fp16, scores dot * scale, softmax, p rounded to fp16, axpy.
 // Also the per-element error bound (see the test below).
-void cpu_reference(const Case& c, const Data& x, std::vector<float>& out, std::vector<double>& tol) {
+void cpu_reference(const Case& c, const Data& x, std::vector<float>& out,
+                   std::vector<double>& tol) {
   const int64_t d = c.head_dim, group = c.n_heads / c.n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   out.assign(c.n * c.n_heads * d, 0.0f);
@@ -103,9 +104,9 @@ std::vector<float> run_gpu(const Case& c, const Data& x, const PrefillAttentionP
                            const DeviceBuffer& k_d, const DeviceBuffer& v_d, DeviceBuffer& out_d) {
   const int64_t row = c.n_heads * c.head_dim;
   const int64_t offset = past - c.past;  // first query row of this launch within the chunk
-  const Status st = prefill_attention(plan, q_all.as<float>() + offset * row, n, past,
-                                      k_d.as<uint16_t>(), v_d.as<uint16_t>(),
-                                      out_d.as<float>() + offset * row, nullptr);
+  const Status st =
+      prefill_attention(plan, q_all.as<float>() + offset * row, n, past, k_d.as<uint16_t>(),
+                        v_d.as<uint16_t>(), out_d.as<float>() + offset * row, nullptr);
   EXPECT_TRUE(st.ok()) << st.to_string();
   EXPECT_TRUE(cuda_status(cudaDeviceSynchronize(), "synchronize").ok());
   return to_host<float>(out_d, c.n * row);
@@ -137,7 +138,8 @@ void run_case(const Case& c, uint32_t seed) {
     ASSERT_NEAR(got[i], want[i], tol[i] + 1e-30) << "element " << i;
     exact += std::memcmp(&got[i], &want[i], sizeof(float)) == 0;
   }
-  ::testing::Test::RecordProperty("bit_exact_fraction", std::to_string(double(exact) / want.size()));
+  ::testing::Test::RecordProperty("bit_exact_fraction",
+                                  std::to_string(double(exact) / want.size()));
 
   // The same queries in two launches (the second after the first's rows):
   // every query's arithmetic depends only on its own keys and the fixed key
@@ -157,7 +159,7 @@ void run_case(const Case& c, uint32_t seed) {
 
 TEST(CudaPrefillAttention, SmolLmShapes) {
   KVGATE_REQUIRE_GPU();
-  run_case({9, 3, 64, 0, 37, 64}, 1);    // first chunk, tails of both tiles
+  run_case({9, 3, 64, 0, 37, 64}, 1);     // first chunk, tails of both tiles
   run_case({9, 3, 64, 50, 100, 160}, 2);  // a chunk after 50 tokens
   run_case({9, 3, 64, 0, 1, 8}, 3);       // one token
 }
@@ -166,8 +168,8 @@ TEST(CudaPrefillAttention, GroupsAndHeadDims) {
   KVGATE_REQUIRE_GPU();
   run_case({32, 8, 128, 0, 130, 256}, 10);  // Llama-3-8B heads
   run_case({32, 8, 128, 700, 33, 800}, 11);
-  run_case({4, 4, 256, 7, 20, 40}, 12);     // group 1, 2 queries per warp
-  run_case({6, 1, 80, 3, 50, 60}, 13);      // head dim not a multiple of 32, group 6
+  run_case({4, 4, 256, 7, 20, 40}, 12);  // group 1, 2 queries per warp
+  run_case({6, 1, 80, 3, 50, 60}, 13);   // head dim not a multiple of 32, group 6
 }
 
 TEST(CudaPrefillAttention, RejectsBadCalls) {

@@ -287,21 +287,26 @@ TEST(PrefillAttentionPlan, SharedMemoryWithinTheDefaultLimitForEveryHeadDim) {
 }
 
 TEST(PrefillAttentionPlan, RejectsWhatTheKernelCannotTake) {
-  auto code = [](const PrefillAttentionShape& s) { return plan_prefill_attention(s).status().code(); };
+  auto code = [](const PrefillAttentionShape& s) {
+    return plan_prefill_attention(s).status().code();
+  };
   EXPECT_EQ(code(prefill_shape(0, 8, 2, 64, 100)), StatusCode::kInvalidArgument);
   EXPECT_EQ(code(prefill_shape(10, 0, 2, 64, 100)), StatusCode::kInvalidArgument);
   EXPECT_EQ(code(prefill_shape(10, 8, 0, 64, 100)), StatusCode::kInvalidArgument);
   EXPECT_EQ(code(prefill_shape(10, 8, 2, 0, 100)), StatusCode::kInvalidArgument);
   EXPECT_EQ(code(prefill_shape(10, 8, 2, 64, 0)), StatusCode::kInvalidArgument);
   EXPECT_EQ(code(prefill_shape(10, 9, 2, 64, 100)), StatusCode::kInvalidArgument);  // 9 % 2
-  EXPECT_EQ(code(prefill_shape(10, 8, 2, 63, 100)), StatusCode::kUnimplemented);   // odd
-  EXPECT_EQ(code(prefill_shape(10, 8, 2, 258, 100)), StatusCode::kUnimplemented);  // > 256
-  EXPECT_EQ(code(prefill_shape(101, 8, 2, 64, 100)), StatusCode::kInvalidArgument);  // chunk > cache
+  EXPECT_EQ(code(prefill_shape(10, 8, 2, 63, 100)), StatusCode::kUnimplemented);    // odd
+  EXPECT_EQ(code(prefill_shape(10, 8, 2, 258, 100)), StatusCode::kUnimplemented);   // > 256
+  EXPECT_EQ(code(prefill_shape(101, 8, 2, 64, 100)),
+            StatusCode::kInvalidArgument);  // chunk > cache
   EXPECT_EQ(code(prefill_shape(10, 8, 2, 64, int64_t{1} << 31)), StatusCode::kInvalidArgument);
-  EXPECT_EQ(code(prefill_shape(10, 70000, 70000, 64, 100)), StatusCode::kInvalidArgument);  // grid y
+  EXPECT_EQ(code(prefill_shape(10, 70000, 70000, 64, 100)),
+            StatusCode::kInvalidArgument);  // grid y
   // The messages name the problem.
   auto odd = plan_prefill_attention(prefill_shape(10, 8, 2, 63, 100));
-  EXPECT_NE(odd.status().message().find("head_dim 63"), std::string::npos) << odd.status().to_string();
+  EXPECT_NE(odd.status().message().find("head_dim 63"), std::string::npos)
+      << odd.status().to_string();
   auto long_chunk = plan_prefill_attention(prefill_shape(101, 8, 2, 64, 100));
   EXPECT_NE(long_chunk.status().message().find("101 queries"), std::string::npos);
 }
@@ -334,7 +339,7 @@ TEST(ForwardMemory, Llama3_8BInF16FitsAnH100) {
   EXPECT_EQ(layer, 436207616u);
   EXPECT_EQ(m->gemv_weight_bytes, 32 * layer + 128256ull * 4096 * 2);  // 15.0 GB
   EXPECT_EQ(m->embedding_bytes, 0u);
-  EXPECT_EQ(m->gemm_weight_bytes, 0u);  // F16 rows serve the GEMM as they are
+  EXPECT_EQ(m->gemm_weight_bytes, 0u);                        // F16 rows serve the GEMM as they are
   EXPECT_EQ(m->kv_cache_bytes, 32ull * 2 * 1024 * 4608 * 2);  // 0.6 GB
   // Activations of a 4096-token chunk: ~0.6 GB; the rest is small.
   EXPECT_GT(m->scratch_bytes, 4096ull * (2 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336) * 4);
