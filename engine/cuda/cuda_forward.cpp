@@ -192,9 +192,6 @@ Status CudaForward::Impl::upload_matrix(const cpu::WeightView& view, int64_t row
   if (!mp.ok()) return Status(mp.status().code(), name + ": " + mp.status().message());
   m.gemm = *mp;
   if (view.type != GgmlType::kF16) {
-    // A pageable upload may return before its DMA lands (on the legacy
-    // stream, which the forward's non-blocking stream does not wait for).
-    KVGATE_RETURN_IF_ERROR(cuda_status(cudaDeviceSynchronize(), "weight upload"));
     KVGATE_ASSIGN_OR_RETURN(m.f16, weight_to_f16(m.gemm, m.raw.data(), s()));
     gemm_bytes += m.f16.bytes();
   }
@@ -360,8 +357,6 @@ Status CudaForward::Impl::build(const HostWeights& w) {
   KVGATE_ASSIGN_OR_RETURN(tasks, DeviceBuffer::allocate(recs.size() * sizeof(AttnTask)));
   KVGATE_RETURN_IF_ERROR(tasks.upload(recs.data(), recs.size() * sizeof(AttnTask)));
   host_rows.resize(static_cast<size_t>(P));
-  // The memsets above ran on the legacy stream, which the forward's
-  // non-blocking stream does not wait for.
   return cuda_status(cudaDeviceSynchronize(), "set-up");
 }
 
