@@ -111,6 +111,31 @@ Status decode_attention(const AttentionPlan& plan, const AttnTask* tasks_dev, in
       "attention launch");
 }
 
+Status prefill_attention(const PrefillAttentionPlan& plan, const float* q_dev, int64_t n_queries,
+                         int64_t past, const uint16_t* k_dev, const uint16_t* v_dev, float* out_dev,
+                         cudaStream_t stream) {
+  const PrefillAttentionShape& s = plan.shape;
+  if (n_queries < 1 || n_queries > s.max_queries) {
+    return invalid_argument("cuda prefill attention: " + std::to_string(n_queries) +
+                            " queries for a plan of " + std::to_string(s.max_queries));
+  }
+  if (past < 0 || past > s.max_context - n_queries) {
+    return invalid_argument("cuda prefill attention: " + std::to_string(n_queries) +
+                            " queries after " + std::to_string(past) + " tokens exceed the " +
+                            std::to_string(s.max_context) + "-row cache");
+  }
+  KVGATE_RETURN_IF_ERROR(need(q_dev, "prefill attention queries"));
+  KVGATE_RETURN_IF_ERROR(need(k_dev, "prefill attention keys"));
+  KVGATE_RETURN_IF_ERROR(need(v_dev, "prefill attention values"));
+  KVGATE_RETURN_IF_ERROR(need(out_dev, "prefill attention output"));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  return launched(
+      kernels::prefill_attention(q_dev, n_queries, s.n_heads, s.head_dim, k_dev, v_dev,
+                                 s.max_context * s.head_dim, plan.group, past, scale, out_dev,
+                                 plan.queries_per_warp, plan.shared_bytes, stream),
+      "prefill attention launch");
+}
+
 Status gather_pages(const PageCopyPlan& plan, const void* const* pages_dev, void* staging_dev,
                     cudaStream_t stream) {
   if (plan.n_pages == 0) return Status();

@@ -60,6 +60,18 @@ Status swiglu(const float* gate_dev, const float* up_dev, float* out_dev, int64_
 Status decode_attention(const AttentionPlan& plan, const AttnTask* tasks_dev, int64_t n_tasks,
                         float* workspace_dev, cudaStream_t stream);
 
+// Causal prefill attention of n_queries (<= plan.shape.max_queries) rows of
+// q_dev [n_queries][n_heads][head_dim] at positions [past, past + n_queries)
+// over keys [0, past + n_queries) of k_dev / v_dev ([n_kv_heads]
+// [max_context][head_dim] fp16: one layer of a dense cache, the new rows
+// already stored). out_dev as q_dev. Queries are rounded to fp16; the
+// probabilities are normalized and rounded to fp16 before V, as
+// CpuForward::attention does (prefill_attention.cu lists the differences).
+// INVALID_ARGUMENT when past + n_queries exceeds max_context.
+Status prefill_attention(const PrefillAttentionPlan& plan, const float* q_dev, int64_t n_queries,
+                         int64_t past, const uint16_t* k_dev, const uint16_t* v_dev, float* out_dev,
+                         cudaStream_t stream);
+
 // Wire staging: staging_dev[i * page_bytes ...] <-> *pages_dev[i].
 Status gather_pages(const PageCopyPlan& plan, const void* const* pages_dev, void* staging_dev,
                     cudaStream_t stream);

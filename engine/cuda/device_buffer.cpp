@@ -72,8 +72,13 @@ Status DeviceBuffer::upload(const void* src, size_t bytes, size_t offset) {
                         std::to_string(offset) + " past a buffer of " + std::to_string(bytes_));
   }
   if (bytes == 0) return Status();
-  return cuda_status(
-      cudaMemcpy(static_cast<char*>(data_) + offset, src, bytes, cudaMemcpyHostToDevice), "upload");
+  KVGATE_RETURN_IF_ERROR(cuda_status(
+      cudaMemcpy(static_cast<char*>(data_) + offset, src, bytes, cudaMemcpyHostToDevice),
+      "upload"));
+  // From pageable memory cudaMemcpy may return once the data is staged,
+  // before the DMA lands; work on a non-blocking stream would not wait for
+  // it. The header promises a finished copy.
+  return cuda_status(cudaStreamSynchronize(nullptr), "upload");
 }
 
 Status DeviceBuffer::download(void* dst, size_t bytes, size_t offset) const {
@@ -89,7 +94,8 @@ Status DeviceBuffer::download(void* dst, size_t bytes, size_t offset) const {
 
 Status DeviceBuffer::zero() {
   if (bytes_ == 0) return Status();
-  return cuda_status(cudaMemset(data_, 0, bytes_), "memset");
+  KVGATE_RETURN_IF_ERROR(cuda_status(cudaMemset(data_, 0, bytes_), "memset"));
+  return cuda_status(cudaStreamSynchronize(nullptr), "memset");  // done before any stream reads it
 }
 
 CudaStream::~CudaStream() {

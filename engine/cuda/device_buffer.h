@@ -50,7 +50,9 @@ class DeviceBuffer {
   }
   size_t bytes() const { return bytes_; }
 
-  // Synchronous copies of `bytes` at byte `offset`; OUT_OF_RANGE past the end.
+  // Synchronous copies of `bytes` at byte `offset` (finished on the device
+  // when they return, so any stream may read the data); OUT_OF_RANGE past
+  // the end. zero() likewise.
   Status upload(const void* src, size_t bytes, size_t offset = 0);
   Status download(void* dst, size_t bytes, size_t offset = 0) const;
   Status zero();

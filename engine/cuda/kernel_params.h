@@ -52,6 +52,31 @@ struct AttnTask {
   float* out = nullptr;           // group x head_dim
 };
 
+// ---- prefill attention (prefill_attention.cu)
+// Causal attention of a prompt chunk over a dense fp16 K/V cache. A block of
+// kPrefillWarps warps takes one query head and a tile of q_tile queries
+// (each warp queries_per_warp of them); keys stream through shared memory
+// kPrefillKeyTile at a time, one key per lane. Per-lane head-dim elements
+// (lane, lane + 32, ...) bound head_dim by kPrefillMaxHeadDim.
+inline constexpr int kPrefillWarps = 4;
+inline constexpr int kPrefillKeyTile = 32;
+inline constexpr int kPrefillMaxHeadDim = 256;
+inline constexpr int kPrefillMaxQueriesPerWarp = 4;
+// Dynamic shared memory the plan stays within (no opt-in attribute needed).
+inline constexpr int kPrefillMaxSharedBytes = 48 * 1024;
+
+// ---- the forward pass's glue (forward_ops.cu)
+// Row formats the embedding lookup dequantizes (as engine/cpu/quant.cpp).
+enum class EmbedType : int32_t { kF32 = 0, kF16 = 1, kQ4_1 = 2, kQ8_0 = 3 };
+
+// A decode step's inputs in device memory, so a captured step replays with
+// new values: the token to embed and its position (= tokens already in the
+// cache). The step's kernels read them from here, never by value.
+struct DecodeStep {
+  int32_t token = 0;
+  int32_t pos = 0;
+};
+
 // ---- sampling (sampling.cu)
 // One block per row of logits. At most kSampleMaxCandidates candidates
 // survive top-k into the sorted top-p / min-p walk.

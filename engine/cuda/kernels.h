@@ -57,6 +57,36 @@ cudaError_t decode_attention(const AttnTask* tasks, int64_t n_tasks, int64_t gro
                              int64_t rows_per_split, float scale, float* partials,
                              size_t shared_bytes, cudaStream_t stream);
 
+// ---- prefill_attention.cu
+// q, out [n_queries][n_heads][head_dim] fp32; k_cache / v_cache: KV head h's
+// rows at h * kv_head_stride (fp16, head_dim each). Queries at positions
+// past + i see keys 0..past + i. queries_per_warp and shared_bytes from
+// plan_prefill_attention (other combinations: cudaErrorInvalidValue).
+cudaError_t prefill_attention(const float* q, int64_t n_queries, int64_t n_heads, int64_t head_dim,
+                              const uint16_t* k_cache, const uint16_t* v_cache,
+                              int64_t kv_head_stride, int64_t group, int64_t past, float scale,
+                              float* out, int queries_per_warp, size_t shared_bytes,
+                              cudaStream_t stream);
+
+// ---- forward_ops.cu (CudaForward's glue; token ids are checked by the caller)
+// out[r] = dequantized row tokens[r] of the table (row_bytes apart).
+cudaError_t embed_rows(const void* table, EmbedType type, int64_t row_bytes, const int32_t* tokens,
+                       int64_t n_rows, int64_t n_embd, float* out, cudaStream_t stream);
+// k/v [n_rows][n_kv_heads * head_dim] fp32 -> fp16 cache rows positions[r]
+// of each KV head (head h at h * head_stride elements).
+cudaError_t store_kv(const float* k, const float* v, int64_t n_rows, int64_t n_kv_heads,
+                     int64_t head_dim, const int32_t* positions, int64_t head_stride,
+                     uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream);
+// y += x elementwise (one rounding per element, as the CPU's add).
+cudaError_t add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream);
+// tasks[i].near_tokens = step->pos + 1 for i < n_tasks (the dense cache's
+// decode attention covers every token so far and the new one).
+cudaError_t set_task_lengths(AttnTask* tasks, int64_t n_tasks, const DecodeStep* step,
+                             cudaStream_t stream);
+// step->token = *next_token; step->pos = pos if pos >= 0, else step->pos + 1.
+cudaError_t finish_step(const int32_t* next_token, DecodeStep* step, int32_t pos,
+                        cudaStream_t stream);
+
 // ---- sampling.cu
 cudaError_t argmax_rows(const float* logits, int64_t n_rows, int64_t vocab, int32_t* out,
                         cudaStream_t stream);

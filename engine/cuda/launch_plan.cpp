@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace kvgate::engine::cuda {
 namespace {
@@ -176,6 +177,115 @@ Status check_attn_tasks(const AttnTask* tasks, int64_t n_tasks, const AttentionP
     }
   }
   return Status();
+}
+
+Result<PrefillAttentionPlan> plan_prefill_attention(const PrefillAttentionShape& s) {
+  if (s.max_queries < 1 || s.n_heads < 1 || s.n_kv_heads < 1 || s.head_dim < 1 ||
+      s.max_context < 1) {
+    return invalid_argument("cuda prefill attention: queries (" + str(s.max_queries) +
+                            "), heads (" + str(s.n_heads) + "), KV heads (" + str(s.n_kv_heads) +
+                            "), head_dim (" + str(s.head_dim) + ") and context (" +
+                            str(s.max_context) + ") must be >= 1");
+  }
+  if (s.n_heads % s.n_kv_heads != 0) {
+    return invalid_argument("cuda prefill attention: " + str(s.n_heads) +
+                            " query heads are not a multiple of " + str(s.n_kv_heads) +
+                            " KV heads");
+  }
+  if (s.head_dim % 2 != 0 || s.head_dim > kPrefillMaxHeadDim) {
+    return unimplemented("cuda prefill attention: head_dim " + str(s.head_dim) +
+                         " (the kernel takes even head dims up to " + str(kPrefillMaxHeadDim) +
+                         ")");
+  }
+  if (s.max_queries > s.max_context) {
+    return invalid_argument("cuda prefill attention: " + str(s.max_queries) +
+                            " queries per launch exceed the cache's " + str(s.max_context) +
+                            " rows");
+  }
+  // Row offsets inside one KV head's slice are computed in int64, but key
+  // indices are int: the context must fit int32.
+  if (s.max_context > std::numeric_limits<int32_t>::max() / 2) {
+    return invalid_argument("cuda prefill attention: context " + str(s.max_context) +
+                            " exceeds 2^30");
+  }
+  if (s.n_heads > kMaxGridY) {
+    return invalid_argument("cuda prefill attention: " + str(s.n_heads) + " heads exceed " +
+                            str(kMaxGridY) + " per launch");
+  }
+  PrefillAttentionPlan p;
+  p.shape = s;
+  p.group = s.n_heads / s.n_kv_heads;
+  p.queries_per_warp =
+      s.head_dim <= 128 ? kPrefillMaxQueriesPerWarp : kPrefillMaxQueriesPerWarp / 2;
+  p.q_tile = int64_t{kPrefillWarps} * p.queries_per_warp;
+  p.key_tile = kPrefillKeyTile;
+  p.max_q_tiles = ceil_div(s.max_queries, p.q_tile);
+  p.block_threads = kPrefillWarps * kWarpSize;
+  p.k_row_halves = s.head_dim + 2;
+  p.shared_bytes = static_cast<size_t>(p.q_tile * s.head_dim) * sizeof(float) +
+                   static_cast<size_t>(p.key_tile * p.k_row_halves) * 2 +
+                   static_cast<size_t>(p.key_tile * s.head_dim) * 2;
+  if (p.shared_bytes > static_cast<size_t>(kPrefillMaxSharedBytes)) {
+    // Not reachable for head_dim <= kPrefillMaxHeadDim (the tile shrinks
+    // above 128); kept so a change of constants cannot launch a bad shape.
+    return unimplemented("cuda prefill attention: head_dim " + str(s.head_dim) + " needs " +
+                         str(static_cast<int64_t>(p.shared_bytes)) + " bytes of shared memory");
+  }
+  return p;
+}
+
+Result<ForwardMemory> plan_forward_memory(const ForwardMemoryShape& s) {
+  if (s.n_layers < 1 || s.n_embd < 1 || s.n_ff < 1 || s.n_heads < 1 || s.n_kv_heads < 1 ||
+      s.head_dim < 1 || s.n_vocab < 1 || s.max_context < 1 || s.max_prefill < 1 ||
+      s.n_heads % s.n_kv_heads != 0) {
+    return invalid_argument(
+        "cuda forward memory: every size must be >= 1 and the query heads a "
+        "multiple of the KV heads");
+  }
+  const int64_t q_dim = s.n_heads * s.head_dim, kv_dim = s.n_kv_heads * s.head_dim;
+  ForwardMemory m;
+  // Bytes of a matrix as the GEMV plan lays it out (validates the type).
+  auto matrix = [&](GgmlType t, int64_t rows, int64_t cols) -> Result<size_t> {
+    KVGATE_ASSIGN_OR_RETURN(const GemvPlan p, plan_gemv(t, rows, cols, 1));
+    return static_cast<size_t>(rows * p.row_bytes);
+  };
+  const std::pair<int64_t, int64_t> shapes[] = {
+      {q_dim, s.n_embd},  {kv_dim, s.n_embd}, {kv_dim, s.n_embd}, {s.n_embd, q_dim},
+      {s.n_ff, s.n_embd}, {s.n_ff, s.n_embd}, {s.n_embd, s.n_ff}};
+  size_t layer = 0, layer_f16 = 0;
+  for (const auto& [rows, cols] : shapes) {
+    KVGATE_ASSIGN_OR_RETURN(const size_t b, matrix(s.layer_type, rows, cols));
+    layer += b;
+    if (s.layer_type != GgmlType::kF16) layer_f16 += static_cast<size_t>(rows * cols) * 2;
+  }
+  m.gemv_weight_bytes = layer * static_cast<size_t>(s.n_layers);
+  m.gemm_weight_bytes = layer_f16 * static_cast<size_t>(s.n_layers);
+  KVGATE_ASSIGN_OR_RETURN(const size_t embd, matrix(s.embd_type, s.n_vocab, s.n_embd));
+  if (s.tied_output) {
+    m.gemv_weight_bytes += embd;
+  } else {
+    KVGATE_ASSIGN_OR_RETURN(const size_t out, matrix(s.output_type, s.n_vocab, s.n_embd));
+    m.gemv_weight_bytes += out;
+    m.embedding_bytes = embd;
+  }
+  m.kv_cache_bytes =
+      static_cast<size_t>(s.n_layers * 2 * kv_dim) * static_cast<size_t>(s.max_context) * 2;
+  const int64_t P = s.max_prefill;
+  const int64_t max_cols = std::max({s.n_embd, q_dim, s.n_ff});
+  // x, xn, q, k, v, attn, gate, up (fp32) + tokens/positions; the GEMM's
+  // fp16 activations; the GEMV's 8-token activations (<= 1.25 bytes per
+  // element); decode attention's partials at the plan's largest split.
+  const size_t rows = static_cast<size_t>(P) *
+                      static_cast<size_t>(2 * s.n_embd + 2 * q_dim + 2 * kv_dim + 2 * s.n_ff + 2) *
+                      4;
+  const size_t gemm_ws = static_cast<size_t>(P * max_cols) * 2;
+  const size_t gemv_ws = static_cast<size_t>(kGemvMaxTokens * max_cols) * 2 + 1024;
+  const size_t attn_ws = static_cast<size_t>(s.n_heads * kAttnMaxSplits * (s.head_dim + 2)) * 4;
+  m.scratch_bytes = rows + gemm_ws + gemv_ws + attn_ws + static_cast<size_t>(s.n_vocab) * 4 +
+                    static_cast<size_t>(s.n_layers * s.n_kv_heads) * (sizeof(AttnTask) + 16);
+  m.total_bytes = m.gemv_weight_bytes + m.embedding_bytes + m.gemm_weight_bytes + m.kv_cache_bytes +
+                  m.scratch_bytes;
+  return m;
 }
 
 Result<PageCopyPlan> plan_page_copy(int64_t n_pages, int64_t page_bytes) {

@@ -113,6 +113,80 @@ Result<AttentionPlan> plan_decode_attention(const AttentionShape& shape);
 // so this is the caller's gate before uploading them.
 Status check_attn_tasks(const AttnTask* tasks, int64_t n_tasks, const AttentionPlan& plan);
 
+// ---------------------------------------------------------------- prefill attention
+
+// Causal prefill attention over a dense fp16 cache (one sequence): queries
+// at positions [past, past + n) attend to keys [0, past + n) of their KV
+// head (GQA: query head q uses KV head q / (n_heads / n_kv_heads)). The
+// cache holds, per KV head, max_context rows of head_dim fp16 (K and V in
+// separate arrays, as engine::KvCache's layer slices).
+struct PrefillAttentionShape {
+  int64_t max_queries = 0;  // queries per launch (the prefill chunk)
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_context = 0;  // cache rows per KV head; past + n <= this
+};
+
+// Grid (q_tiles, n_heads) of block_threads threads; q_tile =
+// kPrefillWarps * queries_per_warp queries per block (4 per warp up to
+// head_dim 128, 2 above, so shared memory stays within
+// kPrefillMaxSharedBytes). Shared memory: the tile's queries as fp32
+// (rounded to fp16), and one key tile of K (rows padded by 2 halves: the
+// lanes' row reads fall in distinct banks) and V as fp16.
+struct PrefillAttentionPlan {
+  PrefillAttentionShape shape;
+  int64_t group = 0;  // query heads per KV head
+  int queries_per_warp = 0;
+  int64_t q_tile = 0;
+  int64_t key_tile = 0;     // kPrefillKeyTile
+  int64_t max_q_tiles = 0;  // grid x for max_queries
+  int block_threads = 0;
+  int64_t k_row_halves = 0;  // head_dim + 2
+  size_t shared_bytes = 0;
+};
+
+// Errors: a size < 1, n_heads not a multiple of n_kv_heads, max_queries >
+// max_context (INVALID_ARGUMENT); odd head_dim or head_dim >
+// kPrefillMaxHeadDim (UNIMPLEMENTED); grid or cache sizes past CUDA's or
+// int32's limits (INVALID_ARGUMENT).
+Result<PrefillAttentionPlan> plan_prefill_attention(const PrefillAttentionShape& shape);
+
+// Query tiles (grid x) for a launch of n_queries.
+inline int64_t prefill_q_tiles(const PrefillAttentionPlan& plan, int64_t n_queries) {
+  return (n_queries + plan.q_tile - 1) / plan.q_tile;
+}
+
+// ---------------------------------------------------------------- forward memory
+
+// Device memory of a CudaForward (cuda_forward.h) for a model shape and its
+// options, counted on the host before anything is uploaded: does the model
+// fit? Layer matrices of one type (`layer_type`: F16, Q4_1 or Q8_0); an
+// fp16 copy of each for the prefill GEMM unless they are F16 already.
+struct ForwardMemoryShape {
+  int64_t n_layers = 0, n_embd = 0, n_ff = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t n_vocab = 0;
+  GgmlType layer_type = GgmlType::kF16;
+  GgmlType embd_type = GgmlType::kF16;
+  bool tied_output = true;                // the vocabulary projection reads the embedding
+  GgmlType output_type = GgmlType::kF16;  // when not tied
+  int64_t max_context = 0;
+  int64_t max_prefill = 0;
+};
+
+struct ForwardMemory {
+  size_t gemv_weight_bytes = 0;  // layer matrices + output projection: a decode step reads all
+  size_t embedding_bytes = 0;    // the token table when untied (0 when tied: counted above)
+  size_t gemm_weight_bytes = 0;  // fp16 copies for the prefill GEMM
+  size_t kv_cache_bytes = 0;     // layers x 2 x kv_dim x max_context fp16
+  size_t scratch_bytes = 0;      // activations for max_prefill rows, logits, workspaces (bound)
+  size_t total_bytes = 0;
+};
+
+// INVALID_ARGUMENT for sizes < 1 or a head count that does not divide;
+// UNIMPLEMENTED for a type the GEMV does not take.
+Result<ForwardMemory> plan_forward_memory(const ForwardMemoryShape& shape);
+
 // ---------------------------------------------------------------- copies
 
 // KV page gather (pages -> contiguous wire staging) and scatter (back):

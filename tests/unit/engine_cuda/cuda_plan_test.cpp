@@ -217,6 +217,180 @@ TEST(AttentionPlan, CheckTasks) {
   EXPECT_FALSE(check_attn_tasks(tasks, 2, *p).ok());
 }
 
+// ---------------------------------------------------------------- prefill attention
+
+PrefillAttentionShape prefill_shape(int64_t queries, int64_t heads, int64_t kv_heads, int64_t d,
+                                    int64_t context) {
+  PrefillAttentionShape s;
+  s.max_queries = queries;
+  s.n_heads = heads;
+  s.n_kv_heads = kv_heads;
+  s.head_dim = d;
+  s.max_context = context;
+  return s;
+}
+
+// The shared memory the kernel carves (prefill_attention.cu): the tile's
+// queries in fp32, one K tile with rows padded to head_dim + 2 halves, one V
+// tile in fp16.
+size_t prefill_shared(int64_t q_tile, int64_t d) {
+  return static_cast<size_t>(q_tile * d * 4 + kPrefillKeyTile * (d + 2) * 2 +
+                             kPrefillKeyTile * d * 2);
+}
+
+TEST(PrefillAttentionPlan, SmolLM2Shape) {
+  // SmolLM2-135M: 9 query heads over 3 KV heads of 64, chunks of 512.
+  auto p = plan_prefill_attention(prefill_shape(512, 9, 3, 64, 8192));
+  ASSERT_TRUE(p.ok()) << p.status().to_string();
+  EXPECT_EQ(p->group, 3);
+  EXPECT_EQ(p->queries_per_warp, 4);
+  EXPECT_EQ(p->q_tile, 16);
+  EXPECT_EQ(p->key_tile, 32);
+  EXPECT_EQ(p->max_q_tiles, 32);  // 512 / 16
+  EXPECT_EQ(p->block_threads, 128);
+  EXPECT_EQ(p->k_row_halves, 66);
+  EXPECT_EQ(p->shared_bytes, 16u * 64 * 4 + 32u * 66 * 2 + 32u * 64 * 2);  // 12416
+  EXPECT_EQ(prefill_q_tiles(*p, 1), 1);
+  EXPECT_EQ(prefill_q_tiles(*p, 16), 1);
+  EXPECT_EQ(prefill_q_tiles(*p, 17), 2);
+  EXPECT_EQ(prefill_q_tiles(*p, 500), 32);
+}
+
+TEST(PrefillAttentionPlan, Llama3Shape) {
+  // Llama-3-8B: 32 query heads over 8 KV heads of 128, chunks of 4096.
+  auto p = plan_prefill_attention(prefill_shape(4096, 32, 8, 128, 8192));
+  ASSERT_TRUE(p.ok()) << p.status().to_string();
+  EXPECT_EQ(p->group, 4);
+  EXPECT_EQ(p->q_tile, 16);
+  EXPECT_EQ(p->max_q_tiles, 256);
+  EXPECT_EQ(p->shared_bytes, 16u * 128 * 4 + 32u * 130 * 2 + 32u * 128 * 2);  // 24704
+}
+
+TEST(PrefillAttentionPlan, SharedMemoryWithinTheDefaultLimitForEveryHeadDim) {
+  for (int64_t d = 2; d <= kPrefillMaxHeadDim; d += 2) {
+    auto p = plan_prefill_attention(prefill_shape(100, 8, 2, d, 1000));
+    ASSERT_TRUE(p.ok()) << "head_dim " << d << ": " << p.status().to_string();
+    EXPECT_EQ(p->queries_per_warp, d <= 128 ? 4 : 2) << d;
+    EXPECT_EQ(p->q_tile, kPrefillWarps * p->queries_per_warp) << d;
+    EXPECT_EQ(p->shared_bytes, prefill_shared(p->q_tile, d)) << d;
+    EXPECT_LE(p->shared_bytes, static_cast<size_t>(kPrefillMaxSharedBytes)) << d;
+    EXPECT_LE(p->shared_bytes, 48u * 1024u) << d;
+    // Every query of a full chunk lands in exactly one tile.
+    EXPECT_GE(p->max_q_tiles * p->q_tile, 100) << d;
+    EXPECT_LT((p->max_q_tiles - 1) * p->q_tile, 100) << d;
+  }
+  // The largest head dim: tiles of 8 queries keep it at 41088 bytes.
+  auto p = plan_prefill_attention(prefill_shape(64, 4, 4, 256, 64));
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->q_tile, 8);
+  EXPECT_EQ(p->shared_bytes, 41088u);
+}
+
+TEST(PrefillAttentionPlan, RejectsWhatTheKernelCannotTake) {
+  auto code = [](const PrefillAttentionShape& s) {
+    return plan_prefill_attention(s).status().code();
+  };
+  EXPECT_EQ(code(prefill_shape(0, 8, 2, 64, 100)), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(prefill_shape(10, 0, 2, 64, 100)), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(prefill_shape(10, 8, 0, 64, 100)), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(prefill_shape(10, 8, 2, 0, 100)), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(prefill_shape(10, 8, 2, 64, 0)), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(prefill_shape(10, 9, 2, 64, 100)), StatusCode::kInvalidArgument);  // 9 % 2
+  EXPECT_EQ(code(prefill_shape(10, 8, 2, 63, 100)), StatusCode::kUnimplemented);    // odd
+  EXPECT_EQ(code(prefill_shape(10, 8, 2, 258, 100)), StatusCode::kUnimplemented);   // > 256
+  EXPECT_EQ(code(prefill_shape(101, 8, 2, 64, 100)),
+            StatusCode::kInvalidArgument);  // chunk > cache
+  EXPECT_EQ(code(prefill_shape(10, 8, 2, 64, int64_t{1} << 31)), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(prefill_shape(10, 70000, 70000, 64, 100)),
+            StatusCode::kInvalidArgument);  // grid y
+  // The messages name the problem.
+  auto odd = plan_prefill_attention(prefill_shape(10, 8, 2, 63, 100));
+  EXPECT_NE(odd.status().message().find("head_dim 63"), std::string::npos)
+      << odd.status().to_string();
+  auto long_chunk = plan_prefill_attention(prefill_shape(101, 8, 2, 64, 100));
+  EXPECT_NE(long_chunk.status().message().find("101 queries"), std::string::npos);
+}
+
+// ---------------------------------------------------------------- forward memory
+
+ForwardMemoryShape llama3_8b_f16() {
+  ForwardMemoryShape s;
+  s.n_layers = 32;
+  s.n_embd = 4096;
+  s.n_ff = 14336;
+  s.n_heads = 32;
+  s.n_kv_heads = 8;
+  s.head_dim = 128;
+  s.n_vocab = 128256;
+  s.layer_type = GgmlType::kF16;
+  s.embd_type = GgmlType::kF16;
+  s.tied_output = true;  // as the benchmark's synthetic model
+  s.max_context = 4096 + 512;
+  s.max_prefill = 4096;
+  return s;
+}
+
+TEST(ForwardMemory, Llama3_8BInF16FitsAnH100) {
+  auto m = plan_forward_memory(llama3_8b_f16());
+  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  // Per layer q, o: 4096 x 4096; k, v: 1024 x 4096; gate, up, down: 14336 x
+  // 4096 elements, 2 bytes each; plus the tied 128256 x 4096 table.
+  const size_t layer = (2ull * 4096 * 4096 + 2ull * 1024 * 4096 + 3ull * 14336 * 4096) * 2;
+  EXPECT_EQ(layer, 436207616u);
+  EXPECT_EQ(m->gemv_weight_bytes, 32 * layer + 128256ull * 4096 * 2);  // 15.0 GB
+  EXPECT_EQ(m->embedding_bytes, 0u);
+  EXPECT_EQ(m->gemm_weight_bytes, 0u);                        // F16 rows serve the GEMM as they are
+  EXPECT_EQ(m->kv_cache_bytes, 32ull * 2 * 1024 * 4608 * 2);  // 0.6 GB
+  // Activations of a 4096-token chunk: ~0.6 GB; the rest is small.
+  EXPECT_GT(m->scratch_bytes, 4096ull * (2 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336) * 4);
+  EXPECT_LT(m->scratch_bytes, 2'000'000'000u);
+  EXPECT_EQ(m->total_bytes, m->gemv_weight_bytes + m->kv_cache_bytes + m->scratch_bytes);
+  EXPECT_LT(m->total_bytes, 20'000'000'000u);  // an 80 GB H100 holds it 4 times over
+  // Untied (as Llama 3 ships): one more 1.05 GB table.
+  ForwardMemoryShape untied = llama3_8b_f16();
+  untied.tied_output = false;
+  auto u = plan_forward_memory(untied);
+  ASSERT_TRUE(u.ok());
+  EXPECT_EQ(u->embedding_bytes, 128256ull * 4096 * 2);
+  EXPECT_EQ(u->total_bytes, m->total_bytes + 128256ull * 4096 * 2);
+}
+
+TEST(ForwardMemory, SmolLM2Q4_1) {
+  ForwardMemoryShape s;
+  s.n_layers = 30;
+  s.n_embd = 576;
+  s.n_ff = 1536;
+  s.n_heads = 9;
+  s.n_kv_heads = 3;
+  s.head_dim = 64;
+  s.n_vocab = 49152;
+  s.layer_type = GgmlType::kQ4_1;
+  s.embd_type = GgmlType::kQ8_0;
+  s.max_context = 1000;
+  s.max_prefill = 512;
+  auto m = plan_forward_memory(s);
+  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  // Q4_1: 20 bytes per 32 weights. q, o: 576 x 576; k, v: 192 x 576;
+  // gate, up: 1536 x 576; down: 576 x 1536. Q8_0 table: 34 per 32.
+  const size_t layer = 2 * 576 * 18 * 20 + 2 * 192 * 18 * 20 + 2 * 1536 * 18 * 20 + 576 * 48 * 20;
+  EXPECT_EQ(layer, 2211840u);
+  EXPECT_EQ(m->gemv_weight_bytes, 30 * layer + 49152u * 18 * 34);
+  EXPECT_EQ(m->gemm_weight_bytes, 30u * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576) * 2);
+  EXPECT_EQ(m->kv_cache_bytes, 30u * 2 * 192 * 1000 * 2);
+}
+
+TEST(ForwardMemory, Rejections) {
+  ForwardMemoryShape s = llama3_8b_f16();
+  s.layer_type = GgmlType::kQ4_0;
+  EXPECT_EQ(plan_forward_memory(s).status().code(), StatusCode::kUnimplemented);
+  s = llama3_8b_f16();
+  s.n_kv_heads = 5;
+  EXPECT_EQ(plan_forward_memory(s).status().code(), StatusCode::kInvalidArgument);
+  s = llama3_8b_f16();
+  s.max_prefill = 0;
+  EXPECT_EQ(plan_forward_memory(s).status().code(), StatusCode::kInvalidArgument);
+}
+
 // ---------------------------------------------------------------- copies
 
 TEST(PageCopyPlan, SizesAndVectorization) {

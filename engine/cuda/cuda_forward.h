@@ -1,0 +1,127 @@
+// CudaForward: the llama forward pass of one sequence on the GPU, with a
+// dense fp16 KV cache in device memory — CpuForward's arithmetic (the
+// reference) on the CUDA kernels of this folder.
+//
+// Paths:
+//  - prefill(tokens): chunks of up to max_prefill_tokens; a chunk of more
+//    than kGemvMaxTokens tokens multiplies through cuBLAS on fp16 weight
+//    copies (gemm.h), smaller ones through the GEMV (the CPU's quantized
+//    arithmetic); causal attention by prefill_attention. Leaves the last
+//    token's logits (and their argmax) on the device.
+//  - decode(token): one token through the GEMV path and decode_attention
+//    with every cached token proximal (the dense special case of the
+//    compressed layout's task: one "page" per KV head spanning the cache).
+//  - capture_decode_graph() / decode_graph(): the same decode step captured
+//    once into a CUDA graph and replayed. Every buffer is allocated at
+//    construction for max_context_tokens / max_prefill_tokens, so a step
+//    allocates nothing and launches the same kernels with the same
+//    arguments every time; what changes per step (the token, its position,
+//    the attention length) lives in device memory (DecodeStep and the
+//    AttnTask records) and is read there by the kernels. Graph and plain
+//    steps run identical kernels: their results are the same bits.
+//
+// Ownership and threading: owns its device memory (weights uploaded once;
+// several GiB for an 8B model), stream, cuBLAS handle and graph. Driven by
+// one thread. Calls enqueue on the forward's stream and return without
+// waiting, except where a host output is asked for (logits_out,
+// greedy_token(), logits(), synchronize()): those block until the stream
+// is done. Errors of kernels already enqueued surface at that point.
+//
+// Errors: INVALID_ARGUMENT (empty prompt, token outside the vocabulary),
+// OUT_OF_RANGE (the cache is full), FAILED_PRECONDITION (a graph call
+// before capture_decode_graph, a greedy step with no logits yet, any call
+// after a failed step until reset()), UNIMPLEMENTED (weight types or shapes
+// the kernels lack, named), RESOURCE_EXHAUSTED (device memory), and CUDA /
+// cuBLAS failures as cuda_status maps them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/model.h"
+
+namespace kvgate::engine::cuda {
+
+// Host-resident weights of a llama model, as CudaForward uploads them:
+// views of a LlamaModel's file mapping, or buffers a benchmark made up.
+// Pointers are borrowed for the duration of CudaForward::create only.
+struct HostWeights {
+  LlamaConfig config;
+  std::vector<LayerWeights> layers;
+  cpu::WeightView token_embd;
+  cpu::WeightView output;  // may be token_embd (tied): uploaded once
+  const float* output_norm = nullptr;
+
+  static HostWeights of(const LlamaModel& model);
+};
+
+struct CudaForwardOptions {
+  int64_t max_context_tokens = 4096;  // dense KV cache rows per (layer, KV head)
+  int64_t max_prefill_tokens = 512;   // tokens per prefill chunk (scratch rows)
+};
+
+class CudaForward {
+ public:
+  // Uploads the weights and allocates every buffer. Layer matrices must be
+  // F16, Q4_1 or Q8_0 (GEMV), the embedding F32, F16, Q4_1 or Q8_0; head
+  // shapes within decode and prefill attention's limits (launch_plan.h).
+  // Blocks until the upload is done.
+  static Result<std::unique_ptr<CudaForward>> create(const HostWeights& weights,
+                                                     const CudaForwardOptions& options);
+  ~CudaForward();
+  CudaForward(const CudaForward&) = delete;
+  CudaForward& operator=(const CudaForward&) = delete;
+
+  // Appends tokens at n_tokens(). If logits_out is set, waits and copies
+  // the last token's n_vocab logits there.
+  Status prefill(std::span<const int32_t> tokens, float* logits_out = nullptr);
+
+  // One decode step of `token` at position n_tokens() (no graph).
+  Status decode(int32_t token, float* logits_out = nullptr);
+
+  // Captures one decode step into a CUDA graph (replaces an earlier one).
+  // Enqueues nothing and leaves the cache and n_tokens() as they are.
+  Status capture_decode_graph();
+  bool has_decode_graph() const;
+
+  // The captured step for `token` at n_tokens(): the token and position are
+  // copied into device memory, then the graph is launched.
+  Status decode_graph(int32_t token, float* logits_out = nullptr);
+
+  // The captured step fed with the previous step's greedy token, which is
+  // already in device memory: no host-to-device traffic at all, so steps
+  // can be chained without waiting (greedy decoding at the GPU's pace).
+  Status decode_graph_greedy(float* logits_out = nullptr);
+
+  // The argmax (lowest id on ties, as engine::argmax) of the last step's
+  // logits, computed on the device; waits for the stream.
+  Result<int32_t> greedy_token();
+  // The last step's n_vocab logits; waits for the stream.
+  Status logits(float* out);
+  // Waits for everything enqueued; the first error of the stream's work.
+  Status synchronize();
+
+  // Empties the cache (positions restart at 0) and clears a failed state.
+  // The graph stays valid (it reads positions from device memory).
+  void reset();
+
+  int64_t n_tokens() const;
+  const LlamaConfig& config() const;
+  const CudaForwardOptions& options() const;
+  // Device bytes: weights as the GEMV reads them (a decode step reads all
+  // of them once), their fp16 copies for the prefill GEMM, the KV cache.
+  size_t gemv_weight_bytes() const;
+  size_t gemm_weight_bytes() const;
+  size_t kv_cache_bytes() const;
+
+ private:
+  struct Impl;
+  explicit CudaForward(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvgate::engine::cuda
