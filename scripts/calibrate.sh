@@ -4,11 +4,26 @@
 # policies look for it (see docs/calibration.md). scripts/setup.sh runs this
 # when the file is missing. Needs a built kvgate. About 20 minutes on 2
 # cores. Extra arguments go to kvgate calibrate.
+#
+#   --retrieval-episodes   (first argument) also calibrate on retrieval
+#                          episodes made from the calibration books by
+#                          scripts/make-retrieval-texts.py (a fact, prose,
+#                          a question about it); docs/eval.md has what it
+#                          changes. Writes the texts to eval-data/calib-mix/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${root}"
 build="${KVGATE_BUILD_DIR:-${root}/build}"
 scripts/fetch-model.sh
 scripts/fetch-eval-data.sh
-"${build}/kvgate" calibrate --model models/SmolLM2-135M-Instruct.Q4_1.gguf --texts eval-data/calib \
+texts=eval-data/calib
+if [[ "${1:-}" == "--retrieval-episodes" ]]; then
+  shift
+  texts=eval-data/calib-mix
+  rm -rf "${texts}"
+  mkdir -p "${texts}"
+  cp eval-data/calib/*.txt "${texts}/"
+  python3 scripts/make-retrieval-texts.py eval-data/calib "${texts}/retrieval-episodes.txt"
+fi
+"${build}/kvgate" calibrate --model models/SmolLM2-135M-Instruct.Q4_1.gguf --texts "${texts}" \
   --out models/SmolLM2-135M-Instruct.Q4_1.gate.gguf "$@"
