@@ -16,15 +16,10 @@
 #include <cmath>
 
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/warp_reduce.cuh"
 
 namespace kvgate::engine::cuda::kernels {
 namespace {
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) {
   return __half2float(__ushort_as_half(h));

@@ -9,27 +9,10 @@
 #include <cuda_fp16.h>
 
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/warp_reduce.cuh"
 
 namespace kvgate::engine::cuda::kernels {
 namespace {
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ int warp_sum_int(int v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
 
 __device__ __forceinline__ float round_fp16(float v) {
   return __half2float(__float2half_rn(v));

@@ -23,21 +23,10 @@
 #include <cmath>
 
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/warp_reduce.cuh"
 
 namespace kvgate::engine::cuda::kernels {
 namespace {
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
 
 // Rows [k0, k0 + kPrefillKeyTile) of one KV head's slice to shared memory
 // as pairs of halves (row stride `row_words`); rows at or past n_keys are
