@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "common/crc32c.h"
 
@@ -238,12 +239,12 @@ Status UcxTransport::create_landing_datatype() {
   return {};
 }
 
-void UcxTransport::set_landing(Op* op, const std::vector<std::pair<std::byte*, size_t>>& pieces,
+void UcxTransport::set_landing(Op* op, std::vector<std::pair<std::byte*, size_t>>&& pieces,
                                uint64_t bytes, ucp_request_param_t& prm, void*& buffer, size_t& count) {
   op->expect_bytes = bytes;
   if (landing_dt_) {
     op->fused = true;
-    op->pieces = pieces;
+    op->pieces = std::move(pieces);  // the landing's own list: no copy per segment
     prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
     prm.datatype = landing_dt_;
     buffer = op;
@@ -568,7 +569,7 @@ ucs_status_t UcxTransport::on_am_data(void* arg, const void* header, size_t head
   prm.user_data = op;
   void* buffer = nullptr;
   size_t count = 0;
-  self->set_landing(op, landing->pieces, length, prm, buffer, count);
+  self->set_landing(op, std::move(landing->pieces), length, prm, buffer, count);
   self->track(op, ucp_am_recv_data_nbx(self->ctx_->worker(), data, buffer, count, &prm));
   return UCS_INPROGRESS;
 }
@@ -603,7 +604,7 @@ ucs_status_t UcxTransport::on_am_tag_header(void* arg, const void* header, size_
   ucp_request_param_t prm{};
   void* buffer = nullptr;
   size_t count = 0;
-  self->set_landing(op, landing->pieces, seg.length_bytes, prm, buffer, count);
+  self->set_landing(op, std::move(landing->pieces), seg.length_bytes, prm, buffer, count);
   self->receive_tagged(tag, buffer, count, prm, op);
   return UCS_OK;
 }

@@ -103,7 +103,7 @@ class UcxTransport final : public TransportCore {
   Status install_handlers();
   Status create_landing_datatype();
   // Fills the receive's buffer/count/datatype for `op` landing in `pieces`.
-  void set_landing(Op* op, const std::vector<std::pair<std::byte*, size_t>>& pieces, uint64_t bytes,
+  void set_landing(Op* op, std::vector<std::pair<std::byte*, size_t>>&& pieces, uint64_t bytes,
                    ucp_request_param_t& prm, void*& buffer, size_t& count);
   Peer* live_peer(PeerId peer);
   Op* new_op(int kind, uint64_t cookie);
