@@ -12,6 +12,7 @@
 #include "cli/model_loading.h"
 #include "engine/calibrate.h"
 #include "engine/gate_file.h"
+#include "engine/threshold_fit.h"
 
 namespace kvgate::cli {
 namespace {
@@ -43,7 +44,10 @@ int run_calibrate(const std::vector<std::string>& args) {
               "Calibrates KV compression for a model: groups layers by the similarity of their\n"
               "attention over distant tokens (PoD), then trains one Attention-Gate per (block,\n"
               "KV head) from the model's own attention (the model runs forward only). Writes the\n"
-              "gate side file that the gate and gate+pod policies load.");
+              "gate side file that the gate and gate+pod policies load. Finally fits the gates'\n"
+              "thresholds at the serving length (--fit-tokens) as the served gates compute them,\n"
+              "spreading the keep budget over heads by the attention mass they keep (--allocation).\n"
+              "--refit FILE does only that last step for an existing gate file.");
   p.add_option("model", "PATH", "GGUF model", kDefaultModel);
   p.add_option("texts", "DIR", "directory of .txt calibration texts (keep them apart from eval text)",
                "eval-data/calib");
@@ -69,6 +73,17 @@ int run_calibrate(const std::vector<std::string>& args) {
   p.add_option("n-window", "N", "recent-window tokens (kept in every layer)", "256");
   p.add_option("seed", "N", "random seed (sequence choice, initialization)", "1");
   p.add_option("threads", "N", "threads (0 = all cores)", "0");
+  p.add_option("fit-tokens", "N",
+               "serving length the thresholds are fitted at with the served gate semantics "
+               "(0: keep the training-length quantiles)", "4096");
+  p.add_option("fit-sequences", "N", "sequences of --fit-tokens for the threshold fit", "6");
+  p.add_option("allocation", "A",
+               "threshold fit: uniform (every head keeps --keep-rate) or mass (one byte budget, "
+               "spent on the heads whose distant tokens get the most attention)", "mass");
+  p.add_option("min-keep-rate", "R", "allocation mass: the least share any head keeps", "0.1");
+  p.add_option("refit", "FILE",
+               "only refit the thresholds of this gate file (its gates and block map unchanged); "
+               "--keep-rate, the --fit-* options and --allocation apply");
   p.add_flag("quiet", "no progress on stderr");
   if (Status s = p.parse(args); !s.ok()) {
     print_error(s.message());
@@ -93,6 +108,7 @@ int run_calibrate(const std::vector<std::string>& args) {
   };
   int64_t threads = 0;
   int64_t seed = 1;
+  engine::ThresholdFitOptions fit;
   for (const Status& s :
        {get_double("delta", 0.0, 1.0, opt.similarity_threshold),
         get_int("max-block", 0, 1024, opt.max_block_layers), get_int("gate-heads", 1, 64, opt.n_gate_heads),
@@ -104,7 +120,9 @@ int run_calibrate(const std::vector<std::string>& args) {
         get_int("sequences", 2, 1000000, opt.train_sequences), get_int("tokens", 2, 1 << 20, opt.train_tokens),
         get_int("epochs", 1, 1000, opt.epochs), get_double("lr", 1e-9, 10.0, opt.learning_rate),
         get_int("n-sink", 0, 1 << 20, opt.n_sink_tokens), get_int("n-window", 1, 1 << 20, opt.n_window_tokens),
-        get_int("seed", 0, int64_t{1} << 62, seed), get_int("threads", 0, 1024, threads)}) {
+        get_int("seed", 0, int64_t{1} << 62, seed), get_int("threads", 0, 1024, threads),
+        get_int("fit-tokens", 0, 1 << 20, fit.tokens), get_int("fit-sequences", 1, 100000, fit.sequences),
+        get_double("min-keep-rate", 0.0, 1.0, fit.min_keep_rate)}) {
     if (!s.ok()) {
       print_error(s.message());
       return 2;
@@ -120,7 +138,17 @@ int run_calibrate(const std::vector<std::string>& args) {
     print_error("option '--teacher' must be mean or max, got '" + p.get("teacher") + "'");
     return 2;
   }
+  auto allocation = engine::parse_keep_allocation(p.get("allocation"));
+  if (!allocation.ok()) return fail(invalid_argument("option '--allocation': " + allocation.status().message()));
+  fit.allocation = *allocation;
+  fit.target_keep_rate = opt.target_keep_rate;
+  fit.min_distant_queries = opt.min_distant_queries;
+  const bool refit = p.has("refit");
+  if (refit && fit.tokens == 0) return fail(invalid_argument("--refit needs --fit-tokens > 0"));
   if (Status s = opt.validate(); !s.ok()) return fail(s);
+  if (fit.tokens > 0) {
+    if (Status s = fit.validate(); !s.ok()) return fail(s);
+  }
   const std::string out_path = p.has("out") ? p.get("out") : gate_path_for_model(p.get("model"));
 
   auto files = text_files(p.get("texts"));
@@ -160,28 +188,61 @@ int run_calibrate(const std::vector<std::string>& args) {
     std::fflush(stderr);
   };
   engine::CalibrationReport report;
-  auto gate = engine::calibrate(forward, documents, opt, progress, &report);
-  if (!gate.ok()) return fail(Status(StatusCode::kInternal, gate.status().message()));
-  gate->calibration_note += "; texts " + p.get("texts") + " (" + std::to_string(total_tokens) +
-                            " tokens); delta " + p.get("delta") + ", keep-rate " + p.get("keep-rate") +
-                            ", kind " + p.get("kind");
+  Result<engine::GateModel> gate = internal_error("no gate");
+  if (refit) {
+    gate = engine::load_gate_for_model(p.get("refit"), *loaded->model);
+    if (!gate.ok()) return fail(gate.status());
+  } else {
+    gate = engine::calibrate(forward, documents, opt, progress, &report);
+    if (!gate.ok()) return fail(Status(StatusCode::kInternal, gate.status().message()));
+    gate->calibration_note += "; texts " + p.get("texts") + " (" + std::to_string(total_tokens) +
+                              " tokens); delta " + p.get("delta") + ", keep-rate " + p.get("keep-rate") +
+                              ", kind " + p.get("kind");
+  }
+  engine::ThresholdFitReport fit_report;
+  if (fit.tokens > 0) {
+    auto fit_progress = [&](const engine::ThresholdFitProgress& pr) {
+      progress({pr.stage, pr.done, pr.total, 0.0});
+    };
+    if (Status s = engine::fit_thresholds(forward, documents, *gate, fit, fit_progress, &fit_report); !s.ok()) {
+      return fail(s);
+    }
+    gate->target_keep_rate = fit.target_keep_rate;
+    gate->calibration_note += "; thresholds fitted at " + std::to_string(fit.tokens) + " tokens (" +
+                              std::to_string(fit.sequences) + " sequences of " + p.get("texts") +
+                              ", served gate semantics), allocation " +
+                              engine::keep_allocation_name(fit.allocation) + ", keep-rate " +
+                              p.get("keep-rate") + ", min-keep-rate " + p.get("min-keep-rate");
+  }
   if (Status s = engine::save_gate_file(out_path, *gate); !s.ok()) return fail(s);
 
-  std::printf("block map (delta %.3f, %lld slots):\n%s", opt.similarity_threshold,
-              static_cast<long long>(gate->blocks.n_slots()), report.block_map.c_str());
-  std::printf("adjacent-layer sharing similarity (1 - JSD, layer l using layer l-1's distant scores), head 0:");
-  const int64_t L = gate->blocks.n_layers();
-  for (int64_t l = 0; l + 1 < L; ++l) std::printf(" %.2f", report.similarity[0][l * L + l + 1]);
-  std::printf("\ntraining loss per epoch:");
-  for (double x : report.epoch_loss) std::printf(" %.4f", x);
-  std::printf("\nheld-out: keep rate %.3f, teacher attention mass kept %.3f (oracle at the same rate %.3f, "
-              "random %.3f)\n",
-              report.holdout_keep_rate, report.holdout_mass_gate, report.holdout_mass_oracle,
-              opt.target_keep_rate);
-  std::printf("time: grouping %.0f s (%lld tokens), collecting %.0f s (%lld tokens), training %.0f s\n",
-              report.seconds_grouping, static_cast<long long>(report.grouping_tokens_seen),
-              report.seconds_collecting, static_cast<long long>(report.training_tokens_seen),
-              report.seconds_training);
+  if (!refit) {
+    std::printf("block map (delta %.3f, %lld slots):\n%s", opt.similarity_threshold,
+                static_cast<long long>(gate->blocks.n_slots()), report.block_map.c_str());
+    std::printf("adjacent-layer sharing similarity (1 - JSD, layer l using layer l-1's distant scores), head 0:");
+    const int64_t L = gate->blocks.n_layers();
+    for (int64_t l = 0; l + 1 < L; ++l) std::printf(" %.2f", report.similarity[0][l * L + l + 1]);
+    std::printf("\ntraining loss per epoch:");
+    for (double x : report.epoch_loss) std::printf(" %.4f", x);
+    std::printf("\nheld-out (training length, full-context logits): keep rate %.3f, teacher attention mass "
+                "kept %.3f (oracle at the same rate %.3f, random %.3f)\n",
+                report.holdout_keep_rate, report.holdout_mass_gate, report.holdout_mass_oracle,
+                opt.target_keep_rate);
+    std::printf("time: grouping %.0f s (%lld tokens), collecting %.0f s (%lld tokens), training %.0f s\n",
+                report.seconds_grouping, static_cast<long long>(report.grouping_tokens_seen),
+                report.seconds_collecting, static_cast<long long>(report.training_tokens_seen),
+                report.seconds_training);
+  }
+  if (fit.tokens > 0) {
+    std::printf("threshold fit at %lld tokens (%s, %lld tokens, %.0f s): keep rate %.3f, retained bytes "
+                "%.3f of keeping every distant token, teacher attention mass kept %.3f\n",
+                static_cast<long long>(fit.tokens), engine::keep_allocation_name(fit.allocation),
+                static_cast<long long>(fit_report.tokens_seen), fit_report.seconds, fit_report.keep_rate,
+                fit_report.bytes_share, fit_report.mass_kept);
+    std::printf("keep rate per slot (block map order):");
+    for (double r : fit_report.slot_keep_rate) std::printf(" %.2f", r);
+    std::printf("\n");
+  }
   std::printf("wrote %s\n", out_path.c_str());
   return 0;
 }

@@ -11,6 +11,7 @@
 
 #include "engine/cpu/thread_pool.h"
 #include "engine/gate_math.h"
+#include "engine/threshold_fit.h"
 
 namespace kvgate::engine {
 namespace {
@@ -37,26 +38,6 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void vaxpy(float al
 }
 
 // ------------------------------------------------------------ sequences
-
-struct Window {
-  int64_t document;
-  int64_t start;
-};
-
-// Consecutive slots of slot_tokens in every document, shuffled with seed.
-std::vector<Window> shuffled_slots(std::span<const std::vector<int32_t>> documents,
-                                   int64_t slot_tokens, uint64_t seed) {
-  std::vector<Window> slots;
-  for (size_t d = 0; d < documents.size(); ++d) {
-    const auto n = static_cast<int64_t>(documents[d].size());
-    for (int64_t s = 0; s + slot_tokens <= n; s += slot_tokens) {
-      slots.push_back({static_cast<int64_t>(d), s});
-    }
-  }
-  std::mt19937_64 rng(seed);
-  std::shuffle(slots.begin(), slots.end(), rng);
-  return slots;
-}
 
 // ------------------------------------------------------------ grouping
 
@@ -431,6 +412,18 @@ double shared_score_similarity(const float* s_base, const float* s_layer, int64_
   return 1.0 - std::clamp(jsd, 0.0, 1.0);
 }
 
+std::vector<TextWindow> shuffled_windows(std::span<const std::vector<int32_t>> documents,
+                                        int64_t tokens, uint64_t seed) {
+  std::vector<TextWindow> windows;
+  for (size_t d = 0; d < documents.size(); ++d) {
+    const auto n = static_cast<int64_t>(documents[d].size());
+    for (int64_t s = 0; s + tokens <= n; s += tokens) windows.push_back({static_cast<int64_t>(d), s});
+  }
+  std::mt19937_64 rng(seed);
+  std::shuffle(windows.begin(), windows.end(), rng);
+  return windows;
+}
+
 Result<kvstore::BlockMap> group_layers(const std::vector<std::vector<double>>& similarity,
                                        int64_t n_layers, double delta, int64_t max_block_layers) {
   std::vector<std::vector<kvstore::LayerBlock>> per_head;
@@ -464,7 +457,7 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
   const int64_t slot_tokens = std::max(opt.grouping_tokens, opt.train_tokens);
   const int64_t per_slot = slot_tokens / opt.train_tokens;
   const int64_t train_slots = (opt.train_sequences + per_slot - 1) / per_slot;
-  std::vector<Window> slots = shuffled_slots(documents, slot_tokens, opt.seed);
+  std::vector<TextWindow> slots = shuffled_windows(documents, slot_tokens, opt.seed);
   if (static_cast<int64_t>(slots.size()) < opt.grouping_sequences + train_slots) {
     return invalid_argument("calibration texts hold " + std::to_string(slots.size()) + " windows of " +
                             std::to_string(slot_tokens) + " tokens; " +
@@ -489,7 +482,7 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
     std::vector<float> logits(c.n_vocab);
     for (int64_t s = 0; s < opt.grouping_sequences; ++s) {
       report_progress("grouping", s, opt.grouping_sequences, 0.0);
-      const Window w = slots[s];
+      const TextWindow w = slots[s];
       std::span<const int32_t> toks(documents[w.document].data() + w.start, t_len);
       cache.set_n_tokens(0);
       stats.reset(n_layers, n_kv, t_len, t_len);
@@ -567,7 +560,7 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
     LayerInputObserver* previous = forward.layer_observer();
     for (int64_t i = 0; i < opt.train_sequences; ++i) {
       report_progress("collecting", i, opt.train_sequences, 0.0);
-      const Window w = slots[opt.grouping_sequences + i / per_slot];
+      const TextWindow w = slots[opt.grouping_sequences + i / per_slot];
       std::span<const int32_t> toks(documents[w.document].data() + w.start + (i % per_slot) * t_len,
                                     t_len);
       Sequence& sq = seqs[i];
@@ -585,22 +578,18 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
       sq.eligible.assign(static_cast<size_t>(t_len), 0);
       const int64_t last = t_len - opt.n_window_tokens - opt.min_distant_queries;
       for (int64_t t = opt.n_sink_tokens; t < last; ++t) sq.eligible[t] = 1;
+      if (opt.teacher == CalibrationOptions::Teacher::kMean) {
+        sq.importance = teacher_importance(stats, gate.blocks, group, opt.n_window_tokens);
+        continue;
+      }
       sq.importance.assign(static_cast<size_t>(n_slots * t_len), 0.0f);
       for (int64_t s = 0; s < n_slots; ++s) {
         const int64_t h = gate.blocks.slot_head(s);
         const auto block = gate.blocks.slot_block(s);
         float* imp = sq.importance.data() + s * t_len;
         for (int64_t l = block.first_layer; l < block.end_layer(); ++l) {
-          if (opt.teacher == CalibrationOptions::Teacher::kMax) {
-            const float* row = stats.received_distant_max.data() + (l * n_kv + h) * t_len;
-            for (int64_t t = 0; t < t_len; ++t) imp[t] += row[t] / static_cast<float>(block.n_layers);
-            continue;
-          }
-          const float* row = stats.received_distant_row(l, h);
-          for (int64_t t = 0; t < t_len; ++t) {
-            const int64_t n_queries = t_len - t - opt.n_window_tokens;
-            if (n_queries > 0) imp[t] += row[t] / static_cast<float>(n_queries * group * block.n_layers);
-          }
+          const float* row = stats.received_distant_max.data() + (l * n_kv + h) * t_len;
+          for (int64_t t = 0; t < t_len; ++t) imp[t] += row[t] / static_cast<float>(block.n_layers);
         }
       }
     }

@@ -15,7 +15,9 @@
 //     by Adam on binary cross-entropy plus λ·(mean keep probability −
 //     target)². The LLM runs forward only; only gate parameters learn.
 //  3. Thresholds: per slot, the logit quantile that keeps target_keep_rate
-//     of the eligible calibration tokens.
+//     of the eligible calibration tokens (training semantics, training
+//     length). `kvgate calibrate` then refits them at the serving length
+//     with the serving semantics (engine/threshold_fit.h).
 //
 // Blocks the calling thread (drives `forward`); progress callbacks run on it.
 #pragma once
@@ -111,6 +113,17 @@ Result<kvstore::BlockMap> group_layers(const std::vector<std::vector<double>>& s
 // >= 0.6 cost +17% perplexity.)
 double shared_score_similarity(const float* s_base, const float* s_layer, int64_t n, int64_t lo,
                                int64_t hi);
+
+// A window of `tokens` consecutive token ids of documents[document] from
+// `start`; shuffled_windows() cuts every document into such windows and
+// shuffles them with the seed (calibration and the threshold fit draw their
+// sequences from it).
+struct TextWindow {
+  int64_t document = 0;
+  int64_t start = 0;
+};
+std::vector<TextWindow> shuffled_windows(std::span<const std::vector<int32_t>> documents,
+                                         int64_t tokens, uint64_t seed);
 
 // 1 − JSD (base 2) of two distributions given as non-negative weights over
 // the same support (each normalized here); 1 for identical, 0 for disjoint.
