@@ -176,7 +176,8 @@ size_t StagedReceiver::progress(std::vector<DeviceCopyEvent>& events) {
   }
   // 2. Free slots take the next chunks: oldest transfer first, verified
   // chunks and landed ones alike.
-  std::vector<Xfer*> order;
+  std::vector<Xfer*>& order = order_scratch_;
+  order.clear();
   for (auto& [id, x] : xfers_)
     if (!x.failed) order.push_back(&x);
   std::sort(order.begin(), order.end(), [](Xfer* a, Xfer* b) { return a->order < b->order; });

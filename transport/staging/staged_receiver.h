@@ -153,6 +153,7 @@ class StagedReceiver {
   StagedReceiverOptions options_;
   std::map<uint64_t, Xfer> xfers_;
   std::vector<SlotUse> slots_;
+  std::vector<Xfer*> order_scratch_;  // progress()'s, kept to avoid allocating per call
   uint64_t next_order_ = 1;
   StagedReceiverCounters counters_;
 };

@@ -248,6 +248,12 @@ StagedSendEvent StagedSender::on_transfer_event(const TransferEvent& event) {
   x.queued.clear();
   if (!event.status.ok() && x.failed && x.failure.code() != StatusCode::kCancelled)
     out.event.status = x.failure;
+  // Failed by the transport (deadline, peer lost): copies still in flight
+  // are dropped when they end, and enqueue() answers with the failure.
+  if (!event.status.ok() && !x.failed) {
+    x.failed = true;
+    x.failure = event.status;
+  }
   for (const StagedSegmentInfo& s : x.sent)
     if (s.bytes != 0) out.segments.push_back(s);
   maybe_erase(key);
