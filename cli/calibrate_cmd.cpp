@@ -65,6 +65,10 @@ int run_calibrate(const std::vector<std::string>& args) {
   p.add_option("keep-weight", "X", "weight of the keep-rate term in the loss", "1.0");
   p.add_option("grouping-sequences", "N", "sequences for the layer grouping", "8");
   p.add_option("grouping-tokens", "N", "tokens per grouping sequence", "2048");
+  p.add_option("grouping-probes", "FILE",
+               "retrieval probes (texts separated by form-feed lines, each ending where the model "
+               "retrieves an earlier fact; scripts/make-retrieval-texts.py --probes): layers share "
+               "distant scores only if they also agree on the probes' last queries");
   p.add_option("sequences", "N", "training sequences", "160");
   p.add_option("tokens", "N", "tokens per training sequence", "1024");
   p.add_option("epochs", "N", "passes over the training sequences", "3");
@@ -164,6 +168,29 @@ int run_calibrate(const std::vector<std::string>& args) {
     documents.push_back(loaded->tokenizer->encode(ss.str(), false, false));
     total_tokens += static_cast<int64_t>(documents.back().size());
   }
+  if (p.has("grouping-probes")) {
+    std::ifstream in(p.get("grouping-probes"), std::ios::binary);
+    if (!in) return fail(not_found(p.get("grouping-probes") + ": cannot read the grouping probes"));
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    const std::string all = ss.str();
+    size_t begin = 0;
+    while (begin <= all.size()) {
+      size_t end = all.find('\f', begin);
+      if (end == std::string::npos) end = all.size();
+      std::string text = all.substr(begin, end - begin);
+      const size_t a = text.find_first_not_of(" \t\r\n");
+      const size_t b = text.find_last_not_of(" \t\r\n");
+      if (a != std::string::npos) {
+        opt.grouping_probes.push_back(loaded->tokenizer->encode(text.substr(a, b - a + 1), false, false));
+      }
+      begin = end + 1;
+    }
+    if (opt.grouping_probes.empty()) {
+      return fail(invalid_argument(p.get("grouping-probes") + ": no probe texts"));
+    }
+    if (Status s = opt.validate(); !s.ok()) return fail(invalid_argument(p.get("grouping-probes") + ": " + s.message()));
+  }
   const bool quiet = p.flag("quiet");
   if (!quiet) {
     std::fprintf(stderr, "calibration texts: %zu files, %lld tokens (%s)\n", files->size(),
@@ -219,9 +246,23 @@ int run_calibrate(const std::vector<std::string>& args) {
   if (!refit) {
     std::printf("block map (delta %.3f, %lld slots):\n%s", opt.similarity_threshold,
                 static_cast<long long>(gate->blocks.n_slots()), report.block_map.c_str());
-    std::printf("adjacent-layer sharing similarity (1 - JSD, layer l using layer l-1's distant scores), head 0:");
+    std::printf("adjacent-layer sharing similarity (1 - JSD, layer l using layer l-1's distant scores)");
+    if (!report.probe_similarity.empty()) {
+      std::printf(", min of the texts' and the %zu retrieval probes'", opt.grouping_probes.size());
+    }
+    std::printf(":");
     const int64_t L = gate->blocks.n_layers();
-    for (int64_t l = 0; l + 1 < L; ++l) std::printf(" %.2f", report.similarity[0][l * L + l + 1]);
+    const auto print_row = [&](const char* what, int64_t h, const std::vector<std::vector<double>>& m) {
+      std::printf("\n  head %lld%s:", static_cast<long long>(h), what);
+      for (int64_t l = 0; l + 1 < L; ++l) std::printf(" %.2f", m[h][l * L + l + 1]);
+    };
+    for (int64_t h = 0; h < gate->blocks.n_kv_heads(); ++h) {
+      print_row("", h, report.similarity);
+      if (!report.probe_similarity.empty()) {
+        print_row(" texts ", h, report.text_similarity);
+        print_row(" probes", h, report.probe_similarity);
+      }
+    }
     std::printf("\ntraining loss per epoch:");
     for (double x : report.epoch_loss) std::printf(" %.4f", x);
     std::printf("\nheld-out (training length, full-context logits): keep rate %.3f, teacher attention mass "

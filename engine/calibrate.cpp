@@ -342,6 +342,14 @@ Status CalibrationOptions::validate() const {
   if (n_sink_tokens < 0) return invalid_argument("n_sink must be >= 0");
   if (n_window_tokens < 1) return invalid_argument("n_window must be >= 1");
   if (min_distant_queries < 1) return invalid_argument("min_distant_queries must be >= 1");
+  if (probe_queries < 1) return invalid_argument("probe_queries must be >= 1");
+  for (size_t i = 0; i < grouping_probes.size(); ++i) {
+    if (static_cast<int64_t>(grouping_probes[i].size()) <= n_sink_tokens + n_window_tokens + probe_queries) {
+      return invalid_argument("grouping probe " + std::to_string(i) + " has " +
+                              std::to_string(grouping_probes[i].size()) +
+                              " tokens; it must exceed n_sink + n_window + probe_queries");
+    }
+  }
   if (grouping_tokens <= n_sink_tokens + n_window_tokens + grouping_queries) {
     return invalid_argument("grouping_tokens must exceed n_sink + n_window + grouping_queries");
   }
@@ -472,21 +480,23 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
 
   // ---- 1. layer grouping
   auto t0 = Clock::now();
-  std::vector<std::vector<double>> sim_sum(n_kv, std::vector<double>(n_layers * n_layers, 0.0));
   const int64_t max_span = opt.max_block_layers > 0 ? opt.max_block_layers - 1 : n_layers;
-  int64_t n_sim = 0;
-  {
-    const int64_t t_len = opt.grouping_tokens;
-    KvCache cache(c, t_len);
+  // Mean shared-score similarity over the last `n_queries` queries of each
+  // sequence, per (KV head, layer pair).
+  const auto measure = [&](std::span<const std::span<const int32_t>> sequences, int64_t n_queries,
+                           std::string_view stage,
+                           std::vector<std::vector<double>>& mean) -> Status {
+    std::vector<std::vector<double>> sum(n_kv, std::vector<double>(n_layers * n_layers, 0.0));
+    int64_t n_sim = 0;
     AttentionStats stats;
     std::vector<float> logits(c.n_vocab);
-    for (int64_t s = 0; s < opt.grouping_sequences; ++s) {
-      report_progress("grouping", s, opt.grouping_sequences, 0.0);
-      const TextWindow w = slots[s];
-      std::span<const int32_t> toks(documents[w.document].data() + w.start, t_len);
-      cache.set_n_tokens(0);
+    for (size_t s = 0; s < sequences.size(); ++s) {
+      report_progress(stage, static_cast<int64_t>(s), static_cast<int64_t>(sequences.size()), 0.0);
+      const std::span<const int32_t> toks = sequences[s];
+      const auto t_len = static_cast<int64_t>(toks.size());
+      KvCache cache(c, t_len);
       stats.reset(n_layers, n_kv, t_len, t_len);
-      stats.enable_capture(c.n_heads, t_len - opt.grouping_queries);
+      stats.enable_capture(c.n_heads, t_len - n_queries);
       KVGATE_RETURN_IF_ERROR(forward.prefill(cache, toks, logits.data(), &stats));
       rep.grouping_tokens_seen += t_len;
       for (int64_t qi = 0; qi < stats.n_captured(); ++qi) {
@@ -502,22 +512,41 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
             for (int64_t b = a + 1; b < std::min(n_layers, a + max_span + 1); ++b) {
               const double sim =
                   shared_score_similarity(ra, stats.captured_row(b, qh, qi), pos + 1, lo, hi);
-              sim_sum[h][a * n_layers + b] += sim / group;
+              sum[h][a * n_layers + b] += sim / group;
             }
           }
         }
         ++n_sim;
       }
     }
-    report_progress("grouping", opt.grouping_sequences, opt.grouping_sequences, 0.0);
+    report_progress(stage, static_cast<int64_t>(sequences.size()), static_cast<int64_t>(sequences.size()), 0.0);
+    mean.assign(n_kv, std::vector<double>(n_layers * n_layers, 1.0));
+    for (int64_t h = 0; h < n_kv; ++h) {
+      for (int64_t a = 0; a < n_layers; ++a) {
+        for (int64_t b = a + 1; b < n_layers; ++b) {
+          const double v = n_sim > 0 ? sum[h][a * n_layers + b] / n_sim : 0.0;
+          mean[h][a * n_layers + b] = v;
+          mean[h][b * n_layers + a] = v;
+        }
+      }
+    }
+    return Status();
+  };
+  {
+    std::vector<std::span<const int32_t>> seqs;
+    for (int64_t s = 0; s < opt.grouping_sequences; ++s) {
+      const TextWindow w = slots[s];
+      seqs.emplace_back(documents[w.document].data() + w.start, opt.grouping_tokens);
+    }
+    KVGATE_RETURN_IF_ERROR(measure(seqs, opt.grouping_queries, "grouping", rep.similarity));
   }
-  rep.similarity.assign(n_kv, std::vector<double>(n_layers * n_layers, 1.0));
-  for (int64_t h = 0; h < n_kv; ++h) {
-    for (int64_t a = 0; a < n_layers; ++a) {
-      for (int64_t b = a + 1; b < n_layers; ++b) {
-        const double v = n_sim > 0 ? sim_sum[h][a * n_layers + b] / n_sim : 0.0;
-        rep.similarity[h][a * n_layers + b] = v;
-        rep.similarity[h][b * n_layers + a] = v;
+  if (!opt.grouping_probes.empty()) {
+    std::vector<std::span<const int32_t>> probes(opt.grouping_probes.begin(), opt.grouping_probes.end());
+    KVGATE_RETURN_IF_ERROR(measure(probes, opt.probe_queries, "probes", rep.probe_similarity));
+    rep.text_similarity = rep.similarity;
+    for (int64_t h = 0; h < n_kv; ++h) {
+      for (size_t i = 0; i < rep.similarity[h].size(); ++i) {
+        rep.similarity[h][i] = std::min(rep.similarity[h][i], rep.probe_similarity[h][i]);
       }
     }
   }

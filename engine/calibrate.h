@@ -6,7 +6,8 @@
 //     (shared_score_similarity: 1 − Jensen–Shannon divergence, base 2, in
 //     [0, 1]), averaged over the query heads of each KV head. Per KV head,
 //     layers merge greedily into consecutive blocks while the similarity of
-//     each layer to the block's base stays >= δ.
+//     each layer to the block's base stays >= δ. With retrieval probes, a
+//     pair must also reach δ on the probes' last queries.
 //  2. Gate training. Teacher importance of token j for slot (block, head):
 //     the mean attention it receives from the queries for which it is
 //     distant (at least n_window positions later), averaged over the block's
@@ -42,6 +43,14 @@ struct CalibrationOptions {
   int64_t grouping_queries = 32;   // last queries of each sequence compared
   double similarity_threshold = 0.95;  // δ
   int64_t max_block_layers = 8;        // 0: no cap; also bounds the pairs compared
+  // Retrieval probes (token ids): short texts that end where the model
+  // retrieves an earlier fact (scripts/make-retrieval-texts.py --probes).
+  // Their last probe_queries queries are compared like the grouping
+  // sequences', and a pair of layers must be similar on both: averages over
+  // prose hide the few queries that look back for one token, and a layer
+  // that answers them from its own scores must not take another's.
+  std::vector<std::vector<int32_t>> grouping_probes;
+  int64_t probe_queries = 12;
   // Gate training.
   GateKind kind = GateKind::kAttention;
   int64_t n_gate_heads = 2;
@@ -77,8 +86,12 @@ struct CalibrationProgress {
 using CalibrationProgressFn = std::function<void(const CalibrationProgress&)>;
 
 struct CalibrationReport {
-  // similarity[h][a * n_layers + b] = 1 − JSD between layers a and b.
+  // similarity[h][a * n_layers + b]: how well layer b tolerates layer a's
+  // distant scores (shared_score_similarity), the value the grouping used:
+  // the minimum of the text and probe similarities when there are probes.
   std::vector<std::vector<double>> similarity;
+  std::vector<std::vector<double>> text_similarity;   // with probes: the texts' alone
+  std::vector<std::vector<double>> probe_similarity;  // with probes: the probes' alone
   std::string block_map;
   int64_t grouping_tokens_seen = 0;
   int64_t training_tokens_seen = 0;

@@ -9,7 +9,9 @@
 #                          episodes made from the calibration books by
 #                          scripts/make-retrieval-texts.py (a fact, prose,
 #                          a question about it); docs/eval.md has what it
-#                          changes. Writes the texts to eval-data/calib-mix/.
+#                          changes. Writes the texts to eval-data/calib-mix/,
+#                          and retrieval probes for the layer grouping to
+#                          eval-data/grouping-probes.txt (--grouping-probes).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${root}"
@@ -23,7 +25,9 @@ if [[ "${1:-}" == "--retrieval-episodes" ]]; then
   rm -rf "${texts}"
   mkdir -p "${texts}"
   cp eval-data/calib/*.txt "${texts}/"
-  python3 scripts/make-retrieval-texts.py eval-data/calib "${texts}/retrieval-episodes.txt"
+  python3 scripts/make-retrieval-texts.py eval-data/calib "${texts}/retrieval-episodes.txt" \
+    --probes eval-data/grouping-probes.txt
+  set -- --grouping-probes eval-data/grouping-probes.txt "$@"
 fi
 "${build}/kvgate" calibrate --model models/SmolLM2-135M-Instruct.Q4_1.gguf --texts "${texts}" \
   --out models/SmolLM2-135M-Instruct.Q4_1.gate.gguf "$@"

@@ -17,7 +17,15 @@ Facts, objects and phrasings are drawn from small lists with a seed; none
 is the evaluation's passkey wording ("pass key", "Remember it", the grass
 filler). Deterministic for a given seed and input.
 
+With --probes FILE it also writes grouping probes for `kvgate calibrate
+--grouping-probes`: separate episodes (other draws) that each END with the
+answer's value, one after another, separated by a form feed line. The
+calibration compares layers' attention on their last queries, where the
+model retrieves the fact, and does not share scores between layers that
+disagree there (docs/calibration.md).
+
 usage: make-retrieval-texts.py CALIB_DIR OUT_FILE [--episodes N] [--seed S]
+                               [--probes FILE] [--probe-count N]
 """
 import argparse
 import pathlib
@@ -51,6 +59,8 @@ def main():
     ap.add_argument("out_file")
     ap.add_argument("--episodes", type=int, default=150)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--probes")
+    ap.add_argument("--probe-count", type=int, default=32)
     a = ap.parse_args()
     rng = random.Random(a.seed)
     words = words_of(a.calib_dir)
@@ -61,15 +71,20 @@ def main():
         start = rng.randrange(0, len(words) - n)
         return " ".join(words[start:start + n])
 
-    out = []
-    for _ in range(a.episodes):
+    def episode():
         obj, kind = rng.choice(OBJECTS), rng.choice(KINDS)
         digits = rng.choice([4, 5, 6])
         val = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
         fact = rng.choice(FACT_FORMS).format(kind=kind, obj=obj, val=val)
         question = rng.choice(QUESTION_FORMS).format(kind=kind, obj=obj, val=val)
-        out.append(f"{prose(rng.randrange(20, 120))}\n\n{fact}\n\n{prose(rng.randrange(300, 600))}\n\n{question}\n\n")
+        return f"{prose(rng.randrange(20, 120))}\n\n{fact}\n\n{prose(rng.randrange(300, 600))}\n\n{question}"
+
+    out = [episode() + "\n\n" for _ in range(a.episodes)]
     pathlib.Path(a.out_file).write_text("".join(out), encoding="utf-8")
+    if a.probes:
+        # Probes end with the answer (no trailing text): their last queries retrieve.
+        pathlib.Path(a.probes).write_text("\n\f\n".join(episode() for _ in range(a.probe_count)),
+                                          encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -555,5 +555,64 @@ TEST(Calibrate, TinyEndToEndOnTheRealModel) {
   }
 }
 
+TEST(Calibrate, RetrievalProbesVetoSharingWhereTheyDisagree) {
+  KVGATE_REQUIRE_MODEL();
+  const auto docs = calibration_documents(*L->tokenizer, 24 * 1024);
+  if (docs.empty()) GTEST_SKIP() << "no calibration texts in eval-data/calib";
+  ForwardOptions fo;
+  fo.n_threads = 2;
+  CpuForward fwd(*L->model, fo);
+  CalibrationOptions opt = tiny_options();
+  opt.train_sequences = 4;
+  opt.epochs = 1;
+  opt.similarity_threshold = 0.9;
+  // A probe shorter than sinks + window + probe queries is named.
+  opt.grouping_probes = {std::vector<int32_t>(docs[0].begin(), docs[0].begin() + 40)};
+  auto short_probe = calibrate(fwd, docs, opt);
+  ASSERT_FALSE(short_probe.ok());
+  EXPECT_EQ(short_probe.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(short_probe.status().message().find("grouping probe 0"), std::string::npos)
+      << short_probe.status().to_string();
+
+  // A fact, prose, and a question whose answer ends the probe.
+  const std::string fact = "The code of the iron box is 58213. ";
+  const std::string question = " Question: what is the code of the iron box? Answer: the code of the iron box is 58213";
+  std::string prose;
+  {
+    std::vector<int32_t> span(docs[1].begin() + 100, docs[1].begin() + 260);
+    prose = L->tokenizer->decode(span);
+  }
+  opt.grouping_probes = {L->tokenizer->encode(fact + prose + question, false, false),
+                         L->tokenizer->encode(prose + fact + prose + question, false, false)};
+  CalibrationReport rep;
+  auto gate = calibrate(fwd, docs, opt, {}, &rep);
+  ASSERT_TRUE(gate.ok()) << gate.status().to_string();
+  const int64_t n_layers = L->model->config().n_layers;
+  ASSERT_EQ(rep.probe_similarity.size(), rep.similarity.size());
+  ASSERT_EQ(rep.text_similarity.size(), rep.similarity.size());
+  int64_t vetoed = 0;
+  for (size_t h = 0; h < rep.similarity.size(); ++h) {
+    for (size_t i = 0; i < rep.similarity[h].size(); ++i) {
+      EXPECT_EQ(rep.similarity[h][i], std::min(rep.text_similarity[h][i], rep.probe_similarity[h][i]));
+      if (rep.text_similarity[h][i] >= opt.similarity_threshold &&
+          rep.probe_similarity[h][i] < opt.similarity_threshold) {
+        ++vetoed;
+      }
+    }
+  }
+  // The grouping used the combined values, and the probes were read.
+  auto regrouped = group_layers(rep.similarity, n_layers, opt.similarity_threshold, opt.max_block_layers);
+  ASSERT_TRUE(regrouped.ok());
+  EXPECT_EQ(*regrouped, gate->blocks);
+  auto text_only = group_layers(rep.text_similarity, n_layers, opt.similarity_threshold, opt.max_block_layers);
+  ASSERT_TRUE(text_only.ok());
+  int64_t probe_tokens = 0;
+  for (const auto& p : opt.grouping_probes) probe_tokens += static_cast<int64_t>(p.size());
+  EXPECT_EQ(rep.grouping_tokens_seen, opt.grouping_sequences * opt.grouping_tokens + probe_tokens);
+  std::printf("probes: %lld layer pairs similar on the texts but not on the probes; slots %lld (texts alone %lld)\n",
+              static_cast<long long>(vetoed), static_cast<long long>(gate->blocks.n_slots()),
+              static_cast<long long>(text_only->n_slots()));
+}
+
 }  // namespace
 }  // namespace kvgate::engine
