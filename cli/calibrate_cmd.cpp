@@ -80,7 +80,8 @@ int run_calibrate(const std::vector<std::string>& args) {
   p.add_option("fit-tokens", "N",
                "serving length the thresholds are fitted at with the served gate semantics "
                "(0: keep the training-length quantiles)", "4096");
-  p.add_option("fit-sequences", "N", "sequences of --fit-tokens for the threshold fit", "6");
+  p.add_option("fit-sequences", "N", "sequences of --fit-tokens for the threshold fit", "4");
+  p.add_option("fit-rounds", "N", "threshold fit: threshold <-> logit iterations", "6");
   p.add_option("allocation", "A",
                "threshold fit: uniform (every head keeps --keep-rate) or mass (one byte budget, "
                "spent on the heads whose distant tokens get the most attention)", "mass");
@@ -126,6 +127,7 @@ int run_calibrate(const std::vector<std::string>& args) {
         get_int("n-sink", 0, 1 << 20, opt.n_sink_tokens), get_int("n-window", 1, 1 << 20, opt.n_window_tokens),
         get_int("seed", 0, int64_t{1} << 62, seed), get_int("threads", 0, 1024, threads),
         get_int("fit-tokens", 0, 1 << 20, fit.tokens), get_int("fit-sequences", 1, 100000, fit.sequences),
+        get_int("fit-rounds", 1, 1000, fit.rounds),
         get_double("min-keep-rate", 0.0, 1.0, fit.min_keep_rate)}) {
     if (!s.ok()) {
       print_error(s.message());
@@ -227,6 +229,8 @@ int run_calibrate(const std::vector<std::string>& args) {
                               ", kind " + p.get("kind");
   }
   engine::ThresholdFitReport fit_report;
+  fit.probes = opt.grouping_probes;
+  fit.probe_queries = opt.probe_queries;
   if (fit.tokens > 0) {
     auto fit_progress = [&](const engine::ThresholdFitProgress& pr) {
       progress({pr.stage, pr.done, pr.total, 0.0});
@@ -237,6 +241,8 @@ int run_calibrate(const std::vector<std::string>& args) {
     gate->target_keep_rate = fit.target_keep_rate;
     gate->calibration_note += "; thresholds fitted at " + std::to_string(fit.tokens) + " tokens (" +
                               std::to_string(fit.sequences) + " sequences of " + p.get("texts") +
+                              (fit.probes.empty() ? std::string()
+                                                  : " and " + std::to_string(fit.probes.size()) + " retrieval probes") +
                               ", served gate semantics), allocation " +
                               engine::keep_allocation_name(fit.allocation) + ", keep-rate " +
                               p.get("keep-rate") + ", min-keep-rate " + p.get("min-keep-rate");

@@ -85,6 +85,7 @@ Status ThresholdFitOptions::validate() const {
   }
   if (rounds < 1) return invalid_argument("fit rounds must be >= 1");
   if (min_distant_queries < 1) return invalid_argument("min_distant_queries must be >= 1");
+  if (probe_queries < 1) return invalid_argument("probe_queries must be >= 1");
   return Status();
 }
 
@@ -140,6 +141,36 @@ std::vector<float> teacher_importance(const AttentionStats& stats, const kvstore
   return imp;
 }
 
+std::vector<float> captured_importance(const AttentionStats& stats, const kvstore::BlockMap& blocks,
+                                       int64_t group, int64_t n_sink, int64_t n_window) {
+  const int64_t t_len = stats.n_tokens;
+  const int64_t n_q = stats.n_captured();
+  std::vector<float> imp(static_cast<size_t>(blocks.n_slots() * t_len), 0.0f);
+  std::vector<double> p;
+  for (int64_t qi = 0; qi < n_q; ++qi) {
+    const int64_t pos = stats.capture_from + qi;
+    const int64_t hi = pos + 1 - n_window;
+    if (hi <= n_sink) continue;
+    for (int64_t l = 0; l < blocks.n_layers(); ++l) {
+      for (int64_t qh = 0; qh < stats.n_q_heads; ++qh) {
+        const int64_t h = qh / group;
+        const int64_t slot = blocks.slot_of_layer(l, h);
+        const float* row = stats.captured_row(l, qh, qi);
+        float m = -INFINITY;
+        for (int64_t j = 0; j <= pos; ++j) m = std::max(m, row[j]);
+        double z = 0.0;
+        for (int64_t j = 0; j <= pos; ++j) z += std::exp(static_cast<double>(row[j] - m));
+        const double w = 1.0 / (z * static_cast<double>(n_q * group * blocks.slot_block(slot).n_layers));
+        float* dst = imp.data() + slot * t_len;
+        for (int64_t j = n_sink; j < hi; ++j) {
+          dst[j] += static_cast<float>(std::exp(static_cast<double>(row[j] - m)) * w);
+        }
+      }
+    }
+  }
+  return imp;
+}
+
 Status fit_thresholds(CpuForward& forward, std::span<const std::vector<int32_t>> documents,
                       GateModel& gate, const ThresholdFitOptions& opt,
                       const std::function<void(const ThresholdFitProgress&)>& progress,
@@ -174,8 +205,11 @@ Status fit_thresholds(CpuForward& forward, std::span<const std::vector<int32_t>>
   struct FitSequence {
     std::unique_ptr<GatePrefill> gates;
     std::vector<float> importance;  // [slot][token]
+    int64_t n_tokens = 0;
+    int64_t first = 0, last = 0;    // eligible tokens [first, last)
   };
-  std::vector<FitSequence> seqs(static_cast<size_t>(opt.sequences));
+  std::vector<FitSequence> seqs(static_cast<size_t>(opt.sequences + static_cast<int64_t>(opt.probes.size())));
+  int64_t tokens_seen = 0;
   {
     KvCache cache(c, t_len);
     AttentionStats stats;
@@ -195,13 +229,46 @@ Status fit_thresholds(CpuForward& forward, std::span<const std::vector<int32_t>>
       KVGATE_RETURN_IF_ERROR(st);
       seqs[i].importance =
           teacher_importance(stats, gate.blocks, c.n_heads / c.n_kv_heads, gate.n_window_tokens);
+      seqs[i].n_tokens = t_len;
+      seqs[i].first = first;
+      seqs[i].last = last;
+      tokens_seen += t_len;
     }
     report_progress("fit-prefill", opt.sequences, opt.sequences);
+    // Probes: eligible are the tokens distant for every one of the last
+    // queries; valued by those queries' attention only.
+    const auto n_probes = static_cast<int64_t>(opt.probes.size());
+    for (int64_t i = 0; i < n_probes; ++i) {
+      report_progress("fit-probes", i, n_probes);
+      const std::vector<int32_t>& toks = opt.probes[i];
+      const auto p_len = static_cast<int64_t>(toks.size());
+      FitSequence& sq = seqs[opt.sequences + i];
+      sq.n_tokens = p_len;
+      sq.first = gate.n_sink_tokens;
+      sq.last = p_len - gate.n_window_tokens - opt.probe_queries;
+      if (sq.last - sq.first < 1) {
+        return invalid_argument("retrieval probe " + std::to_string(i) + " has " + std::to_string(p_len) +
+                                " tokens; it must exceed n_sink + n_window + probe_queries");
+      }
+      KvCache probe_cache(c, p_len);
+      sq.gates = std::make_unique<GatePrefill>(gate, layout, p_len, forward.options().isa);
+      stats.reset(c.n_layers, c.n_kv_heads, p_len, p_len);
+      stats.enable_capture(c.n_heads, p_len - opt.probe_queries);
+      forward.set_layer_observer(sq.gates.get());
+      const Status st = forward.prefill(probe_cache, toks, logits.data(), &stats);
+      forward.set_layer_observer(previous);
+      KVGATE_RETURN_IF_ERROR(st);
+      sq.importance = captured_importance(stats, gate.blocks, c.n_heads / c.n_kv_heads, gate.n_sink_tokens,
+                                          gate.n_window_tokens);
+      tokens_seen += p_len;
+    }
+    if (n_probes > 0) report_progress("fit-probes", n_probes, n_probes);
   }
 
   std::vector<int64_t> bytes(static_cast<size_t>(n_slots));
   double full_bytes = 0.0;
-  const int64_t n_elig = (last - first) * opt.sequences;
+  int64_t n_elig = 0;
+  for (const FitSequence& sq : seqs) n_elig += sq.last - sq.first;
   for (int64_t s = 0; s < n_slots; ++s) {
     bytes[s] = layout.elem_bytes * layout.head_dim * (gate.blocks.slot_block(s).n_layers + 1) +
                kvstore::kPositionBytes + layout.gate_state_bytes_per_token;
@@ -219,8 +286,8 @@ Status fit_thresholds(CpuForward& forward, std::span<const std::vector<int32_t>>
       KVGATE_RETURN_IF_ERROR(sq.gates->finish(GateDecision{}, flags, rows));
       const std::vector<float>& z = sq.gates->logits();
       for (int64_t s = 0; s < n_slots; ++s) {
-        for (int64_t t = first; t < last; ++t) {
-          items[s].push_back({z[s * t_len + t], sq.importance[s * t_len + t]});
+        for (int64_t t = sq.first; t < sq.last; ++t) {
+          items[s].push_back({z[s * sq.n_tokens + t], sq.importance[s * sq.n_tokens + t]});
         }
       }
     }
@@ -301,7 +368,7 @@ Status fit_thresholds(CpuForward& forward, std::span<const std::vector<int32_t>>
   if (report != nullptr) {
     ThresholdFitReport& r = *report;
     r = ThresholdFitReport();
-    r.tokens_seen = t_len * opt.sequences;
+    r.tokens_seen = tokens_seen;
     double kept = 0.0, total = 0.0, mass = 0.0, mass_total = 0.0, kept_bytes = 0.0;
     for (int64_t s = 0; s < n_slots; ++s) {
       int64_t k = 0;

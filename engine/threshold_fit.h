@@ -26,7 +26,8 @@
 //             rare fact — the retrieval heads — must not be starved by
 //             averages over text where that never happens).
 // The teacher is the calibration's: the mean attention a token receives
-// from the queries for which it is distant, per (block, KV head) slot.
+// from the queries for which it is distant, per (block, KV head) slot; on
+// retrieval probes, from the probe's last queries (its answer) only.
 //
 // Blocks the calling thread (drives `forward`).
 #pragma once
@@ -48,14 +49,23 @@ Result<KeepAllocation> parse_keep_allocation(std::string_view name);  // "unifor
 const char* keep_allocation_name(KeepAllocation a);
 
 struct ThresholdFitOptions {
-  int64_t sequences = 6;
+  int64_t sequences = 4;
   int64_t tokens = 4096;  // the serving length the thresholds are fitted at
   double target_keep_rate = 0.3;
   KeepAllocation allocation = KeepAllocation::kMass;
   double min_keep_rate = 0.1;  // kMass: floor per slot
-  int64_t rounds = 8;          // threshold <-> logit iterations (each re-runs the gates)
+  int64_t rounds = 6;          // threshold <-> logit iterations (each re-runs the gates)
   int64_t min_distant_queries = 32;  // eligible tokens, as in calibration
   uint64_t seed = 7;           // which windows of the texts
+  // Retrieval probes (token ids; kvgate calibrate --grouping-probes): texts
+  // that end where the model retrieves an earlier fact. Their eligible
+  // tokens join the fitted ones, valued by the attention of their last
+  // probe_queries queries only — what the answer needs. Averaged over prose,
+  // the one fact a later question asks for is worth nothing and mass
+  // allocation starves the heads that retrieve it (measured: passkey at
+  // 1k/2k/4k fell from 100/70/80% to 40/30/40%).
+  std::vector<std::vector<int32_t>> probes;
+  int64_t probe_queries = 12;
 
   Status validate() const;  // names the field
 };
@@ -67,7 +77,7 @@ struct ThresholdFitProgress {
 };
 
 struct ThresholdFitReport {
-  int64_t tokens_seen = 0;
+  int64_t tokens_seen = 0;  // fit sequences and probes
   // With the final thresholds, over the fit sequences' eligible tokens:
   double keep_rate = 0.0;                  // all slots together
   double mass_kept = 0.0;                  // share of the teacher mass kept
@@ -93,6 +103,14 @@ std::vector<int64_t> allocate_keep(std::span<const std::vector<float>> values_by
 // layers and the KV head's query heads), as the calibration's labels use.
 std::vector<float> teacher_importance(const AttentionStats& stats, const kvstore::BlockMap& blocks,
                                       int64_t group, int64_t n_window);
+
+// The same from the captured raw scores of a prefill's last queries
+// (AttentionStats::enable_capture): token j's importance for a slot is the
+// softmax attention it gets from those queries for which it is distant (j
+// in [n_sink, pos + 1 - n_window)), averaged over the captured queries, the
+// block's layers and the KV head's query heads.
+std::vector<float> captured_importance(const AttentionStats& stats, const kvstore::BlockMap& blocks,
+                                       int64_t group, int64_t n_sink, int64_t n_window);
 
 // Sets every slot's threshold of `gate` (in place) for the gate+pod layout
 // with the gate's own n_sink / n_window. `documents`: token ids of
