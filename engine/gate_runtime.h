@@ -47,10 +47,10 @@ struct GateDecision {
   // budget: > 0 keeps, per slot, the retained_budget_tokens non-sink prompt
   // tokens with the highest logits, and no token generated later, so a
   // slot never retains more than the budget and the footprint is known
-  // before prefill. The logits ranked are those of threshold mode (their
-  // gate context is the threshold-mode retained set), so in budget mode
-  // the prompt flags are not those of a token-by-token decode. 0: threshold
-  // mode.
+  // before prefill. The logits ranked are those of threshold mode (for
+  // context kCache their gate context is the threshold-mode retained set,
+  // so in budget mode the prompt flags are not those of a token-by-token
+  // decode; kWindow logits depend on no flag). 0: threshold mode.
   int64_t retained_budget_tokens = 0;
 };
 
