@@ -115,8 +115,30 @@ void make_labels(const float* importance, const std::vector<uint8_t>& eligible, 
 
 double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
-// Full-causal-context logits of eligible tokens (training semantics; the
-// runtime's context is sinks + window + retained, a subset).
+// The keys query t attends to in training: [0, sink_end) and
+// [window_begin, t]. kCache: the full causal context [0, t] (the runtime's
+// context, sinks + window + retained tokens, is a subset of it that depends
+// on earlier flags). kWindow: the band the runtime attends over exactly —
+// sinks j < n_sink and the window j >= t + 1 - n_window.
+struct Band {
+  int64_t sink_end = 0;
+  int64_t window_begin = 0;
+};
+
+Band context_band(const GateModel& g, int64_t t) {
+  if (g.context == GateContext::kCache) return {0, 0};
+  const int64_t sink_end = std::min(g.n_sink_tokens, t + 1);
+  return {sink_end, std::max(sink_end, t + 1 - g.n_window_tokens)};
+}
+
+// Calls fn(i) for every key i of query t's band, in increasing order.
+template <typename Fn>
+inline void for_band(const Band& b, int64_t t, Fn fn) {
+  for (int64_t i = 0; i < b.sink_end; ++i) fn(i);
+  for (int64_t i = b.window_begin; i <= t; ++i) fn(i);
+}
+
+// Logits of eligible tokens over the training context (context_band).
 // Fills st.z[t] for eligible t; q/k/v/o kept for the backward pass.
 void forward_slot(const GateModel& g, SlotTraining& st, const float* params, const float* x,
                   int64_t t_end, const std::vector<uint8_t>& eligible) {
@@ -153,21 +175,22 @@ void forward_slot(const GateModel& g, SlotTraining& st, const float* params, con
   }
   for (int64_t t = 0; t < t_end; ++t) {
     if (!eligible[t]) continue;
+    const Band band = context_band(g, t);
     float z = bias;
     for (int64_t a = 0; a < heads; ++a) {
       const float* qa = st.q.data() + t * dim + a * hd;
       float m = -INFINITY;
-      for (int64_t i = 0; i <= t; ++i) {
+      for_band(band, t, [&](int64_t i) {
         st.row[i] = vdot(qa, st.k.data() + i * dim + a * hd, hd) * scale;
         m = std::max(m, st.row[i]);
-      }
+      });
       float sum = 0.0f;
       float* oa = st.o.data() + t * dim + a * hd;
-      for (int64_t i = 0; i <= t; ++i) {
+      for_band(band, t, [&](int64_t i) {
         const float p = std::exp(st.row[i] - m);
         sum += p;
         vaxpy(p, st.v.data() + i * dim + a * hd, oa, hd);
-      }
+      });
       for (int64_t c = 0; c < hd; ++c) oa[c] /= sum;
       z += vdot(wo + a * hd, oa, hd);
     }
@@ -224,30 +247,32 @@ double train_slot(const GateModel& g, SlotTraining& st, const float* x, int64_t 
     const float* ot = st.o.data() + t * dim;
     vaxpy(gz[t], ot, gwo, dim);
     gwo[dim] += gz[t];
+    const Band band = context_band(g, t);
     for (int64_t a = 0; a < heads; ++a) {
       float d_o[64];
       for (int64_t c = 0; c < hd; ++c) d_o[c] = gz[t] * wo[a * hd + c];
       const float* qa = st.q.data() + t * dim + a * hd;
       float m = -INFINITY;
-      for (int64_t i = 0; i <= t; ++i) {
+      for_band(band, t, [&](int64_t i) {
         st.row[i] = vdot(qa, st.k.data() + i * dim + a * hd, hd) * scale;
         m = std::max(m, st.row[i]);
-      }
+      });
       float sum = 0.0f;
-      for (int64_t i = 0; i <= t; ++i) {
+      for_band(band, t, [&](int64_t i) {
         st.row[i] = std::exp(st.row[i] - m);
         sum += st.row[i];
-      }
+      });
       const float dt = vdot(d_o, ot + a * hd, hd);
       float* dqa = st.dq.data() + t * dim + a * hd;
-      for (int64_t i = 0; i <= t; ++i) {
+      // Keys outside the band get no gradient (they are not attended to).
+      for_band(band, t, [&](int64_t i) {
         const float p = st.row[i] / sum;
         const float* vi = st.v.data() + i * dim + a * hd;
         const float ds = p * (vdot(d_o, vi, hd) - dt) * scale;
         vaxpy(ds, st.k.data() + i * dim + a * hd, dqa, hd);
         vaxpy(ds, qa, st.dk.data() + i * dim + a * hd, hd);
         vaxpy(p, d_o, st.dv.data() + i * dim + a * hd, hd);
-      }
+      });
     }
   }
   for (int64_t t = 0; t < t_end; ++t) {
@@ -557,6 +582,7 @@ Result<GateModel> calibrate(CpuForward& forward, std::span<const std::vector<int
   rep.seconds_grouping = seconds_since(t0);
 
   gate.kind = opt.kind;
+  gate.context = opt.gate_context;  // forward_slot's band reads it
   gate.n_embd = c.n_embd;
   gate.n_gate_heads = opt.kind == GateKind::kAttention ? opt.n_gate_heads : 0;
   gate.gate_head_dim = opt.kind == GateKind::kAttention ? opt.gate_head_dim : 0;

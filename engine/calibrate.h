@@ -14,7 +14,9 @@
 //     layers and the head's query heads. The top target_keep_rate of the
 //     eligible tokens of each sequence are the positives; the gate is fitted
 //     by Adam on binary cross-entropy plus λ·(mean keep probability −
-//     target)². The LLM runs forward only; only gate parameters learn.
+//     target)². The LLM runs forward only; only gate parameters learn. The
+//     gate attends over its context (gate_context): the window band, or the
+//     full causal context for kCache.
 //  3. Thresholds: per slot, the logit quantile that keeps target_keep_rate
 //     of the eligible calibration tokens (training semantics, training
 //     length). `kvgate calibrate` then refits them at the serving length
@@ -53,6 +55,12 @@ struct CalibrationOptions {
   int64_t probe_queries = 12;
   // Gate training.
   GateKind kind = GateKind::kAttention;
+  // What an attention gate attends over, in training and serving alike
+  // (engine/gate.h): kWindow trains with a band mask (sinks and window)
+  // and the runtime computes the same logits; kCache trains over the full
+  // causal context and serves over sinks, window and retained tokens (and
+  // keeps gate state for the retained tokens).
+  GateContext gate_context = GateContext::kWindow;
   int64_t n_gate_heads = 2;
   int64_t gate_head_dim = 4;
   int64_t train_sequences = 160;
@@ -151,9 +159,13 @@ double js_similarity(const float* a, const float* b, int64_t n);
 int64_t gate_param_count(const GateModel& shape);
 // The flat parameters of slot s of a model, and back.
 std::vector<float> gate_flat_params(const GateModel& gate, int64_t slot);
-// Logits with the full causal context (training semantics), for every token
-// where eligible[t] (others 0). K/V are rounded to fp16 as the runtime
-// stores them (round_kv = false: exact, for gradient checks).
+// Training logits for every token where eligible[t] (others 0), over the
+// context of shape.context: kCache the full causal context [0, t]; kWindow
+// the band j < shape.n_sink_tokens or j >= t + 1 - shape.n_window_tokens —
+// which is what GatePrefill/GateDecoder attend over for such a gate, so the
+// runtime's logits equal these (to fp16 rounding of its rows). K/V are
+// rounded to fp16 as the runtime stores them (round_kv = false: exact, for
+// gradient checks).
 std::vector<float> gate_training_logits(const GateModel& shape, std::span<const float> params,
                                         const float* x, int64_t t_end,
                                         const std::vector<uint8_t>& eligible,

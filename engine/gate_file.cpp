@@ -20,6 +20,7 @@ constexpr uint32_t kAlignment = 32;
 constexpr std::string_view kArchitectureKey = "general.architecture";
 constexpr std::string_view kVersionKey = "kvgate.gate.version";
 constexpr std::string_view kKindKey = "kvgate.gate.kind";
+constexpr std::string_view kContextKey = "kvgate.gate.context";
 constexpr std::string_view kGateHeadsKey = "kvgate.gate.n_gate_heads";
 constexpr std::string_view kGateHeadDimKey = "kvgate.gate.gate_head_dim";
 constexpr std::string_view kGateEmbdKey = "kvgate.gate.n_embd";
@@ -106,6 +107,8 @@ class GateReader {
     }
     return Status();
   }
+
+  bool has(std::string_view key) const { return file_.type_of(key).ok(); }
 
   Result<int64_t> u32(std::string_view key) const {
     KVGATE_RETURN_IF_ERROR(expect_type(key, GgufValueType::kU32));
@@ -221,6 +224,7 @@ Result<GgufWriter> gate_to_gguf(const GateModel& gate, GateWeightType type) {
   w.set_string(kArchitectureKey, kGateFileArchitecture);
   w.set_uint32(kVersionKey, kGateFileVersion);
   w.set_string(kKindKey, gate_kind_name(gate.kind));
+  w.set_string(kContextKey, gate_context_name(gate.context));
   w.set_uint32(kGateHeadsKey, static_cast<uint32_t>(gate.n_gate_heads));
   w.set_uint32(kGateHeadDimKey, static_cast<uint32_t>(gate.gate_head_dim));
   w.set_uint32(kGateEmbdKey, static_cast<uint32_t>(gate.n_embd));
@@ -275,9 +279,10 @@ Result<GateModel> gate_from_gguf(const GgufFile& file, std::string_view source) 
                std::string(kGateFileArchitecture) + "': not a kvgate gate side file");
   }
   KVGATE_ASSIGN_OR_RETURN(const int64_t version, r.u32(kVersionKey));
-  if (version != kGateFileVersion) {
+  if (version < kMinGateFileVersion || version > kGateFileVersion) {
     return failed_precondition("gate file " + std::string(source) + " has format version " +
-                               std::to_string(version) + "; this kvgate reads version " +
+                               std::to_string(version) + "; this kvgate reads versions " +
+                               std::to_string(kMinGateFileVersion) + " to " +
                                std::to_string(kGateFileVersion));
   }
 
@@ -297,6 +302,17 @@ Result<GateModel> gate_from_gguf(const GgufFile& file, std::string_view source) 
   auto kind = parse_gate_kind(kind_name);
   if (!kind.ok()) return bad("key '" + std::string(kKindKey) + "': " + kind.status().message());
   g.kind = *kind;
+  // Required from version 2; a version-1 file (written before the key
+  // existed) reads as kCache, the only semantics there was.
+  g.context = GateContext::kCache;
+  if (version >= 2 || r.has(kContextKey)) {
+    KVGATE_ASSIGN_OR_RETURN(const std::string context_name, r.str(kContextKey));
+    auto context = parse_gate_context(context_name);
+    if (!context.ok()) {
+      return bad("key '" + std::string(kContextKey) + "': " + context.status().message());
+    }
+    g.context = *context;
+  }
   KVGATE_ASSIGN_OR_RETURN(g.n_gate_heads, r.u32(kGateHeadsKey));
   KVGATE_ASSIGN_OR_RETURN(g.gate_head_dim, r.u32(kGateHeadDimKey));
   KVGATE_ASSIGN_OR_RETURN(g.n_embd, r.u32(kGateEmbdKey));

@@ -2,14 +2,17 @@
 // the model it was calibrated for, as a GGUF v3 file that llama.cpp's gguf-py
 // can read too.
 //
-// Format, version 1 (kGateFileVersion). Every key below is required and must
+// Format, version 2 (kGateFileVersion). Every key below is required and must
 // have exactly the listed type; u32 fields hold the int64 values of the
 // struct (save refuses values outside [0, 2^32)).
 //
 //   general.alignment               u32     32 (written by GgufWriter)
 //   general.architecture            string  "kvgate-gate"
-//   kvgate.gate.version             u32     1
+//   kvgate.gate.version             u32     2 (1 is read too, see below)
 //   kvgate.gate.kind                string  "attention" | "linear"
+//   kvgate.gate.context             string  "cache" | "window" (GateContext:
+//                                           what an attention gate attends
+//                                           over; see engine/gate.h)
 //   kvgate.gate.n_gate_heads        u32     h' (0 for linear)
 //   kvgate.gate.gate_head_dim       u32     d' (0 for linear)
 //   kvgate.gate.n_embd              u32     input width, = the model's n_embd
@@ -42,16 +45,23 @@
 //   gate.threshold  {n_slots}  F32, per slot
 //
 // No other tensor may be present. Unknown extra keys are ignored (a later
-// writer may add informational keys without a version bump).
+// writer may add informational keys without a version bump; a key that
+// changes what the gate computes takes a new version, as context did).
+//
+// Version 1 is version 2 without kvgate.gate.context: such a file reads as
+// context "cache" (a "context" key in it is read if present). Version 2
+// exists so that readers of version 1 refuse window-context gates instead
+// of silently running them over the cache's context.
 //
 // Threads: the functions are free of shared state; they block on the file
 // system.
 //
 // Error contract: every error names the file ("gate file PATH: ...").
-//   FAILED_PRECONDITION  another format version; a gate for another model
+//   FAILED_PRECONDITION  a format version outside [1, 2]; a gate for another model
 //                        (load_gate_for_model)
 //   INVALID_ARGUMENT     not a gate file, a missing key, a key of the wrong
-//                        type, a missing/extra/misshapen tensor, a value
+//                        type, an unknown kind or context (naming the key),
+//                        a missing/extra/misshapen tensor, a value
 //                        GateModel::validate() rejects; save of an invalid
 //                        gate or of a weight beyond the fp16 range as F16
 //   DATA_LOSS, UNIMPLEMENTED, NOT_FOUND, ...  as GgufFile::open reports them

@@ -55,6 +55,23 @@ const char* gate_kind_name(GateKind kind) {
   return "unknown";
 }
 
+Result<GateContext> parse_gate_context(std::string_view name) {
+  if (name == "cache") return GateContext::kCache;
+  if (name == "window") return GateContext::kWindow;
+  return invalid_argument("unknown gate context '" + std::string(name) +
+                          "' (known: cache, window)");
+}
+
+const char* gate_context_name(GateContext context) {
+  switch (context) {
+    case GateContext::kCache:
+      return "cache";
+    case GateContext::kWindow:
+      return "window";
+  }
+  return "unknown";
+}
+
 Status GateModel::validate() const {
   auto bad = [](std::string m) { return invalid_argument("gate: " + std::move(m)); };
   auto num = [](auto v) { return std::to_string(v); };

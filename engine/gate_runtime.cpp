@@ -47,6 +47,8 @@ Result<kvstore::KvLayout> make_gate_layout(const LlamaConfig& config, const Gate
   layout.n_sink_tokens = n_sink_tokens;
   layout.n_window_tokens = n_window_tokens;
   layout.gate_state_bytes_per_token = gate.state_bytes_per_token();
+  // A window-context gate never reads a retained token's gate row.
+  layout.gate_state_retained = gate.state_retained();
   KVGATE_RETURN_IF_ERROR(kvstore::validate_layout(layout));
   return layout;
 }
@@ -161,14 +163,19 @@ void GatePrefill::compute_gate_slot(int64_t g, const GateDecision& decision,
         kv32[t * row + e] = fp16_to_fp32(kv16[t * row + e]);
       }
     }
-    // Retained distant tokens, in position order, as the cache holds them.
+    // Retained distant tokens, in position order, as the cache holds them
+    // (context kCache; a window-context gate attends over sinks and window
+    // only, so its logits depend on no flag).
+    const bool with_retained = gate_.context == GateContext::kCache;
     std::vector<int32_t> retained;
     for (int64_t t = 0; t < t_end; ++t) {
       // At length t + 1 the distant range is [n_sink, t + 1 - window): the
       // token entering it now is t - window (if it is not a sink), and
       // its flag applies (decode: begin_append of token t).
       const int64_t leaving = t - window;
-      if (leaving >= n_sink && gate_flags[leaving]) retained.push_back(static_cast<int32_t>(leaving));
+      if (with_retained && leaving >= n_sink && gate_flags[leaving]) {
+        retained.push_back(static_cast<int32_t>(leaving));
+      }
       context.clear();
       for (int64_t i = 0; i < std::min(n_sink, t + 1); ++i) context.push_back(static_cast<int32_t>(i));
       context.insert(context.end(), retained.begin(), retained.end());
@@ -214,7 +221,11 @@ void GatePrefill::compute_gate_slot(int64_t g, const GateDecision& decision,
 // ------------------------------------------------------------ GateDecoder
 
 GateDecoder::GateDecoder(const GateModel& gate, const kvstore::KvLayout& layout, cpu::Isa isa)
-    : gate_(gate), layout_(layout), isa_(isa), gate_slot_(map_slots(gate, layout)) {}
+    : gate_(gate),
+      layout_(layout),
+      isa_(isa),
+      with_retained_(gate.context == GateContext::kCache),
+      gate_slot_(map_slots(gate, layout)) {}
 
 void GateDecoder::bind(std::span<kvstore::CompressedKvCache* const> caches,
                        const GateDecision& decision) {
@@ -252,9 +263,10 @@ void GateDecoder::on_layer_input(int64_t layer, const float* xn, int64_t n_rows,
         std::copy(own, own + row, cache->new_gate_row(s));
         if (g != last_gate) {
           // Context: the slot's proximal rows (the new token's row included,
-          // just written) and its retained rows.
+          // just written) and, for context kCache, its retained rows.
           auto near = cache->gate_proximal(s);
-          auto far = cache->gate_distant(s);
+          auto far = with_retained_ ? cache->gate_distant(s)
+                                    : Result<kvstore::GateRowsView>(kvstore::GateRowsView());
           if (!near.ok() || !far.ok()) {
             if (status_.ok()) status_ = !near.ok() ? near.status() : far.status();
             continue;

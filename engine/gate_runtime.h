@@ -3,12 +3,16 @@
 // during compressed decode (DESIGN.md §4).
 //
 // Semantics (prefill and decode alike): token t's gate, for slot s, attends
-// over the gate K/V of the tokens the slot holds when t is created — sinks,
-// the window [t + 1 - n_window, t] and the retained distant tokens (flag 1)
-// — exactly the set the cache keeps, so a prompt's flags equal those of
-// decoding it token by token. The prefill computes them in chunks of
-// n_window tokens, which is exact because a token's flag is first needed
-// n_window tokens after it was created.
+// over the gate K/V of its context (GateModel::context, engine/gate.h):
+//   kCache   the tokens the slot holds when t is created — sinks, the window
+//            [t + 1 - n_window, t] and the retained distant tokens (flag 1)
+//            — exactly the set the cache keeps;
+//   kWindow  sinks and the window only (the cache keeps no gate rows for
+//            retained tokens); t's logit then depends on no flag, and equals
+//            the training logit (gate_training_logits, band mask) up to the
+//            fp16 rounding of stored rows.
+// Either way a prompt's flags equal those of decoding it token by token
+// (n_sink and n_window are the layout's, i.e. the policy's).
 //
 // Threads: a GatePrefill / GateDecoder is owned by the engine thread that
 // drives the CpuForward it observes.
@@ -30,7 +34,8 @@ namespace kvgate::engine {
 // The cache layout of the gate policies: the gate's block map (`gate+pod`)
 // or blocks of one layer (`gate`: eviction without key sharing — then the
 // gate of (layer l, head h) is the calibrated gate of the block holding l),
-// with the gate's state bytes. n_sink/n_window from the policy.
+// with the gate's state bytes, kept for retained tokens only for context
+// kCache (gate_state_retained). n_sink/n_window from the policy.
 Result<kvstore::KvLayout> make_gate_layout(const LlamaConfig& config, const GateModel& gate,
                                            bool share_keys, int64_t n_sink_tokens,
                                            int64_t n_window_tokens);
@@ -42,10 +47,10 @@ struct GateDecision {
   // budget: > 0 keeps, per slot, the retained_budget_tokens non-sink prompt
   // tokens with the highest logits, and no token generated later, so a
   // slot never retains more than the budget and the footprint is known
-  // before prefill. The logits ranked are those of threshold mode (their
-  // gate context is the threshold-mode retained set), so in budget mode
-  // the prompt flags are not those of a token-by-token decode. 0: threshold
-  // mode.
+  // before prefill. The logits ranked are those of threshold mode (for
+  // context kCache their gate context is the threshold-mode retained set,
+  // so in budget mode the prompt flags are not those of a token-by-token
+  // decode; kWindow logits depend on no flag). 0: threshold mode.
   int64_t retained_budget_tokens = 0;
 };
 
@@ -113,6 +118,7 @@ class GateDecoder final : public LayerInputObserver {
   const GateModel& gate_;
   const kvstore::KvLayout& layout_;
   cpu::Isa isa_;
+  bool with_retained_;  // context kCache: retained tokens' gate rows join the context
   std::vector<int32_t> gate_slot_;
   std::vector<kvstore::CompressedKvCache*> caches_;
   GateDecision decision_;

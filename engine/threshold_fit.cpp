@@ -271,7 +271,7 @@ Status fit_thresholds(CpuForward& forward, std::span<const std::vector<int32_t>>
   for (const FitSequence& sq : seqs) n_elig += sq.last - sq.first;
   for (int64_t s = 0; s < n_slots; ++s) {
     bytes[s] = layout.elem_bytes * layout.head_dim * (gate.blocks.slot_block(s).n_layers + 1) +
-               kvstore::kPositionBytes + layout.gate_state_bytes_per_token;
+               kvstore::kPositionBytes + layout.retained_gate_bytes_per_token();
     full_bytes += static_cast<double>(bytes[s] * n_elig);
   }
 

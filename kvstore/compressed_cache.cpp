@@ -15,6 +15,7 @@ CompressedKvCache::CompressedKvCache(const KvLayout& layout, PageSource* pool,
       page_tokens_(geometry.page_tokens),
       positions_per_page_(geometry.positions_per_page),
       gate_rows_per_page_(geometry.gate_rows_per_page),
+      retained_gate_rows_per_page_(geometry.retained_gate_rows_per_page),
       gate_row_elems_(layout.gate_row_elems()) {
   const BlockMap& map = layout_.blocks;
   distant_.resize(map.n_slots());
@@ -47,6 +48,7 @@ CompressedKvCache& CompressedKvCache::operator=(CompressedKvCache&& other) noexc
   page_tokens_ = other.page_tokens_;
   positions_per_page_ = other.positions_per_page_;
   gate_rows_per_page_ = other.gate_rows_per_page_;
+  retained_gate_rows_per_page_ = other.retained_gate_rows_per_page_;
   gate_row_elems_ = other.gate_row_elems_;
   n_tokens_ = std::exchange(other.n_tokens_, 0);
   n_pages_held_ = std::exchange(other.n_pages_held_, 0);
@@ -130,7 +132,7 @@ int64_t CompressedKvCache::retain_pages_needed(int64_t slot) const {
   const int64_t r = distant_[slot].n_tokens;
   const int64_t g = layout_.blocks.slot_block(slot).n_layers;
   return (r % page_tokens_ == 0 ? 1 + g : 0) + (r % positions_per_page_ == 0 ? 1 : 0) +
-         (gate_rows_per_page_ > 0 && r % gate_rows_per_page_ == 0 ? 1 : 0);
+         (retained_gate_rows_per_page_ > 0 && r % retained_gate_rows_per_page_ == 0 ? 1 : 0);
 }
 
 void CompressedKvCache::grow_ring() {
@@ -179,10 +181,13 @@ void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, G
   std::memcpy(pool_->data(d.pos_pages[r / positions_per_page_]) +
                   (r % positions_per_page_) * kPositionBytes,
               &pos, sizeof(pos));
-  if (gate_rows_per_page_ > 0) {
-    if (r % gate_rows_per_page_ == 0) d.gate_pages.push_back(take_page());
-    std::memcpy(pool_->data(d.gate_pages[r / gate_rows_per_page_]) +
-                    (r % gate_rows_per_page_) * layout_.gate_state_bytes_per_token,
+  // Without retained gate rows (gate context `window`) the token's gate
+  // row is dropped with its ring row.
+  if (retained_gate_rows_per_page_ > 0) {
+    const int64_t per_page = retained_gate_rows_per_page_;
+    if (r % per_page == 0) d.gate_pages.push_back(take_page());
+    std::memcpy(pool_->data(d.gate_pages[r / per_page]) +
+                    (r % per_page) * layout_.gate_state_bytes_per_token,
                 gate_row(), layout_.gate_state_bytes_per_token);
   }
   ++d.n_tokens;
@@ -560,9 +565,9 @@ Result<GateRowsView> CompressedKvCache::gate_proximal(int64_t slot) const {
 
 Result<GateRowsView> CompressedKvCache::gate_distant(int64_t slot) const {
   KVGATE_RETURN_IF_ERROR(check_slot(slot));
-  if (gate_rows_per_page_ == 0) return GateRowsView();
+  if (retained_gate_rows_per_page_ == 0) return GateRowsView();
   const DistantList& d = distant_[slot];
-  return GateRowsView(pool_, d.gate_pages.data(), 1, d.n_tokens, gate_rows_per_page_,
+  return GateRowsView(pool_, d.gate_pages.data(), 1, d.n_tokens, retained_gate_rows_per_page_,
                       gate_row_elems_);
 }
 
@@ -622,7 +627,8 @@ Footprint CompressedKvCache::footprint() const {
   Footprint f;
   f.kv_bytes = layout_.elem_bytes * layout_.head_dim * rows;
   f.position_bytes = kPositionBytes * retained;
-  f.gate_bytes = layout_.gate_state_bytes_per_token * (map.n_slots() * p + retained);
+  f.gate_bytes = layout_.gate_state_bytes_per_token * map.n_slots() * p +
+                 layout_.retained_gate_bytes_per_token() * retained;
   return f;
 }
 

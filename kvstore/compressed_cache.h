@@ -13,8 +13,9 @@
 //     positions (int32), in append order (increasing position);
 //   - with gate state (layout.gate_state_bytes_per_token > 0), per slot a
 //     ring of gate rows for the proximal tokens (same ring-row mapping as
-//     the K/V rings) and a list of gate rows of the retained tokens (same
-//     order as the slot's retained K/V and positions). A gate row is
+//     the K/V rings) and, if layout.gate_state_retained (gate context
+//     `cache`), a list of gate rows of the retained tokens (same order as
+//     the slot's retained K/V and positions). A gate row is
 //     gate_row_elems() fp16 values, opaque to the cache.
 // Every K/V list is a sequence of pages of page_tokens() rows of head_dim
 // fp16 each (page_tokens = page_bytes / (2·head_dim)); positions are packed
@@ -25,8 +26,8 @@
 // Eviction is deferred: a token's flags (one per slot) are given when it is
 // appended, or later through set_flags() while it is in the window, and
 // applied when it leaves the window: flag 1 moves the base-layer key, every
-// layer's value and the slot's gate row into the slot's retained list,
-// flag 0 drops them. A token whose flags were never given is dropped
+// layer's value and the slot's gate row (dropped instead without
+// gate_state_retained) into the slot's retained list, flag 0 drops them. A token whose flags were never given is dropped
 // (flag 0) in every slot. Sinks never leave. Positions are never
 // re-indexed.
 //
@@ -246,7 +247,7 @@ class CompressedKvCache {
   // (l in its block, its head) into their K/V rings, the slot's gate ring
   // rows, the pending flags of its window tokens, and its distant tokens
   // with flag 1 retained (base-layer K, every block layer's V, position,
-  // gate row) in position order. slot_flags has n_tokens() entries, 0 or
+  // gate row if gate_state_retained) in position order. slot_flags has n_tokens() entries, 0 or
   // 1: this slot's flag of each token. Reads from `kv` ONLY the rows of
   // the slot's layers and head, and from `gate` only the slot's rows, so
   // the caller may pass a DenseKv whose later layers (and other heads) are
@@ -341,8 +342,9 @@ class CompressedKvCache {
   // ring-row order (n_rows = proximal_tokens(); row r belongs to the token
   // at proximal_row_position(r)), and of the retained tokens in retained
   // order (n_rows = retained_tokens(slot); row i belongs to
-  // retained_position(slot, i)). 0 rows without gate state. OUT_OF_RANGE
-  // for a bad slot.
+  // retained_position(slot, i)). 0 rows without gate state, and
+  // gate_distant() has 0 rows when the layout keeps no gate rows for
+  // retained tokens (!gate_state_retained). OUT_OF_RANGE for a bad slot.
   Result<GateRowsView> gate_proximal(int64_t slot) const;
   Result<GateRowsView> gate_distant(int64_t slot) const;
 
@@ -351,6 +353,9 @@ class CompressedKvCache {
   int64_t page_tokens() const { return page_tokens_; }
   // Gate rows per page (0 without gate state).
   int64_t gate_rows_per_page() const { return gate_rows_per_page_; }
+  // Gate rows per page of the retained lists (0 without gate state or
+  // without gate_state_retained: retained tokens keep no gate row).
+  int64_t retained_gate_rows_per_page() const { return retained_gate_rows_per_page_; }
   int64_t proximal_tokens() const { return layout_.proximal_tokens(n_tokens_); }
   // R of a (block, head) slot; slot in [0, n_slots()).
   int64_t retained_tokens(int64_t slot) const { return distant_[slot].n_tokens; }
@@ -364,7 +369,8 @@ class CompressedKvCache {
   int64_t n_pages() const { return n_pages_held_; }
   // How its pages are cut (kvstore/footprint.h).
   PageGeometry geometry() const {
-    return {page_bytes_, page_tokens_, positions_per_page_, gate_rows_per_page_};
+    return {page_bytes_, page_tokens_, positions_per_page_, gate_rows_per_page_,
+            retained_gate_rows_per_page_};
   }
 
  private:
@@ -377,7 +383,7 @@ class CompressedKvCache {
     std::vector<PageId> k_pages;               // base-layer keys
     std::vector<std::vector<PageId>> v_pages;  // [layer in block][page]
     std::vector<PageId> pos_pages;             // int32 positions
-    std::vector<PageId> gate_pages;            // gate state rows (if any)
+    std::vector<PageId> gate_pages;            // gate state rows (gate_state_retained)
     int64_t n_tokens = 0;
   };
 
@@ -413,7 +419,7 @@ class CompressedKvCache {
   fp16_t* gate_ring_row_ptr(int64_t slot, int64_t row);
   // Appends one retained token to `slot`: base-layer K row from k_base(),
   // V row of block layer i from v_of_layer(i), gate row from gate_row()
-  // (called only with gate state), and its position.
+  // (called only when retained tokens keep gate rows), and its position.
   template <typename KRowFn, typename VRowFn, typename GateRowFn>
   void retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, GateRowFn gate_row, int64_t position);
   PageId take_page();
@@ -425,6 +431,7 @@ class CompressedKvCache {
   int64_t page_tokens_ = 0;
   int64_t positions_per_page_ = 0;
   int64_t gate_rows_per_page_ = 0;  // 0 without gate state
+  int64_t retained_gate_rows_per_page_ = 0;  // 0 unless retained tokens keep gate rows
   int64_t gate_row_elems_ = 0;
   int64_t n_tokens_ = 0;
   int64_t n_pages_held_ = 0;

@@ -31,7 +31,8 @@ Footprint formula(const KvLayout& layout, int64_t n_tokens, RetainedFn retained)
   Footprint f;
   f.kv_bytes = layout.elem_bytes * layout.head_dim * kv_elems;
   f.position_bytes = kPositionBytes * r_sum;
-  f.gate_bytes = layout.gate_state_bytes_per_token * (map.n_slots() * p + r_sum);
+  f.gate_bytes = layout.gate_state_bytes_per_token * map.n_slots() * p +
+                 layout.retained_gate_bytes_per_token() * r_sum;
   return f;
 }
 
@@ -146,6 +147,7 @@ Result<PageGeometry> page_geometry(const KvLayout& layout, int64_t page_bytes) {
   g.page_tokens = page_bytes / row_bytes;
   g.positions_per_page = page_bytes / kPositionBytes;
   g.gate_rows_per_page = gate_row_bytes > 0 ? page_bytes / gate_row_bytes : 0;
+  g.retained_gate_rows_per_page = layout.gate_state_retained ? g.gate_rows_per_page : 0;
   return g;
 }
 

@@ -10,9 +10,14 @@
 //   kv_bytes       = b·d · Σ_h Σ_blocks (2·g·P + (g + 1)·R)
 //   position_bytes = 4 · Σ_h Σ_blocks R
 //   gate_bytes     = gate_state_bytes_per_token · Σ_h Σ_blocks (P + R)
+//                    (gate_state_retained: gate context `cache`), or
+//                  = gate_state_bytes_per_token · Σ_h Σ_blocks P
+//                    (not retained: context `window`)
 //
 // 2·g·P: own-layer K and V of every proximal token in every layer of the
-// block; (g + 1)·R: one base-layer K plus g per-layer V per retained token.
+// block; (g + 1)·R: one base-layer K plus g per-layer V per retained token;
+// the gate's row of each proximal token and, if its context covers them,
+// of each retained one.
 // CompressedKvCache::bytes() equals total_bytes() of footprint() for its
 // state, exactly; kvstore allocates (page-granular) at least this much:
 // CompressedKvCache::capacity_bytes() equals state_capacity_bytes() of its
@@ -80,13 +85,18 @@ Result<int64_t> predict_bytes(const KvLayout& layout, int64_t prompt_tokens, int
 // of one (layer, head), a retained K or V list of one slot) packs
 // page_tokens rows per page, positions packed positions_per_page per page,
 // gate rows gate_rows_per_page per page; a list of n entries holds
-// ceil(n / per_page) pages (none when empty). CompressedKvCache stores by
-// this geometry; the capacity functions and the wire image count by it.
+// ceil(n / per_page) pages (none when empty). A slot's retained list has
+// gate row pages only if the layout keeps gate rows of retained tokens
+// (retained_gate_rows_per_page > 0). CompressedKvCache stores by this
+// geometry; the capacity functions and the wire image count by it.
 struct PageGeometry {
   int64_t page_bytes = 0;
   int64_t page_tokens = 0;         // K or V rows: page_bytes / (2·head_dim)
   int64_t positions_per_page = 0;  // page_bytes / 4
   int64_t gate_rows_per_page = 0;  // page_bytes / gate bytes per token; 0 without gate state
+  // gate_rows_per_page if retained tokens keep their gate rows
+  // (KvLayout::gate_state_retained), else 0.
+  int64_t retained_gate_rows_per_page = 0;
 
   static int64_t pages_for(int64_t n, int64_t per_page) { return (n + per_page - 1) / per_page; }
   // Pages of one (layer, head) K (or V) ring holding p proximal rows.
@@ -95,11 +105,16 @@ struct PageGeometry {
   int64_t gate_ring_pages(int64_t p) const {
     return gate_rows_per_page > 0 ? pages_for(p, gate_rows_per_page) : 0;
   }
+  // Pages of one slot's retained gate rows for r tokens (0 when retained
+  // tokens keep no gate row).
+  int64_t retained_gate_pages(int64_t r) const {
+    return retained_gate_rows_per_page > 0 ? pages_for(r, retained_gate_rows_per_page) : 0;
+  }
   // Pages of one slot's retained list of r tokens in a block of g layers:
   // base K, g V lists, positions, gate rows.
   int64_t retained_pages(int64_t r, int64_t g) const {
     return pages_for(r, page_tokens) * (1 + g) + pages_for(r, positions_per_page) +
-           (gate_rows_per_page > 0 ? pages_for(r, gate_rows_per_page) : 0);
+           retained_gate_pages(r);
   }
 };
 
@@ -111,7 +126,8 @@ Result<PageGeometry> page_geometry(const KvLayout& layout, int64_t page_bytes);
 
 // Pages a CompressedKvCache holds at length n_tokens with retained_tokens
 // [slot] = R per (block, head) slot: 2·L·H rings of ceil(P / page_tokens)
-// pages, n_slots gate rings, and each slot's retained pages. Exactly
+// pages, n_slots gate rings, and each slot's retained pages (gate row
+// pages only with gate_state_retained). Exactly
 // capacity_bytes() / page_bytes of such a cache (however it got there:
 // appends, build_from_dense, adopt_wire_image), and the length of its wire
 // image. Errors: those of footprint() and page_geometry().

@@ -1,8 +1,9 @@
 // KvLayout: the parameters of the compressed KV layout of one model
 // (DESIGN.md §4): which tokens are proximal (the first n_sink and the last
 // n_window), how layers are grouped into blocks per KV head, and the shape
-// and element size of a K/V row. Shared by the footprint formula, the
-// per-request cache and (later) the wire descriptor.
+// and element size of a K/V row, and the gate's own state per token.
+// Shared by the footprint formula, the per-request cache and the wire
+// descriptor.
 //
 // A plain value; immutable once validated; safe to share between threads.
 #pragma once
@@ -34,12 +35,19 @@ struct KvLayout {
   int64_t n_sink_tokens = 0;             // attention sinks: tokens [0, n_sink) never leave
   int64_t n_window_tokens = 1;           // the last n_window tokens are proximal
   int64_t elem_bytes = kKvElementBytes;  // b
-  // Bytes of gate state per (block, head) per proximal or retained token
-  // (the gate keeps its own K/V only for those, DESIGN.md §4): one row of
+  // Bytes of gate state per (block, head) per proximal token, and per
+  // retained token when gate_state_retained (the gate keeps its own K/V
+  // only for the tokens its context covers, DESIGN.md §4): one row of
   // gate_row_elems() fp16 values (the gate's K then V; kvstore does not
   // interpret it). 0 for gates without state (linear kind); counted by the
   // footprint formula and the predictor, stored by CompressedKvCache.
   int64_t gate_state_bytes_per_token = 0;
+  // Whether a retained distant token keeps its gate row (gate context
+  // `cache`: a new token's gate attends over sinks, window and retained
+  // tokens) or the row is dropped when the token leaves the window (context
+  // `window`: the gate attends over sinks and window only, so no gate state
+  // outlives the window). No effect without gate state.
+  bool gate_state_retained = true;
 
   int64_t n_layers() const { return blocks.n_layers(); }
   int64_t n_kv_heads() const { return blocks.n_kv_heads(); }
@@ -53,6 +61,11 @@ struct KvLayout {
   // fp16 values in one gate state row (0 without gate state).
   int64_t gate_row_elems() const { return gate_state_bytes_per_token / kGateElementBytes; }
   bool has_gate_state() const { return gate_state_bytes_per_token > 0; }
+  // Gate state bytes per retained token and slot: gate_state_bytes_per_token
+  // if retained tokens keep their gate rows, else 0.
+  int64_t retained_gate_bytes_per_token() const {
+    return gate_state_retained ? gate_state_bytes_per_token : 0;
+  }
 };
 
 // head_dim in [1, kMaxHeadDim], n_sink >= 0, n_window >= 1 (the newest token

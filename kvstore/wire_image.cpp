@@ -64,8 +64,7 @@ struct WireAccess {
       d.k_pages.resize(static_cast<size_t>(PageGeometry::pages_for(r, geo.page_tokens)));
       for (auto& v : d.v_pages) v.resize(d.k_pages.size());
       d.pos_pages.resize(static_cast<size_t>(PageGeometry::pages_for(r, geo.positions_per_page)));
-      d.gate_pages.resize(static_cast<size_t>(
-          geo.gate_rows_per_page > 0 ? PageGeometry::pages_for(r, geo.gate_rows_per_page) : 0));
+      d.gate_pages.resize(static_cast<size_t>(geo.retained_gate_pages(r)));
       d.n_tokens = r;
     }
     std::copy(pending.begin(), pending.end(), c.pending_flags_.begin());
@@ -164,6 +163,13 @@ Status expect_equal(uint64_t got, int64_t want, const char* what) {
   return Status();
 }
 
+// The descriptor's gate_state_retained: 1 iff retained tokens keep gate rows
+// (only meaningful with gate state, so a layout without any writes 0
+// whatever its flag says).
+uint32_t retained_gate_flag(const KvLayout& layout) {
+  return layout.retained_gate_bytes_per_token() > 0 ? 1 : 0;
+}
+
 // Window rows holding pending flags at length t: [0, n_rows) of the ring
 // rows past the sinks.
 int64_t pending_rows(const KvLayout& layout, int64_t n_tokens) {
@@ -229,6 +235,14 @@ Result<Parsed> parse(std::span<const std::byte> d, const KvLayout& layout, int64
   KVGATE_RETURN_IF_ERROR(in.u32(u32, "gate_state_bytes_per_token"));
   KVGATE_RETURN_IF_ERROR(
       expect_equal(u32, layout.gate_state_bytes_per_token, "gate_state_bytes_per_token"));
+  KVGATE_RETURN_IF_ERROR(in.u32(u32, "gate_state_retained"));
+  if (u32 != retained_gate_flag(layout)) {
+    return invalid_argument(
+        "wire image: gate_state_retained " + std::to_string(u32) + ", the receiver's is " +
+        std::to_string(retained_gate_flag(layout)) +
+        " (the gates' context differs: 1 keeps gate rows of retained tokens, context 'cache'; "
+        "0 does not, context 'window')");
+  }
   KVGATE_RETURN_IF_ERROR(in.u64(u64, "n_sink_tokens"));
   KVGATE_RETURN_IF_ERROR(expect_equal(u64, layout.n_sink_tokens, "n_sink_tokens"));
   KVGATE_RETURN_IF_ERROR(in.u64(u64, "n_window_tokens"));
@@ -400,6 +414,7 @@ Result<WireImage> export_wire_image(const CompressedKvCache& cache) {
   put_u32(out, static_cast<uint32_t>(layout.head_dim));
   put_u32(out, static_cast<uint32_t>(layout.elem_bytes));
   put_u32(out, static_cast<uint32_t>(layout.gate_state_bytes_per_token));
+  put_u32(out, retained_gate_flag(layout));
   put_u64(out, static_cast<uint64_t>(layout.n_sink_tokens));
   put_u64(out, static_cast<uint64_t>(layout.n_window_tokens));
   put_u64(out, static_cast<uint64_t>(image.page_bytes));

@@ -21,7 +21,8 @@
 //   for each layer l in [f, e): the K ring pages of (l, h), then its V ring
 //     pages (ring page 0 first);
 //   the retained base-layer K pages, then the V pages of block layer 0, 1,
-//     ..., g-1, then the position pages, then the gate row pages;
+//     ..., g-1, then the position pages, then the gate row pages (only
+//     when retained tokens keep gate rows, KvLayout::gate_state_retained);
 //   the slot's gate ring pages (with gate state).
 // Every (layer, head) ring belongs to exactly one slot, so every page of
 // the cache appears once. The descriptor carries every count the decoder
@@ -29,7 +30,9 @@
 //
 // Descriptor (little-endian): magic "KVGW", u32 version kWireImageVersion;
 // the layout: u32 n_layers, n_kv_heads, head_dim, elem_bytes, gate bytes
-// per token; u64 n_sink, n_window, page_bytes; per KV head u32 n_blocks
+// per token, gate_state_retained (1 iff retained tokens keep gate rows:
+// gate bytes > 0 and KvLayout::gate_state_retained; else 0); u64 n_sink,
+// n_window, page_bytes; per KV head u32 n_blocks
 // then (u32 first_layer, u32 n_layers) per block; the state: u64 n_tokens,
 // u64 retained tokens per slot (BlockMap slot order), u64 window rows with
 // pending flags (min(max(n_tokens - n_sink, 0), n_window)), their flags
@@ -72,7 +75,10 @@
 
 namespace kvgate::kvstore {
 
-inline constexpr uint32_t kWireImageVersion = 1;
+// Version 2 added gate_state_retained to the layout fields. Any change to
+// the descriptor's fields takes a new version: a reader refuses every
+// version but its own (UNIMPLEMENTED) before reading past the header.
+inline constexpr uint32_t kWireImageVersion = 2;
 
 // A run of consecutive wire pages belonging to one block of layers (the
 // slots whose block ends at last_layer).

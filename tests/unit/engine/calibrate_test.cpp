@@ -13,6 +13,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/gate.h"
@@ -201,12 +202,17 @@ TEST(GroupLayers, WrongMatrixSizeIsAnError) {
 
 // ------------------------------------------------------------ gradient check
 
-GateModel shape_of(GateKind kind, int64_t n_embd, int64_t heads, int64_t head_dim) {
+GateModel shape_of(GateKind kind, int64_t n_embd, int64_t heads, int64_t head_dim,
+                   GateContext context = GateContext::kCache, int64_t n_sink = 4,
+                   int64_t n_window = 256) {
   GateModel g;
   g.kind = kind;
+  g.context = context;
   g.n_embd = n_embd;
   g.n_gate_heads = kind == GateKind::kAttention ? heads : 0;
   g.gate_head_dim = kind == GateKind::kAttention ? head_dim : 0;
+  g.n_sink_tokens = n_sink;
+  g.n_window_tokens = n_window;
   return g;
 }
 
@@ -326,8 +332,10 @@ constexpr double kGradTolerance = 1e-2;
 // Every group's gradient, with the keep-rate term on, against finite
 // differences; and the same check rejects a gradient with one group's sign
 // flipped (so the tolerance is tight enough to mean something).
-void run_gradient_check(GateKind kind) {
-  const GateModel shape = shape_of(kind, 16, 2, 4);
+// kWindow: sinks 2 and window 3 over 12 tokens, so most queries' bands
+// leave keys out (which must get no gradient through those queries).
+void run_gradient_check(GateKind kind, GateContext context = GateContext::kCache) {
+  const GateModel shape = shape_of(kind, 16, 2, 4, context, 2, 3);
   const TrainingProblem p = random_problem(shape, 12, kind == GateKind::kAttention ? 11 : 12);
   const double rate = 0.3, lambda = 2.0;
   std::vector<float> grad;
@@ -338,8 +346,8 @@ void run_gradient_check(GateKind kind) {
   EXPECT_GT(loss, 0.0);
 
   const FdCheck ok = check_gradient(shape, p, rate, lambda, grad, 1e-3);
-  std::printf("%s: loss %.6f, max relative error %.2e (%s)\n", gate_kind_name(kind), loss,
-              ok.max_rel, ok.worst.c_str());
+  std::printf("%s, context %s: loss %.6f, max relative error %.2e (%s)\n", gate_kind_name(kind),
+              gate_context_name(context), loss, ok.max_rel, ok.worst.c_str());
   EXPECT_LT(ok.max_rel, kGradTolerance) << ok.worst;
   EXPECT_GT(ok.norm_fd, 1e-3) << "the sampled gradient is ~0: the check would prove nothing";
 
@@ -374,6 +382,97 @@ void run_gradient_check(GateKind kind) {
 TEST(GateGradient, AttentionKindMatchesFiniteDifferences) { run_gradient_check(GateKind::kAttention); }
 
 TEST(GateGradient, LinearKindMatchesFiniteDifferences) { run_gradient_check(GateKind::kLinear); }
+
+TEST(GateGradient, AttentionKindWithWindowBandMatchesFiniteDifferences) {
+  run_gradient_check(GateKind::kAttention, GateContext::kWindow);
+}
+
+// The full-context gradient differs from the band's on the same problem (so
+// the band check above is not the full-context one again), and a band
+// covering every key gives the full-context gradient exactly.
+TEST(GateGradient, BandChangesTheGradientUnlessItCoversEverything) {
+  const GateModel full = shape_of(GateKind::kAttention, 16, 2, 4, GateContext::kCache);
+  const GateModel band = shape_of(GateKind::kAttention, 16, 2, 4, GateContext::kWindow, 2, 3);
+  const GateModel wide = shape_of(GateKind::kAttention, 16, 2, 4, GateContext::kWindow, 2, 12);
+  const TrainingProblem p = random_problem(full, 12, 11);
+  std::vector<float> g_full, g_band, g_wide;
+  const double l_full = gate_loss_and_gradient(full, p.params, p.x.data(), p.t_end, p.eligible,
+                                               p.y, 0.3, 2.0, g_full, false);
+  const double l_band = gate_loss_and_gradient(band, p.params, p.x.data(), p.t_end, p.eligible,
+                                               p.y, 0.3, 2.0, g_band, false);
+  const double l_wide = gate_loss_and_gradient(wide, p.params, p.x.data(), p.t_end, p.eligible,
+                                               p.y, 0.3, 2.0, g_wide, false);
+  EXPECT_NE(l_full, l_band);
+  EXPECT_EQ(l_full, l_wide);
+  EXPECT_EQ(g_full, g_wide);
+  double diff = 0.0, norm = 0.0;
+  for (size_t i = 0; i < g_full.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::abs(g_full[i] - g_band[i])));
+    norm = std::max(norm, static_cast<double>(std::abs(g_full[i])));
+  }
+  EXPECT_GT(diff, 0.05 * norm);
+}
+
+// Band logits against a brute-force reference in double: query t attends
+// to keys j < n_sink or j >= t + 1 - n_window, nothing else.
+TEST(GateTrainingLogits, WindowContextAttendsOverTheBandOnly) {
+  const int64_t e = 8, heads = 2, hd = 3, dim = heads * hd, t_end = 20;
+  const std::pair<int64_t, int64_t> bands[] = {{3, 4}, {0, 1}, {2, 25}};  // (sinks, window)
+  for (const auto& [n_sink, n_window] : bands) {
+    SCOPED_TRACE("sinks " + std::to_string(n_sink) + " window " + std::to_string(n_window));
+    const GateModel shape =
+        shape_of(GateKind::kAttention, e, heads, hd, GateContext::kWindow, n_sink, n_window);
+    const TrainingProblem p = random_problem(shape, t_end, 5);
+    const std::vector<uint8_t> all(static_cast<size_t>(t_end), 1);
+    const auto z = gate_training_logits(shape, p.params, p.x.data(), t_end, all, false);
+    ASSERT_EQ(static_cast<int64_t>(z.size()), t_end);
+    const float* wq = p.params.data();
+    const float* wk = wq + dim * e;
+    const float* wv = wk + dim * e;
+    const float* wo = wv + dim * e;
+    auto proj = [&](const float* w, int64_t t, int64_t i) {
+      double s = 0.0;
+      for (int64_t c = 0; c < e; ++c) s += static_cast<double>(w[i * e + c]) * p.x[t * e + c];
+      return s;
+    };
+    int64_t banded = 0;
+    for (int64_t t = 0; t < t_end; ++t) {
+      double logit = p.params.back();
+      for (int64_t a = 0; a < heads; ++a) {
+        std::vector<double> score, val;
+        for (int64_t j = 0; j <= t; ++j) {
+          if (!(j < n_sink || j >= t + 1 - n_window)) continue;
+          double s = 0.0;
+          for (int64_t c = 0; c < hd; ++c) s += proj(wq, t, a * hd + c) * proj(wk, j, a * hd + c);
+          score.push_back(s / std::sqrt(static_cast<double>(hd)));
+        }
+        banded += static_cast<int64_t>(score.size()) < t + 1;
+        const double m = *std::max_element(score.begin(), score.end());
+        double sum = 0.0;
+        for (double& s : score) sum += (s = std::exp(s - m));
+        for (int64_t c = 0; c < hd; ++c) {
+          double o = 0.0;
+          int64_t k = 0;
+          for (int64_t j = 0; j <= t; ++j) {
+            if (!(j < n_sink || j >= t + 1 - n_window)) continue;
+            o += score[k++] / sum * proj(wv, j, a * hd + c);
+          }
+          logit += wo[a * hd + c] * o;
+        }
+      }
+      EXPECT_NEAR(z[t], logit, 1e-4 * std::max(1.0, std::abs(logit))) << "token " << t;
+    }
+    // Not vacuous: with a short window most queries leave keys out; a
+    // window past the sequence leaves none out (= the full context).
+    if (n_window < t_end) {
+      EXPECT_GT(banded, t_end);
+    } else {
+      EXPECT_EQ(banded, 0);
+      const GateModel cache_shape = shape_of(GateKind::kAttention, e, heads, hd);
+      EXPECT_EQ(gate_training_logits(cache_shape, p.params, p.x.data(), t_end, all, false), z);
+    }
+  }
+}
 
 // The flat parameter order is the documented one (wq | wk | wv | wo | bias),
 // and training logits of the linear kind are w·x + bias on eligible tokens,
@@ -498,6 +597,9 @@ TEST(Calibrate, TinyEndToEndOnTheRealModel) {
   EXPECT_EQ(gate->blocks.n_layers(), c.n_layers);
   EXPECT_EQ(gate->blocks.n_kv_heads(), c.n_kv_heads);
   EXPECT_EQ(gate->kind, GateKind::kAttention);
+  EXPECT_EQ(opt.gate_context, GateContext::kWindow);  // the default
+  EXPECT_EQ(gate->context, GateContext::kWindow);
+  EXPECT_FALSE(gate->state_retained());
   EXPECT_EQ(gate->gate_dim(), opt.n_gate_heads * opt.gate_head_dim);
   EXPECT_EQ(gate->n_window_tokens, opt.n_window_tokens);
   EXPECT_EQ(gate->n_sink_tokens, opt.n_sink_tokens);
@@ -540,6 +642,7 @@ TEST(Calibrate, TinyEndToEndOnTheRealModel) {
   EXPECT_EQ(loaded->model, gate->model);
   EXPECT_EQ(loaded->blocks, gate->blocks);
   EXPECT_EQ(loaded->kind, gate->kind);
+  EXPECT_EQ(loaded->context, gate->context);
   EXPECT_EQ(loaded->n_gate_heads, gate->n_gate_heads);
   EXPECT_EQ(loaded->gate_head_dim, gate->gate_head_dim);
   EXPECT_EQ(loaded->target_keep_rate, gate->target_keep_rate);

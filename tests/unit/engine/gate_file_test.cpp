@@ -117,6 +117,7 @@ void expect_same_header(const GateModel& a, const GateModel& b) {
   EXPECT_EQ(a.model, b.model);
   EXPECT_EQ(a.blocks, b.blocks);
   EXPECT_EQ(a.kind, b.kind);
+  EXPECT_EQ(a.context, b.context);
   EXPECT_EQ(a.n_embd, b.n_embd);
   EXPECT_EQ(a.n_gate_heads, b.n_gate_heads);
   EXPECT_EQ(a.gate_head_dim, b.gate_head_dim);
@@ -345,14 +346,19 @@ TEST(GgufWriterTest, WriteFileIsAtomicAndReportsErrno) {
 
 TEST(GateFileTest, AttentionRoundTripF32IsExact) {
   TempDir dir;
-  const GateModel g = make_gate(GateKind::kAttention);
-  const std::string path = dir.file("gate.gguf");
-  ASSERT_TRUE(save_gate_file(path, g, GateWeightType::kF32).ok());
-  EXPECT_FALSE(fs::exists(path + ".tmp"));
-  auto back = load_gate_file(path);
-  ASSERT_TRUE(back.ok()) << back.status().to_string();
-  expect_same_header(g, *back);
-  expect_same_weights(g, *back, identity);
+  for (GateContext context : {GateContext::kCache, GateContext::kWindow}) {
+    GateModel g = make_gate(GateKind::kAttention);
+    g.context = context;
+    const std::string path = dir.file(std::string("gate-") + gate_context_name(context) + ".gguf");
+    ASSERT_TRUE(save_gate_file(path, g, GateWeightType::kF32).ok());
+    EXPECT_FALSE(fs::exists(path + ".tmp"));
+    auto back = load_gate_file(path);
+    ASSERT_TRUE(back.ok()) << back.status().to_string();
+    EXPECT_EQ(back->context, context);
+    EXPECT_EQ(back->state_retained(), context == GateContext::kCache);
+    expect_same_header(g, *back);
+    expect_same_weights(g, *back, identity);
+  }
 }
 
 TEST(GateFileTest, AttentionRoundTripF16RoundsOnce) {
@@ -398,6 +404,7 @@ TEST(GateFileTest, FileUsesTheDocumentedKeysAndTensors) {
   EXPECT_EQ(*f->get_string("general.architecture"), "kvgate-gate");
   EXPECT_EQ(*f->get_uint("kvgate.gate.version"), kGateFileVersion);
   EXPECT_EQ(*f->get_string("kvgate.gate.kind"), "attention");
+  EXPECT_EQ(*f->get_string("kvgate.gate.context"), "cache");  // make_gate's default
   EXPECT_EQ(*f->get_string("kvgate.gate.block_map"), g.blocks.to_string());
   EXPECT_EQ(*f->get_uint("kvgate.model.token_embd_crc32c"), 0xdeadbeefu);
   const GgufTensorInfo* wq = f->find_tensor("gate.4.wq");
@@ -418,13 +425,52 @@ TEST(GateFileTest, FileUsesTheDocumentedKeysAndTensors) {
 // ------------------------------------------------------- rejected files
 
 TEST(GateFileTest, OtherVersionIsFailedPrecondition) {
-  GgufWriter w = gate_writer(make_gate(GateKind::kAttention));
-  w.set_uint32("kvgate.gate.version", 2);
-  auto r = decode(serialize(w));
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition);
-  EXPECT_EQ(r.status().message(),
-            "gate file mem.gguf has format version 2; this kvgate reads version 1");
+  EXPECT_EQ(kGateFileVersion, 2u);
+  for (uint32_t v : {0u, 3u}) {
+    GgufWriter w = gate_writer(make_gate(GateKind::kAttention));
+    w.set_uint32("kvgate.gate.version", v);
+    auto r = decode(serialize(w));
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition);
+    EXPECT_EQ(r.status().message(), "gate file mem.gguf has format version " + std::to_string(v) +
+                                        "; this kvgate reads versions 1 to 2");
+  }
+}
+
+// Every file written before the context key (version 1, no key) reads as
+// context "cache"; a version-1 file with the key (hand-made) is read as
+// it says; from version 2 the key is required.
+TEST(GateFileTest, VersionOneFilesReadAsCacheContext) {
+  GateModel g = make_gate(GateKind::kAttention);
+  g.context = GateContext::kWindow;
+  {
+    GgufWriter w = gate_writer(g);
+    w.set_uint32("kvgate.gate.version", 1);
+    ASSERT_TRUE(w.remove("kvgate.gate.context"));
+    auto r = decode(serialize(w));
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_EQ(r->context, GateContext::kCache);
+    EXPECT_TRUE(r->state_retained());
+    g.context = GateContext::kCache;
+    expect_same_header(g, *r);
+    expect_same_weights(g, *r, identity);
+    g.context = GateContext::kWindow;
+  }
+  {
+    GgufWriter w = gate_writer(g);
+    w.set_uint32("kvgate.gate.version", 1);
+    auto r = decode(serialize(w));
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_EQ(r->context, GateContext::kWindow);
+  }
+  {
+    GgufWriter w = gate_writer(g);  // version 2
+    ASSERT_TRUE(w.remove("kvgate.gate.context"));
+    auto r = decode(serialize(w));
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_TRUE(contains(r.status().message(), "missing key 'kvgate.gate.context'"));
+  }
 }
 
 TEST(GateFileTest, OtherArchitectureIsNotAGateFile) {
@@ -440,7 +486,7 @@ TEST(GateFileTest, OtherArchitectureIsNotAGateFile) {
 TEST(GateFileTest, EachMissingKeyIsNamed) {
   const GateModel g = make_gate(GateKind::kAttention);
   const std::vector<std::string> keys = gate_writer(g).keys();
-  EXPECT_EQ(keys.size(), 20u);  // the list in gate_file.h, less general.alignment
+  EXPECT_EQ(keys.size(), 21u);  // the list in gate_file.h, less general.alignment
   for (const std::string& key : keys) {
     GgufWriter w = gate_writer(g);
     ASSERT_TRUE(w.remove(key));
@@ -476,6 +522,25 @@ TEST(GateFileTest, KeyOfWrongTypeIsNamed) {
     auto r = decode(serialize(w));
     ASSERT_FALSE(r.ok());
     EXPECT_TRUE(contains(r.status().message(), "unknown gate kind 'mlp'"));
+  }
+  for (uint32_t version : {1u, 2u}) {
+    GgufWriter w = gate_writer(g);
+    w.set_uint32("kvgate.gate.version", version);
+    w.set_string("kvgate.gate.context", "everything");
+    auto r = decode(serialize(w));
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_TRUE(contains(r.status().message(),
+                         "key 'kvgate.gate.context': unknown gate context 'everything' "
+                         "(known: cache, window)"));
+  }
+  {
+    GgufWriter w = gate_writer(g);
+    w.set_uint32("kvgate.gate.context", 1);
+    auto r = decode(serialize(w));
+    ASSERT_FALSE(r.ok());
+    EXPECT_TRUE(contains(r.status().message(),
+                         "key 'kvgate.gate.context' has type u32, expected string"));
   }
   {
     GgufWriter w = gate_writer(g);
@@ -670,6 +735,18 @@ TEST(GateModelTest, ParseGateKind) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(contains(r.status().message(), "known: attention, linear"));
+}
+
+TEST(GateModelTest, ParseGateContext) {
+  EXPECT_EQ(*parse_gate_context("cache"), GateContext::kCache);
+  EXPECT_EQ(*parse_gate_context("window"), GateContext::kWindow);
+  EXPECT_STREQ(gate_context_name(GateContext::kCache), "cache");
+  EXPECT_STREQ(gate_context_name(GateContext::kWindow), "window");
+  auto r = parse_gate_context("Window");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(contains(r.status().message(), "known: cache, window"));
+  EXPECT_EQ(GateModel().context, GateContext::kCache);  // what a version-1 file means
 }
 
 TEST(GateModelTest, ValidateRejectsEachBadField) {

@@ -172,6 +172,21 @@ TEST(MakeGateLayout, SharedKeysUseTheGateBlockMapAndItsStateBytes) {
   EXPECT_EQ(layout->n_window_tokens, 64);
   EXPECT_EQ(layout->gate_state_bytes_per_token, 2 * 8 * 2);  // fp16 K and V, D = 2 x 4
   EXPECT_EQ(layout->gate_row_elems(), 16);
+  EXPECT_TRUE(layout->gate_state_retained);  // random_gate: context kCache
+}
+
+// A window-context gate keeps no gate rows for retained tokens, with or
+// without shared keys; its proximal gate rows stay.
+TEST(MakeGateLayout, WindowContextKeepsNoRetainedGateState) {
+  GateModel gate = random_gate(small_fingerprint(), GateKind::kAttention, 1);
+  gate.context = GateContext::kWindow;
+  for (bool share : {true, false}) {
+    auto layout = make_gate_layout(config_of(small_fingerprint()), gate, share, 4, 64);
+    ASSERT_TRUE(layout.ok()) << layout.status().to_string();
+    EXPECT_EQ(layout->gate_state_bytes_per_token, 32);
+    EXPECT_FALSE(layout->gate_state_retained);
+    EXPECT_EQ(layout->retained_gate_bytes_per_token(), 0);
+  }
 }
 
 TEST(MakeGateLayout, WithoutSharedKeysEveryBlockHasOneLayer) {
@@ -220,6 +235,7 @@ struct EquivalenceCase {
   const char* name;
   GateKind kind;
   bool share_keys;
+  GateContext context = GateContext::kCache;
 };
 
 // Path A: dense prefill of the first P tokens, their flags and gate rows
@@ -241,6 +257,8 @@ void check_prefill_equals_decode(const EquivalenceCase& tc) {
   auto fp = fingerprint_model(*L->model);
   ASSERT_TRUE(fp.ok());
   GateModel gate = random_gate(*fp, tc.kind, 7);
+  gate.context = tc.context;
+  const bool window_context = tc.kind == GateKind::kAttention && tc.context == GateContext::kWindow;
   CpuForward fwd(*L->model, two_threads());
   {
     auto pod = make_gate_layout(c, gate, true, kSink, kWindow);
@@ -255,11 +273,13 @@ void check_prefill_equals_decode(const EquivalenceCase& tc) {
   const cpu::Isa isa = fwd.options().isa;
   const GateDecision decision;
 
-  // Path A's prefill, observed by B' as well.
+  // Path A's prefill, observed by B' as well (and its layer inputs
+  // captured, for the training logits of a window-context gate).
   GatePrefill prefix(gate, *layout, kPrefix, isa);
   GatePrefill whole(gate, *layout, kPromptTokens, isa);  // B'
   KvCache dense(c, kPromptTokens);
-  TeeObserver tee_prefill({&prefix, &whole});
+  InputCapture inputs(c.n_layers, kPromptTokens, c.n_embd);
+  TeeObserver tee_prefill({&prefix, &whole, &inputs});
   prefill_observed(fwd, std::span(tokens).first(kPrefix), &tee_prefill, dense);
   std::vector<uint8_t> flags_a;
   std::vector<fp16_t> rows_a;
@@ -272,7 +292,7 @@ void check_prefill_equals_decode(const EquivalenceCase& tc) {
 
   // Path A's decode.
   GateDecoder decoder(gate, *layout, isa);
-  TeeObserver tee_decode({&decoder, &whole});
+  TeeObserver tee_decode({&decoder, &whole, &inputs});
   fwd.set_layer_observer(&tee_decode);
   for (int64_t t = kPrefix; t < kPromptTokens; ++t) {
     CompressedKvCache* caches[] = {&*cache};
@@ -321,7 +341,8 @@ void check_prefill_equals_decode(const EquivalenceCase& tc) {
       auto far = cache->gate_distant(s);
       auto near = cache->gate_proximal(s);
       ASSERT_TRUE(far.ok() && near.ok());
-      ASSERT_EQ(far->n_rows(), cache->retained_tokens(s));
+      // A window-context gate's cache drops the gate rows of retained tokens.
+      ASSERT_EQ(far->n_rows(), window_context ? 0 : cache->retained_tokens(s));
       ASSERT_EQ(near->n_rows(), kSink + kWindow);
       for (int64_t i = 0; i < far->n_rows(); ++i) {
         rows_differing += !same_row(far->row(i), cache->retained_position(s, i), s);
@@ -331,6 +352,38 @@ void check_prefill_equals_decode(const EquivalenceCase& tc) {
       }
     }
     EXPECT_EQ(rows_differing, 0) << tc.name;
+  }
+
+  // A window-context gate decides, in prefill and decode alike, what its
+  // training logits say: each token that left the window is retained iff
+  // its training logit (band context, over the very layer inputs the
+  // runtime saw) reaches the threshold. Logits within fp16-rounding
+  // tolerance of the threshold are not judged.
+  if (window_context) {
+    int64_t judged = 0, disagree = 0;
+    const std::vector<uint8_t> all(static_cast<size_t>(kPromptTokens), 1);
+    for (int64_t s = 0; s < n_slots; ++s) {
+      const int64_t g = gate_slot_of(gate, *layout, s);
+      const auto z = gate_training_logits(gate, gate_flat_params(gate, g),
+                                          inputs.layer(gate.blocks.slot_block(g).first_layer),
+                                          kPromptTokens, all);
+      std::vector<uint8_t> retained(static_cast<size_t>(kPromptTokens), 0);
+      for (int64_t i = 0; i < cache->retained_tokens(s); ++i) {
+        retained[cache->retained_position(s, i)] = 1;
+      }
+      const float threshold = gate.slots[g].threshold;
+      for (int64_t t = kSink; t < left_end; ++t) {
+        if (std::abs(z[t] - threshold) <= 1e-4 * std::max(1.0f, std::abs(z[t]))) continue;
+        ++judged;
+        const bool want = z[t] >= threshold;
+        disagree += want != (retained[t] != 0);
+        EXPECT_EQ(want, retained[t] != 0) << tc.name << " slot " << s << " token " << t << ": "
+                                          << (t < kPrefix ? "prefill" : "decode") << " logit "
+                                          << z[t] << " threshold " << threshold;
+      }
+    }
+    EXPECT_EQ(disagree, 0);
+    EXPECT_GT(judged, n_slots * (left_end - kSink) * 9 / 10);
   }
 
   // Path B: a dense prefill of the whole sequence.
@@ -377,6 +430,16 @@ TEST(GateRuntime, PrefillFlagsEqualTokenByTokenDecodeAttentionOwnKeys) {
 
 TEST(GateRuntime, PrefillFlagsEqualTokenByTokenDecodeLinear) {
   check_prefill_equals_decode({"linear gate+pod", GateKind::kLinear, true});
+}
+
+TEST(GateRuntime, PrefillFlagsEqualTokenByTokenDecodeWindowContextSharedKeys) {
+  check_prefill_equals_decode(
+      {"attention gate+pod, window context", GateKind::kAttention, true, GateContext::kWindow});
+}
+
+TEST(GateRuntime, PrefillFlagsEqualTokenByTokenDecodeWindowContextOwnKeys) {
+  check_prefill_equals_decode(
+      {"attention gate, window context", GateKind::kAttention, false, GateContext::kWindow});
 }
 
 // ------------------------------------------------------------ runtime == training
@@ -428,6 +491,112 @@ TEST(GateRuntime, RuntimeLogitsEqualTrainingLogitsAttention) {
 
 TEST(GateRuntime, RuntimeLogitsEqualTrainingLogitsLinear) {
   check_runtime_equals_training(GateKind::kLinear);
+}
+
+// A window-context gate: with a short window (tokens evicted, flags 0 and
+// 1 both), under any threshold offset and in budget mode, the runtime's
+// logit of every token of every layout slot equals the training logit
+// (band mask), with shared keys and without. The same gate in the cache
+// context does not have that property once tokens are evicted (its
+// runtime context depends on the flags), which shows the comparison can
+// fail.
+TEST(GateRuntime, WindowContextRuntimeLogitsEqualTrainingLogitsWithEvictions) {
+  KVGATE_REQUIRE_MODEL();
+  const LlamaConfig& c = L->model->config();
+  const auto tokens = prompt_tokens(L);
+  auto fp = fingerprint_model(*L->model);
+  ASSERT_TRUE(fp.ok());
+  GateModel gate = random_gate(*fp, GateKind::kAttention, 3);
+  gate.context = GateContext::kWindow;
+  ASSERT_EQ(gate.n_sink_tokens, kSink);  // training's band = the layout's proximal set
+  ASSERT_EQ(gate.n_window_tokens, kWindow);
+  CpuForward fwd(*L->model, two_threads());
+  {
+    auto pod = make_gate_layout(c, gate, true, kSink, kWindow);
+    ASSERT_TRUE(pod.ok());
+    set_median_thresholds(gate, *pod, fwd, tokens);
+  }
+  InputCapture capture(c.n_layers, kPromptTokens, c.n_embd);
+  {
+    KvCache cache(c, kPromptTokens);
+    prefill_observed(fwd, tokens, &capture, cache);
+  }
+  const std::vector<uint8_t> all(static_cast<size_t>(kPromptTokens), 1);
+  std::vector<std::vector<float>> training(gate.slots.size());
+  for (size_t g = 0; g < gate.slots.size(); ++g) {
+    training[g] = gate_training_logits(gate, gate_flat_params(gate, static_cast<int64_t>(g)),
+                                       capture.layer(gate.blocks.slot_block(g).first_layer),
+                                       kPromptTokens, all);
+  }
+
+  GateDecision budget;
+  budget.retained_budget_tokens = 20;
+  GateDecision low, high;
+  low.threshold_offset = -0.5;
+  high.threshold_offset = 0.5;
+  double worst = 0.0;
+  for (bool share : {true, false}) {
+    auto layout = make_gate_layout(c, gate, share, kSink, kWindow);
+    ASSERT_TRUE(layout.ok());
+    ASSERT_FALSE(layout->gate_state_retained);
+    const int64_t n_slots = layout->blocks.n_slots();
+    for (const GateDecision& decision : {GateDecision{}, low, high, budget}) {
+      GatePrefill pf(gate, *layout, kPromptTokens, fwd.options().isa);
+      KvCache cache(c, kPromptTokens);
+      prefill_observed(fwd, tokens, &pf, cache);
+      std::vector<uint8_t> flags;
+      std::vector<fp16_t> rows;
+      ASSERT_TRUE(pf.finish(decision, flags, rows).ok());
+      int64_t kept = 0, dropped = 0;
+      for (int64_t s = 0; s < n_slots; ++s) {
+        const auto& z = training[gate_slot_of(gate, *layout, s)];
+        for (int64_t t = 0; t < kPromptTokens; ++t) {
+          const double got = pf.logits()[s * kPromptTokens + t];
+          const double err = std::abs(got - z[t]) / std::max(1.0, std::abs(static_cast<double>(z[t])));
+          worst = std::max(worst, err);
+          ASSERT_LE(err, 1e-4) << "shared keys " << share << " offset " << decision.threshold_offset
+                               << " budget " << decision.retained_budget_tokens << " slot " << s
+                               << " token " << t << ": runtime " << got << ", training " << z[t];
+          if (t >= kSink && t < kPromptTokens - kWindow) {
+            (flags[s * kPromptTokens + t] ? kept : dropped) += 1;
+          }
+        }
+      }
+      // Evictions happen: tokens both kept and dropped.
+      EXPECT_GT(kept, 0);
+      EXPECT_GT(dropped, 0);
+    }
+  }
+  std::printf("window context: largest runtime/training logit difference %.3g (relative, floor 1)\n",
+              worst);
+
+  // The cache context on the same gate and evictions: its runtime logits
+  // leave the full-causal training logits (and the band's) somewhere.
+  GateModel cache_gate = gate;
+  cache_gate.context = GateContext::kCache;
+  auto layout = make_gate_layout(c, cache_gate, true, kSink, kWindow);
+  ASSERT_TRUE(layout.ok());
+  GatePrefill pf(cache_gate, *layout, kPromptTokens, fwd.options().isa);
+  KvCache cache(c, kPromptTokens);
+  prefill_observed(fwd, tokens, &pf, cache);
+  std::vector<uint8_t> flags;
+  std::vector<fp16_t> rows;
+  ASSERT_TRUE(pf.finish(GateDecision{}, flags, rows).ok());
+  double cache_worst = 0.0, band_gap = 0.0;
+  for (int64_t s = 0; s < layout->blocks.n_slots(); ++s) {
+    const auto full = gate_training_logits(cache_gate, gate_flat_params(cache_gate, s),
+                                           capture.layer(cache_gate.blocks.slot_block(s).first_layer),
+                                           kPromptTokens, all);
+    for (int64_t t = 0; t < kPromptTokens; ++t) {
+      cache_worst = std::max(cache_worst, static_cast<double>(std::abs(pf.logits()[s * kPromptTokens + t] - full[t])));
+      band_gap = std::max(band_gap, static_cast<double>(std::abs(full[t] - training[s][t])));
+    }
+  }
+  std::printf("cache context with evictions: largest runtime/training logit difference %.3g; "
+              "band vs full causal training logits differ by up to %.3g\n",
+              cache_worst, band_gap);
+  EXPECT_GT(cache_worst, 1e-2);
+  EXPECT_GT(band_gap, 1e-2);
 }
 
 // ------------------------------------------------------------ linear by hand

@@ -7,6 +7,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvstore/footprint.h"
@@ -40,8 +41,9 @@ struct Shape {
 
 // bytes() equals the formula (computed here from the flags, independently
 // of the cache) at every length, for random flags and ragged blocks, with
-// and without gate state; the pool's used bytes equal the cache's pages,
-// and all come back at the end.
+// and without gate state, with and without gate rows of retained tokens
+// (gate context `cache` / `window`); the pool's used bytes equal the
+// cache's pages, and all come back at the end.
 TEST(CompressedKvCache, BytesEqualFormulaAtEveryLength) {
   const Shape shapes[] = {
       {5, 3, 8, 4, 8, 4, 120, 8},       // small, many page boundaries; 8 gate rows a page
@@ -51,10 +53,12 @@ TEST(CompressedKvCache, BytesEqualFormulaAtEveryLength) {
   };
   std::mt19937 rng(1);
   for (const Shape& sh : shapes) {
-    for (const int64_t gate_bytes : {int64_t{0}, sh.gate_bytes}) {
+    for (const auto& [gate_bytes, retained] :
+         {std::pair{int64_t{0}, true}, std::pair{sh.gate_bytes, true},
+          std::pair{sh.gate_bytes, false}}) {
       for (double keep : {0.0, 0.3, 1.0}) {
         KvLayout layout = make_layout(random_block_map(sh.n_layers, sh.n_heads, rng), sh.head_dim,
-                                      sh.n_sink, sh.n_window, gate_bytes);
+                                      sh.n_sink, sh.n_window, gate_bytes, retained);
         History hist(layout, sh.n_tokens, keep, rng);
         auto pool = make_pool(sh.page_tokens * 2 * sh.head_dim, int64_t{1} << 26);
         {
@@ -66,7 +70,8 @@ TEST(CompressedKvCache, BytesEqualFormulaAtEveryLength) {
             ASSERT_TRUE(cache->append(j, hist.token(j), hist.token_flags(j)).ok());
             const int64_t t = j + 1;
             ASSERT_EQ(cache->bytes(), formula_bytes(layout, hist, t))
-                << "t=" << t << " keep=" << keep << " gate=" << gate_bytes << " map:\n"
+                << "t=" << t << " keep=" << keep << " gate=" << gate_bytes
+                << " retained gate rows=" << retained << " map:\n"
                 << layout.blocks.to_string();
             auto f = footprint(layout, t, retained_counts(*cache));
             ASSERT_TRUE(f.ok());
@@ -134,9 +139,11 @@ TEST(CompressedKvCache, DenseMapAllFlagsHoldsEveryTokensOwnKv) {
 // identically).
 TEST(CompressedKvCache, BuildFromDenseEqualsTokenByTokenAppend) {
   std::mt19937 rng(4);
-  for (int64_t gate_bytes : {0, 16, 64}) {
+  for (const auto& [gate_bytes, retained] : {std::pair{int64_t{0}, true}, std::pair{int64_t{16}, true},
+                                            std::pair{int64_t{64}, true},
+                                            std::pair{int64_t{16}, false}}) {
     for (int64_t prompt : {0, 1, 3, 9, 10, 11, 12, 37, 200}) {
-      KvLayout layout = make_layout(random_block_map(5, 2, rng), 8, 3, 7, gate_bytes);
+      KvLayout layout = make_layout(random_block_map(5, 2, rng), 8, 3, 7, gate_bytes, retained);
       History hist(layout, prompt + 30, 0.4, rng);
       auto pool = make_pool(64, 1 << 22);
       auto built = CompressedKvCache::build_from_dense(
@@ -337,12 +344,15 @@ TEST(CompressedKvCache, StagedBuildInAnyOrderEqualsBuildFromDense) {
     }
     const double keeps[] = {0.0, 0.5, 1.0};
     const double keep = keeps[pick(0, 2)];
+    // Gate rows of retained tokens kept (context `cache`) or not (`window`).
+    const bool gate_retained = (iter / 5) % 2 == 0;
     const KvLayout layout = make_layout(random_block_map(n_layers, n_heads, rng), head_dim, n_sink,
-                                        n_window, gate_bytes);
+                                        n_window, gate_bytes, gate_retained);
     SCOPED_TRACE("iter " + std::to_string(iter) + ": " + layout.blocks.to_string() + " d " +
                  std::to_string(head_dim) + " sink " + std::to_string(n_sink) + " window " +
                  std::to_string(n_window) + " page " + std::to_string(page_bytes) + " gate " +
-                 std::to_string(gate_bytes) + " tokens " + std::to_string(n_tokens) + " keep " +
+                 std::to_string(gate_bytes) + (gate_retained ? "" : " (not retained)") +
+                 " tokens " + std::to_string(n_tokens) + " keep " +
                  std::to_string(keep));
     const int64_t n_slots = layout.blocks.n_slots();
     const int64_t extra = n_window + 4;  // every pending flag gets applied

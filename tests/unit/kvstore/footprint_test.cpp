@@ -46,6 +46,16 @@ TEST(Footprint, FormulaByHand) {
   ASSERT_TRUE(f.ok());
   EXPECT_EQ(f->gate_bytes, 6 * (4 * 5 + 8));  // Σ (P + R) over 4 slots
   EXPECT_EQ(layout.gate_row_elems(), 3);
+  EXPECT_EQ(layout.retained_gate_bytes_per_token(), 6);
+  // Gate context `window`: retained tokens keep no gate row, only Σ P.
+  layout.gate_state_retained = false;
+  f = footprint(layout, 10, r);
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->gate_bytes, 6 * (4 * 5));
+  EXPECT_EQ(f->kv_bytes, 2 * 8 * (80 + 29));  // K/V and positions unchanged
+  EXPECT_EQ(f->position_bytes, 4 * 8);
+  EXPECT_EQ(layout.retained_gate_bytes_per_token(), 0);
+  layout.gate_state_retained = true;
 
   // Gate rows are fp16: an odd byte count is not a row.
   layout.gate_state_bytes_per_token = 3;
@@ -161,6 +171,17 @@ TEST(Footprint, PageGeometryAndCapacityByHand) {
   EXPECT_EQ(*state_pages(layout, 64, 40, r), want);
   EXPECT_EQ(*state_capacity_bytes(layout, 64, 40, r), want * 64);
   EXPECT_EQ(*state_pages(layout, 64, 0, std::vector<int64_t>(4, 0)), 0);
+  EXPECT_EQ(geo->retained_gate_rows_per_page, 4);
+  // Without gate rows of retained tokens: the same minus ceil(R/4) gate
+  // pages per slot (0 + 2 + 5 + 1); the gate rings stay.
+  KvLayout window_ctx = layout;
+  window_ctx.gate_state_retained = false;
+  auto geo_w = page_geometry(window_ctx, 64);
+  ASSERT_TRUE(geo_w.ok());
+  EXPECT_EQ(geo_w->gate_rows_per_page, 4);
+  EXPECT_EQ(geo_w->retained_gate_rows_per_page, 0);
+  EXPECT_EQ(geo_w->retained_pages(17, 2), 5 * 3 + 2);
+  EXPECT_EQ(*state_pages(window_ctx, 64, 40, r), want - (0 + 2 + 5 + 1));
   // Errors: page sizes that do not cut into whole rows, bad counts.
   EXPECT_EQ(page_geometry(layout, 0).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(page_geometry(layout, 24).status().code(), StatusCode::kInvalidArgument);  // K/V: 16
@@ -176,7 +197,8 @@ TEST(Footprint, PageGeometryAndCapacityByHand) {
 }
 
 // predict_capacity_bytes against real caches: random ragged layouts, page
-// sizes, gate state, flag patterns and lengths; a prompt built in one pass,
+// sizes, gate state with and without gate rows of retained tokens, flag
+// patterns and lengths; a prompt built in one pass,
 // then max_new appends. At the end the cache's capacity_bytes() equals the
 // budget form for its own retained counts and the keep-rate form when every
 // slot kept exactly retained_for_keep_rate() tokens; at every length before
@@ -191,8 +213,10 @@ TEST(Footprint, CapacityPredictionEqualsRealCachePages) {
     const int64_t head_dim = int64_t{4} << pick(0, 2);
     const int64_t page_bytes = 64 << pick(0, 2);
     const int64_t gate_bytes = pick(0, 1) ? 0 : (int64_t{8} << pick(0, 3));
+    const bool gate_retained = iter % 2 == 0;  // gate context `cache` or `window`
     const KvLayout layout = make_layout(testing::random_block_map(pick(1, 6), pick(1, 3), rng),
-                                        head_dim, pick(0, 4), pick(1, 9), gate_bytes);
+                                        head_dim, pick(0, 4), pick(1, 9), gate_bytes,
+                                        gate_retained);
     const int64_t prompt = pick(0, 80);
     const int64_t max_new = pick(0, 30);
     const int64_t t = prompt + max_new;
@@ -200,7 +224,8 @@ TEST(Footprint, CapacityPredictionEqualsRealCachePages) {
     const double rate = keep_rates[pick(0, 4)];
     SCOPED_TRACE("iter " + std::to_string(iter) + " " + layout.blocks.to_string() + " prompt " +
                  std::to_string(prompt) + " new " + std::to_string(max_new) + " rate " +
-                 std::to_string(rate));
+                 std::to_string(rate) + " gate " + std::to_string(gate_bytes) +
+                 (gate_retained ? "" : " (not retained)"));
     // Flags: each slot keeps exactly retained_for_keep_rate(rate, distant)
     // of the tokens that are distant at t (random ones); tokens still in
     // the window at t get random flags (pending, never applied).
@@ -249,8 +274,10 @@ TEST(Footprint, CapacityPredictionEqualsRealCachePages) {
     EXPECT_EQ(*predict_capacity_bytes(layout, page_bytes, prompt, max_new, big),
               *state_capacity_bytes(layout, page_bytes, t, std::vector<int64_t>(n_slots, distant)));
     for (int64_t c : capacities) EXPECT_LE(c, *by_rate);
-    // Page-granular: at least the exact bytes.
+    // Page-granular: at least the exact bytes, which equal the cache's.
     EXPECT_GE(*by_rate, *predict_bytes(layout, prompt, max_new, rate));
+    EXPECT_EQ(*predict_bytes(layout, prompt, max_new, rate), cache.bytes());
+    EXPECT_EQ(cache.bytes(), testing::formula_bytes(layout, hist, t));
   }
 }
 

@@ -7,6 +7,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvstore/compressed_cache.h"
@@ -54,8 +55,11 @@ struct GateShape {
 };
 
 // Gate rows ride the window and, for flag 1, land in the slot's retained
-// list in position order; flag 0 drops them. Ragged random block maps,
-// random flags, gate pages holding more, fewer or as many rows as K/V pages.
+// list in position order; flag 0 drops them. Without gate_state_retained
+// (gate context `window`) every gate row is dropped when its token leaves
+// the window, flag 1 or not, and no retained gate page is ever taken.
+// Ragged random block maps, random flags, gate pages holding more, fewer
+// or as many rows as K/V pages.
 TEST(GateState, RowsFollowTheWindowIntoRetainedLists) {
   const GateShape shapes[] = {
       {5, 3, 8, 3, 7, 4, 80, 4},    // 16 gate rows a page vs 4 K/V rows
@@ -65,25 +69,43 @@ TEST(GateState, RowsFollowTheWindowIntoRetainedLists) {
   };
   std::mt19937 rng(11);
   for (const GateShape& sh : shapes) {
-    for (double keep : {0.0, 0.5, 1.0}) {
-      KvLayout layout = make_layout(random_block_map(sh.n_layers, sh.n_heads, rng), sh.head_dim,
-                                    sh.n_sink, sh.n_window, sh.gate_bytes);
-      History hist(layout, sh.n_tokens, keep, rng);
-      auto pool = make_pool(sh.page_tokens * 2 * sh.head_dim, int64_t{1} << 24);
-      {
-        auto cache = CompressedKvCache::create(layout, pool.get());
-        ASSERT_TRUE(cache.ok()) << cache.status().to_string();
-        EXPECT_EQ(cache->gate_rows_per_page(), pool->page_bytes() / sh.gate_bytes);
-        for (int64_t j = 0; j < sh.n_tokens; ++j) {
-          ASSERT_TRUE(cache->append(j, hist.token(j), hist.token_flags(j)).ok());
-          expect_matches_model(*cache, hist, j + 1);
-          if (HasFatalFailure()) return;
-          ASSERT_EQ(pool->used_bytes(), cache->capacity_bytes());
-          ASSERT_GE(cache->capacity_bytes(), cache->bytes());
+    for (bool retained : {true, false}) {
+      for (double keep : {0.0, 0.5, 1.0}) {
+        SCOPED_TRACE(std::string("gate rows of retained tokens ") + (retained ? "kept" : "dropped") +
+                     ", keep " + std::to_string(keep));
+        KvLayout layout = make_layout(random_block_map(sh.n_layers, sh.n_heads, rng), sh.head_dim,
+                                      sh.n_sink, sh.n_window, sh.gate_bytes, retained);
+        History hist(layout, sh.n_tokens, keep, rng);
+        auto pool = make_pool(sh.page_tokens * 2 * sh.head_dim, int64_t{1} << 24);
+        {
+          auto cache = CompressedKvCache::create(layout, pool.get());
+          ASSERT_TRUE(cache.ok()) << cache.status().to_string();
+          EXPECT_EQ(cache->gate_rows_per_page(), pool->page_bytes() / sh.gate_bytes);
+          EXPECT_EQ(cache->retained_gate_rows_per_page(), retained ? cache->gate_rows_per_page() : 0);
+          for (int64_t j = 0; j < sh.n_tokens; ++j) {
+            ASSERT_TRUE(cache->append(j, hist.token(j), hist.token_flags(j)).ok());
+            expect_matches_model(*cache, hist, j + 1);
+            if (HasFatalFailure()) return;
+            ASSERT_EQ(pool->used_bytes(), cache->capacity_bytes());
+            ASSERT_GE(cache->capacity_bytes(), cache->bytes());
+          }
+          const Footprint f = cache->footprint();
+          const int64_t p = cache->proximal_tokens();
+          int64_t r_sum = 0;
+          for (int64_t s = 0; s < layout.blocks.n_slots(); ++s) {
+            r_sum += cache->retained_tokens(s);
+            if (!retained) {
+              EXPECT_EQ(cache->gate_distant(s)->n_pages(), 0);
+            }
+          }
+          EXPECT_EQ(f.gate_bytes,
+                    sh.gate_bytes * (layout.blocks.n_slots() * p + (retained ? r_sum : 0)));
+          if (keep > 0.0) {
+            EXPECT_GT(r_sum, 0);
+          }
         }
-        EXPECT_GT(cache->footprint().gate_bytes, 0);
+        EXPECT_EQ(pool->used_bytes(), 0);
       }
-      EXPECT_EQ(pool->used_bytes(), 0);
     }
   }
 }
@@ -94,8 +116,9 @@ TEST(GateState, RowsFollowTheWindowIntoRetainedLists) {
 // set_flag_unchecked(), or never (then it is dropped everywhere).
 TEST(GateState, DeferredFlagsSetWhileInTheWindow) {
   std::mt19937 rng(12);
-  for (int64_t n_sink : {0, 3}) {
-    KvLayout layout = make_layout(random_block_map(5, 3, rng), 8, n_sink, 6, 8);
+  for (const auto& [n_sink, retained] : {std::pair{int64_t{0}, true}, std::pair{int64_t{3}, true},
+                                        std::pair{int64_t{3}, false}}) {
+    KvLayout layout = make_layout(random_block_map(5, 3, rng), 8, n_sink, 6, 8, retained);
     const int64_t n_tokens = 90;
     const int64_t w = layout.n_window_tokens;
     const int64_t n_slots = layout.blocks.n_slots();
@@ -218,10 +241,14 @@ TEST(GateState, FlagsOfSinksAreIgnored) {
 
 // Page accounting counts gate pages exactly: with a pool of exactly the
 // pages the next token needs it succeeds; with one page fewer it is
-// RESOURCE_EXHAUSTED and the cache is unchanged. Same for prefill.
-TEST(GateState, ExhaustionIsAtomicWithGatePages) {
+// RESOURCE_EXHAUSTED and the cache is unchanged. Same for prefill. With
+// and without gate rows of retained tokens.
+class GateStateExhaustion : public ::testing::TestWithParam<bool> {};
+
+TEST_P(GateStateExhaustion, ExhaustionIsAtomicWithGatePages) {
   std::mt19937 rng(14);
-  KvLayout layout = make_layout(random_block_map(3, 2, rng), 8, 2, 4, 32);  // 2 gate rows a page
+  KvLayout layout =
+      make_layout(random_block_map(3, 2, rng), 8, 2, 4, 32, GetParam());  // 2 gate rows a page
   const int64_t n_tokens = 60;
   History hist(layout, n_tokens, 0.6, rng);
   const int64_t page = 64;
@@ -280,6 +307,8 @@ TEST(GateState, ExhaustionIsAtomicWithGatePages) {
     EXPECT_EQ(exact_pool->free_pages(), 0);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(RetainedGateRows, GateStateExhaustion, ::testing::Bool());
 
 // Gate inputs must match the layout: rows required with gate state,
 // refused without.

@@ -60,14 +60,17 @@ inline BlockMap random_block_map(int64_t n_layers, int64_t n_heads, std::mt19937
   return *BlockMap::create(n_layers, per_head);
 }
 
+// gate_retained: KvLayout::gate_state_retained (gate context `cache` when
+// true, `window` when false).
 inline KvLayout make_layout(BlockMap map, int64_t head_dim, int64_t n_sink, int64_t n_window,
-                            int64_t gate_bytes = 0) {
+                            int64_t gate_bytes = 0, bool gate_retained = true) {
   KvLayout layout;
   layout.blocks = std::move(map);
   layout.head_dim = head_dim;
   layout.n_sink_tokens = n_sink;
   layout.n_window_tokens = n_window;
   layout.gate_state_bytes_per_token = gate_bytes;
+  layout.gate_state_retained = gate_retained;
   return layout;
 }
 
@@ -198,14 +201,15 @@ inline std::vector<Entry> cache_set(const CompressedKvCache& cache, int64_t laye
 using GateEntry = std::pair<int64_t, std::vector<fp16_t>>;
 
 // The gate rows slot `slot` must hold at length t: every proximal token's
-// and every distant flag-1 token's, by position.
+// and, if the layout keeps gate rows of retained tokens, every distant
+// flag-1 token's, by position.
 inline std::vector<GateEntry> gate_model_set(const KvLayout& layout, const History& hist, int64_t t,
                                              int64_t slot) {
   std::vector<GateEntry> out;
   if (!layout.has_gate_state()) return out;  // the cache stores no gate rows then
   for (int64_t j = 0; j < t; ++j) {
     const bool proximal = j < layout.n_sink_tokens || j >= t - layout.n_window_tokens;
-    if (!proximal && !hist.flag(slot, j)) continue;
+    if (!proximal && (!layout.gate_state_retained || !hist.flag(slot, j))) continue;
     const fp16_t* g = hist.gate_row(j, slot);
     out.emplace_back(j, std::vector<fp16_t>(g, g + hist.gate_elems));
   }
@@ -227,7 +231,8 @@ inline std::vector<GateEntry> cache_gate_set(const CompressedKvCache& cache, int
                      std::vector<fp16_t>(near.row(r), near.row(r) + ge));
   }
   const GateRowsView far = *cache.gate_distant(slot);
-  EXPECT_EQ(far.n_rows(), gated ? cache.retained_tokens(slot) : 0);
+  EXPECT_EQ(far.n_rows(),
+            gated && cache.layout().gate_state_retained ? cache.retained_tokens(slot) : 0);
   for (int64_t i = 0; i < far.n_rows(); ++i) {
     if (i > 0) {
       EXPECT_LT(cache.retained_position(slot, i - 1), cache.retained_position(slot, i));
@@ -240,7 +245,8 @@ inline std::vector<GateEntry> cache_gate_set(const CompressedKvCache& cache, int
 }
 
 // Footprint formula written out again from DESIGN.md §4, counting R from the
-// flags of the tokens that have left the window; gate bytes per (P + R).
+// flags of the tokens that have left the window; gate bytes per (P + R),
+// or per P when retained tokens keep no gate row.
 inline int64_t formula_bytes(const KvLayout& layout, const History& hist, int64_t t) {
   const int64_t b = 2, d = layout.head_dim;
   const int64_t p = std::min(t, layout.n_sink_tokens + layout.n_window_tokens);
@@ -255,7 +261,7 @@ inline int64_t formula_bytes(const KvLayout& layout, const History& hist, int64_
       }
       kv += b * d * (2 * g * p + (g + 1) * r);
       pos += 4 * r;
-      gate += layout.gate_state_bytes_per_token * (p + r);
+      gate += layout.gate_state_bytes_per_token * (p + (layout.gate_state_retained ? r : 0));
     }
   }
   return kv + pos + gate;

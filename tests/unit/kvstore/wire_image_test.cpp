@@ -46,8 +46,8 @@ using testing::t0;
 // ---- The documented descriptor format, written out again here. ----
 
 struct Offsets {
-  size_t version = 4, n_layers = 8, head_dim = 16, gate_bytes = 24, n_sink = 28, n_window = 36,
-         page_bytes = 44, blocks = 52;
+  size_t version = 4, n_layers = 8, head_dim = 16, gate_bytes = 24, gate_retained = 28,
+         n_sink = 32, n_window = 40, page_bytes = 48, blocks = 56;
   size_t n_tokens, retained, rows, flags, ring, gate_ring, total, crc;
 };
 
@@ -75,6 +75,12 @@ void set_u32(std::vector<std::byte>& d, size_t at, uint32_t v) {
 void set_u64(std::vector<std::byte>& d, size_t at, uint64_t v) {
   for (int i = 0; i < 8; ++i) d[at + i] = static_cast<std::byte>(v >> (8 * i));
 }
+uint32_t get_u32(const std::vector<std::byte>& d, size_t at) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i)
+    v |= static_cast<uint32_t>(std::to_integer<uint8_t>(d[at + i])) << (8 * i);
+  return v;
+}
 uint64_t get_u64(const std::vector<std::byte>& d, size_t at) {
   uint64_t v = 0;
   for (int i = 0; i < 8; ++i)
@@ -92,15 +98,16 @@ void fix_crc(std::vector<std::byte>& d) {
 // adopted cache's pages all go back to the lease.
 TEST(WireImage, RoundTripThroughALeaseIsTheSameCache) {
   std::mt19937 rng(2024);
-  int adopted_nonempty = 0, with_retained = 0, with_gate = 0;
+  int adopted_nonempty = 0, with_retained = 0, with_gate = 0, with_window_gate = 0;
   for (int iter = 0; iter < 160; ++iter) {
     const Case cs = random_case(rng, iter);
     const KvLayout layout = make_layout(random_block_map(cs.n_layers, cs.n_heads, rng), cs.head_dim,
-                                        cs.n_sink, cs.n_window, cs.gate_bytes);
+                                        cs.n_sink, cs.n_window, cs.gate_bytes, cs.gate_retained);
     SCOPED_TRACE("iter " + std::to_string(iter) + ": " + layout.blocks.to_string() + " d " +
                  std::to_string(cs.head_dim) + " sink " + std::to_string(cs.n_sink) + " window " +
                  std::to_string(cs.n_window) + " page " + std::to_string(cs.page_bytes) + " gate " +
-                 std::to_string(cs.gate_bytes) + " tokens " + std::to_string(cs.n_tokens) +
+                 std::to_string(cs.gate_bytes) + (cs.gate_retained ? "" : " (not retained)") +
+                 " tokens " + std::to_string(cs.n_tokens) +
                  " keep " + std::to_string(cs.keep));
     const int64_t extra = cs.n_window + 4;  // every pending flag gets applied
     const History hist(layout, cs.n_tokens + extra, cs.keep, rng);
@@ -161,6 +168,7 @@ TEST(WireImage, RoundTripThroughALeaseIsTheSameCache) {
       if (original.n_tokens() > 0) ++adopted_nonempty;
       for (int64_t r : retained_counts(original)) with_retained += r > 0;
       with_gate += layout.has_gate_state();
+      with_window_gate += layout.has_gate_state() && !layout.gate_state_retained;
     }
     // (d)
     EXPECT_EQ(rx.taken(), 0);
@@ -170,6 +178,7 @@ TEST(WireImage, RoundTripThroughALeaseIsTheSameCache) {
   EXPECT_GT(adopted_nonempty, 100);
   EXPECT_GT(with_retained, 100);
   EXPECT_GT(with_gate, 50);
+  EXPECT_GT(with_window_gate, 20);
 }
 
 TEST(WireImage, EmptyCacheHasNoPagesAndNoSegments) {
@@ -243,6 +252,12 @@ TEST(WireImage, DescriptorMatchesTheDocumentedFormat) {
   const auto& d = f.image.descriptor;
   ASSERT_EQ(d.size(), o.crc + 4);
   EXPECT_EQ(std::memcmp(d.data(), "KVGW", 4), 0);
+  EXPECT_EQ(get_u32(d, o.version), kWireImageVersion);
+  EXPECT_EQ(kWireImageVersion, 2u);
+  EXPECT_EQ(get_u32(d, o.gate_bytes), 16u);
+  EXPECT_EQ(get_u32(d, o.gate_retained), 1u);
+  EXPECT_EQ(get_u64(d, o.n_sink), 2u);
+  EXPECT_EQ(get_u64(d, o.n_window), 3u);
   EXPECT_EQ(get_u64(d, o.n_tokens), 40u);
   for (int64_t s = 0; s < f.layout.blocks.n_slots(); ++s) {
     EXPECT_EQ(get_u64(d, o.retained + 8 * s), static_cast<uint64_t>(f.cache->retained_tokens(s)));
@@ -288,7 +303,8 @@ TEST(WireImage, MagicCrcAndVersionErrors) {
     flipped[at] ^= std::byte{0x10};
     expect_rejected(f, flipped, StatusCode::kDataLoss, "bit flip at " + std::to_string(at));
   }
-  for (uint32_t v : {0u, 2u, 0xFFFFFFFFu}) {
+  // 1: the format before gate_state_retained; a version-1 reader refuses 2.
+  for (uint32_t v : {0u, 1u, 3u, 0xFFFFFFFFu}) {
     auto other = d;
     set_u32(other, 4, v);
     expect_rejected(f, other, StatusCode::kUnimplemented, "version " + std::to_string(v));
@@ -311,6 +327,7 @@ TEST(WireImage, ReceiverLayoutOrPageSizeMismatchIsInvalidArgument) {
       with([](KvLayout& l) { l.n_window_tokens = 4; }),
       with([](KvLayout& l) { l.gate_state_bytes_per_token = 0; }),
       with([](KvLayout& l) { l.gate_state_bytes_per_token = 32; }),
+      with([](KvLayout& l) { l.gate_state_retained = false; }),  // gates of context `window`
       with([](KvLayout& l) { l.blocks = *BlockMap::uniform(4, 2, 2); }),
       with([](KvLayout& l) { l.blocks = *BlockMap::uniform(5, 2, 2); }),
       with([](KvLayout& l) { l.blocks = *BlockMap::uniform(4, 3, 2); }),
@@ -326,6 +343,48 @@ TEST(WireImage, ReceiverLayoutOrPageSizeMismatchIsInvalidArgument) {
   KvLayout invalid = f.layout;
   invalid.n_window_tokens = 0;
   EXPECT_EQ(check_wire_descriptor(d, invalid, 64).status().code(), StatusCode::kInvalidArgument);
+}
+
+// gate_state_retained: a window-context sender writes 0 and only a
+// window-context receiver takes it; without gate state the flag means
+// nothing and both write (and accept) 0.
+TEST(WireImage, GateStateRetainedFlagMustMatchOnlyWithGateState) {
+  std::mt19937 rng(9);
+  for (int64_t gate_bytes : {int64_t{0}, int64_t{16}}) {
+    SCOPED_TRACE("gate bytes " + std::to_string(gate_bytes));
+    const KvLayout cache_ctx = make_layout(*BlockMap::uniform(4, 2, 2), 8, 2, 3, gate_bytes, true);
+    KvLayout window_ctx = cache_ctx;
+    window_ctx.gate_state_retained = false;
+    const History hist(window_ctx, 30, 0.7, rng);
+    auto pool = make_pool(64, 64 * 4096);
+    auto built = CompressedKvCache::build_from_dense(window_ctx, pool.get(), 30, hist.dense(),
+                                                     hist.prefix_flags(30), hist.dense_gate());
+    ASSERT_TRUE(built.ok()) << built.status().to_string();
+    auto image = export_wire_image(*built);
+    ASSERT_TRUE(image.ok());
+    EXPECT_EQ(get_u32(image->descriptor, Offsets{}.gate_retained), 0u);
+    auto same = check_wire_descriptor(image->descriptor, window_ctx, 64);
+    ASSERT_TRUE(same.ok()) << same.status().to_string();
+    EXPECT_EQ(*same, built->n_pages());
+    auto other = check_wire_descriptor(image->descriptor, cache_ctx, 64);
+    if (gate_bytes == 0) {
+      EXPECT_TRUE(other.ok()) << other.status().to_string();
+    } else {
+      ASSERT_FALSE(other.ok());
+      EXPECT_EQ(other.status().code(), StatusCode::kInvalidArgument);
+      EXPECT_NE(other.status().message().find("gate_state_retained"), std::string::npos)
+          << other.status().message();
+      // And the other way round.
+      auto cache_built = CompressedKvCache::build_from_dense(
+          cache_ctx, pool.get(), 30, hist.dense(), hist.prefix_flags(30), hist.dense_gate());
+      ASSERT_TRUE(cache_built.ok());
+      EXPECT_GT(cache_built->n_pages(), built->n_pages());  // the retained gate rows' pages
+      auto cache_image = export_wire_image(*cache_built);
+      ASSERT_TRUE(cache_image.ok());
+      EXPECT_EQ(check_wire_descriptor(cache_image->descriptor, window_ctx, 64).status().code(),
+                StatusCode::kInvalidArgument);
+    }
+  }
 }
 
 TEST(WireImage, InconsistentCountsAreInvalidArgument) {
@@ -372,6 +431,8 @@ TEST(WireImage, InconsistentCountsAreInvalidArgument) {
       {"head 0 block count", patched(o.blocks, 3, 4)},
       {"head 0 block count huge", patched(o.blocks, 0xFFFFFFFF, 4)},
       {"head 1 block 1 first layer", patched(o.blocks + 4 + 16 + 4 + 8, 2, 4)},
+      {"gate_state_retained 0", patched(o.gate_retained, 0, 4)},
+      {"gate_state_retained 2", patched(o.gate_retained, 2, 4)},
   };
   for (const Patch& p : patches) {
     expect_rejected(f, p.desc, StatusCode::kInvalidArgument, p.what);
@@ -477,7 +538,7 @@ TEST(WireImage, RandomMutationsAreErrorsOrConsistent) {
   for (int base = 0; base < 12; ++base) {
     const Case cs = random_case(rng, base);
     const KvLayout layout = make_layout(random_block_map(cs.n_layers, cs.n_heads, rng), cs.head_dim,
-                                        cs.n_sink, cs.n_window, cs.gate_bytes);
+                                        cs.n_sink, cs.n_window, cs.gate_bytes, cs.gate_retained);
     const History hist(layout, cs.n_tokens + 1, cs.keep, rng);
     auto pool = make_pool(cs.page_bytes, int64_t{1} << 22);
     auto built =
@@ -578,7 +639,7 @@ TEST(WireImage, StagedBuildListsEachSegmentAfterItsLastLayer) {
   for (int iter = 0; iter < 120; ++iter) {
     const Case cs = random_case(rng, iter);
     const KvLayout layout = make_layout(random_block_map(cs.n_layers, cs.n_heads, rng), cs.head_dim,
-                                        cs.n_sink, cs.n_window, cs.gate_bytes);
+                                        cs.n_sink, cs.n_window, cs.gate_bytes, cs.gate_retained);
     SCOPED_TRACE("iter " + std::to_string(iter) + ": " + layout.blocks.to_string() + " tokens " +
                  std::to_string(cs.n_tokens));
     const BlockMap& map = layout.blocks;

@@ -176,6 +176,7 @@ inline std::vector<PageId> listed_by_groups(const CompressedKvCache& c,
 struct Case {
   int64_t n_layers, n_heads, head_dim, n_sink, n_window, page_bytes, gate_bytes, n_tokens;
   double keep;
+  bool gate_retained = true;  // KvLayout::gate_state_retained
 };
 
 inline Case random_case(std::mt19937& rng, int kind) {
@@ -192,6 +193,9 @@ inline Case random_case(std::mt19937& rng, int kind) {
   c.gate_bytes = pick(0, 1) ? 0 : (int64_t{8} << pick(0, 3));  // 0 or 8..64
   const double keeps[] = {0.0, 0.5, 1.0};
   c.keep = keeps[pick(0, 2)];
+  // Gate rows of retained tokens kept (context `cache`) or not (`window`);
+  // from `kind`, so the random draws are the same either way.
+  c.gate_retained = (kind / 4) % 2 == 0;
   switch (kind % 4) {
     case 0:  // sinks only (or empty)
       c.n_tokens = pick(0, c.n_sink);
