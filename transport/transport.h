@@ -49,6 +49,19 @@
 // engine loop); nothing runs on a hidden thread. Every transfer produces
 // exactly one TransferEvent on each side.
 //
+// Per-segment signals (for callers that stage bytes through a small set of
+// buffers, transport/staging):
+//   - Sender: segment_released(peer, id, index) turns true once the
+//     transport no longer reads that segment's bytes (its send completed
+//     locally and its CRC32C was taken), long before the transfer's event.
+//     A query, not a callback: the caller polls the segments it holds a
+//     buffer for (a handful), and a query cannot run caller code inside
+//     progress(). releases_segments_early() says whether it ever turns
+//     true before the event.
+//   - Receiver: TransportOptions::on_segment_landed is called from
+//     progress() once per segment whose bytes are in the pages, before the
+//     transfer's OK event (not yet verified: that needs the manifest).
+//
 // Error contract (each failure frees the transfer's state on both sides):
 //   peer lost (endpoint error, peer shut down)            kUnavailable
 //   deadline passed (either side's, from its start)       kDeadlineExceeded
@@ -140,6 +153,16 @@ struct TransportCounters {
   uint64_t segments_checksummed_landing = 0;
 };
 
+// A receive's segment whose bytes are in the pages (TransportOptions::
+// on_segment_landed). Logical offsets as in send_segment/the grant.
+struct SegmentLanded {
+  TransferId id;
+  uint32_t segment_index = 0;
+  uint64_t logical_offset = 0;
+  uint64_t bytes = 0;
+};
+using SegmentLandedFn = std::function<void(const SegmentLanded&)>;
+
 // Tests only: fault injection.
 struct TestHooks {
   // Receiver, before verifying segment `segment`: may alter its first
@@ -160,6 +183,20 @@ struct TransportOptions {
   // How long a failed transfer waits for the peer to confirm it stopped
   // (and for its own outstanding requests) before it is reported anyway.
   std::chrono::milliseconds quiesce_timeout{5000};
+  // Receiver, optional: per-segment landing notices. Called on the owner
+  // thread from inside progress(), at its end, before that call appends its
+  // events: once per segment of a receive whose bytes landed in the pages
+  // (and after the CRC32C the backend takes while copying them in, if it
+  // does), so always before the transfer's OK event. With put the bytes
+  // land unseen: all of a transfer's notices come with the manifest (the
+  // sender flushed first). Never for a segment that did not land; none
+  // once the transfer failed (cancel, deadline, peer lost, overrun...):
+  // notices not yet delivered then are withdrawn. The bytes are not
+  // verified yet (a CRC mismatch still fails the transfer), and the
+  // transport may still read them to checksum them: the pages may be read,
+  // never written, until the transfer's event. The callback may call this
+  // Transport's methods, except progress().
+  SegmentLandedFn on_segment_landed;
 };
 
 class Transport {
@@ -222,6 +259,23 @@ class Transport {
   virtual Status send_segment(PeerId peer, TransferId id, uint32_t segment_index,
                               const std::byte* data, size_t bytes, uint64_t remote_offset,
                               std::optional<uint32_t> crc = std::nullopt) = 0;
+  // True once the transport no longer reads the bytes of segment
+  // `segment_index` of the send (peer, id): the caller may reuse them. That
+  // is once its send completed locally (am/tag: UCX released the buffer;
+  // put: the puts completed locally; loopback: the receiver copied it) and
+  // its CRC32C was taken (handed over, or computed in progress()), or once
+  // the transfer failed with the segment not in flight. False for a
+  // segment not handed to send_segment, and for an unknown (peer, id):
+  // never begun, or already reported (after its event no segment is read).
+  // Non-blocking, no side effects. It changes only inside this Transport's
+  // calls: progress(), or send_segment/cancel_send (a send that completes
+  // at once, with its CRC handed over; a transfer that fails).
+  virtual bool segment_released(PeerId peer, TransferId id, uint32_t segment_index) const = 0;
+  // Whether segment_released() turns true before the transfer's event
+  // (loopback, ucx: yes). If not, a caller must not wait on it for a
+  // buffer before the transfer finished (StagedSender then caps a transfer
+  // at its ring's size).
+  virtual bool releases_segments_early() const = 0;
   // No more segments; indexes must be 0..n-1. The manifest follows the
   // data. INVALID_ARGUMENT for an unknown transfer or a gap in the indexes.
   virtual Status finish(PeerId peer, TransferId id) = 0;

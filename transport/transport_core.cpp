@@ -303,6 +303,7 @@ void TransportCore::segment_landed(uint64_t cookie, Status status, std::optional
     } else {
       crc_jobs_.push_back({TransferSide::kReceive, ref.peer, ref.transfer, ref.segment});
     }
+    note_landed(t, ref.segment);
   }
   if (!status.ok() && !t.failed)
     fail_recv(t, unavailable("transport: " + tid(t.id.value()) + ": segment " +
@@ -364,6 +365,8 @@ Status TransportCore::check_structure(RecvTransfer& t) {
     t.segs[i] = {e.offset_bytes, e.length_bytes, SegState::kDone};
     if (e.length_bytes > 0)
       crc_jobs_.push_back({TransferSide::kReceive, t.peer.value(), t.id.value(), static_cast<uint32_t>(i)});
+    // The sender flushed its puts before the manifest: the bytes are in.
+    note_landed(t, static_cast<uint32_t>(i));
   }
   return {};
 }
@@ -436,6 +439,10 @@ Status TransportCore::verify(RecvTransfer& t) {
 
 void TransportCore::fail_recv(RecvTransfer& t, Status status, bool tell_peer) {
   t.failed = true;
+  // Notices not yet delivered are withdrawn: the owner hears of no landing
+  // after the transfer failed.
+  if (!landed_.empty())
+    std::erase_if(landed_, [&](const SegmentLanded& n) { return n.id == t.id; });
   t.status = std::move(status);
   t.quiesce_deadline = Clock::now() + options_.quiesce_timeout;
   Conn* c = t.peer.valid() ? conn(t.peer) : nullptr;
@@ -796,6 +803,7 @@ size_t TransportCore::progress(std::vector<TransferEvent>& events) {
   for (uint64_t done = 0; done < kCrcPerProgressBytes && crc_step(kCrcChunkBytes); done += kCrcChunkBytes)
     link_progress();
   advance();
+  deliver_landed();  // before this call's events: a notice precedes its OK
   const size_t n = events_.size();
   for (auto& e : events_) events.push_back(std::move(e));
   events_.clear();

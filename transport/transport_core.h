@@ -12,6 +12,11 @@
 //     nothing of it is in flight (or its quiesce deadline passed).
 //   - Operation cookies, not pointers, tie completions to transfers; a
 //     completion for an erased transfer is ignored.
+//   - Landing notices (TransportOptions::on_segment_landed) are queued
+//     where a segment lands (segment_landed; put: check_structure), purged
+//     when their transfer fails, and delivered at the end of progress(),
+//     outside every loop over transfer state, so the owner's callback may
+//     call back into the transport.
 //   - CRC32C is never computed inside a call that could stall the link: the
 //     sender's segments are issued first and checksummed in progress(), the
 //     receiver checksums each segment as soon as it landed (before the
@@ -45,6 +50,8 @@ class TransportCore : public Transport {
   Status send_segment(PeerId peer, TransferId id, uint32_t segment_index, const std::byte* data,
                       size_t bytes, uint64_t remote_offset,
                       std::optional<uint32_t> crc = std::nullopt) override;
+  bool segment_released(PeerId peer, TransferId id, uint32_t segment_index) const override;
+  bool releases_segments_early() const override { return true; }
   Status finish(PeerId peer, TransferId id) override;
   Status cancel_send(PeerId peer, TransferId id) override;
   size_t progress(std::vector<TransferEvent>& events) override;
@@ -195,6 +202,9 @@ class TransportCore : public Transport {
   void emit(TransferSide side, TransferId id, PeerId peer, Status status, uint64_t bytes,
             uint32_t segments, Clock::time_point start);
   uint64_t new_nonce();
+  // Landing notices: queued, dropped for a failed transfer, delivered.
+  void note_landed(const RecvTransfer& t, uint32_t segment);
+  void deliver_landed();
 
   TransportOptions options_;
   wire::DataOp op_;
@@ -213,6 +223,8 @@ class TransportCore : public Transport {
   std::unordered_map<uint64_t, OpRef> ops_;
   std::vector<TransferEvent> events_;
   std::vector<wire::Piece> pieces_scratch_;
+  std::vector<SegmentLanded> landed_;          // queued notices (only with a callback)
+  std::vector<SegmentLanded> landed_delivery_;  // the batch being delivered
   std::vector<CrcJob> crc_jobs_;  // FIFO via crc_head_
   size_t crc_head_ = 0;
 };

@@ -116,11 +116,42 @@ Status StagedReceiver::on_landed(TransferId id, uint64_t logical_offset, uint64_
     return out_of_range("staging: " + transfer_name(id) + ": landed bytes [" +
                         std::to_string(logical_offset) + ", +" + std::to_string(bytes) +
                         ") past its " + std::to_string(x->total_bytes));
-  auto it = std::lower_bound(x->ops.begin(), x->ops.end(), logical_offset,
+  if (bytes == 0) return Status();
+  // Merge into the landed intervals: a copy chunk may span segments, and
+  // it is copyable once all of it landed, whichever notices covered it.
+  uint64_t lo = logical_offset, hi = logical_offset + bytes;
+  auto& landed = x->landed;
+  auto next = landed.upper_bound(lo);
+  if (next != landed.begin()) {
+    auto prev = std::prev(next);
+    if (prev->second >= lo) {
+      lo = prev->first;
+      hi = std::max(hi, prev->second);
+      next = landed.erase(prev);
+    }
+  }
+  while (next != landed.end() && next->first <= hi) {
+    hi = std::max(hi, next->second);
+    next = landed.erase(next);
+  }
+  landed.emplace(lo, hi);
+  // Ops are contiguous in logical order; those inside [lo, hi) may copy.
+  auto it = std::lower_bound(x->ops.begin(), x->ops.end(), lo,
                              [](const Op& op, uint64_t off) { return op.logical < off; });
-  for (; it != x->ops.end() && it->logical + it->bytes <= logical_offset + bytes; ++it)
-    it->landed = true;
+  for (; it != x->ops.end() && it->logical + it->bytes <= hi; ++it) it->landed = true;
   return Status();
+}
+
+void StagedReceiver::on_segment_landed(const SegmentLanded& notice) {
+  Xfer* x = find(notice.id);
+  if (x == nullptr || x->failed) return;  // not staged here, or already failing
+  ++counters_.landing_notices;
+  Status s = on_landed(notice.id, notice.logical_offset, notice.bytes);
+  // The transport landed bytes this receiver was never told about (an
+  // extend_receive without extend()): they would never reach the device.
+  if (!s.ok())
+    fail(*x, Status(s.code(), "staging: segment " + std::to_string(notice.segment_index) +
+                                  " landed outside what was expected: " + s.message()));
 }
 
 void StagedReceiver::fail(Xfer& x, Status status) {

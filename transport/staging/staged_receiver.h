@@ -6,16 +6,17 @@
 //
 //   peer ─▶ Transport ─▶ pinned host region ──copy (any free slot)──▶ device pages
 //
-// When copies start. transport.h reports a receive only once, when every
-// segment landed and verified (its TransferEvent). So:
-//   - at the event (OK), every chunk of the transfer not yet copied is
-//     queued: transfer A's device copies overlap transfer B's arrival;
-//   - on_landed(id, offset, bytes) — the per-segment landing signal
-//     proposed for transport.h in README.md — queues the chunks inside
-//     those bytes at once: copies overlap the arrival of the same
-//     transfer's later segments. Such early copies move bytes not yet
-//     verified; nothing is reported before the transport's OK, and a
-//     failed transfer's device pages are the owner's to discard.
+// When copies start:
+//   - per landed segment: the owner routes the transport's landing notices
+//     (TransportOptions::on_segment_landed) to on_segment_landed(); every
+//     chunk whose bytes all landed (one segment or several) is queued at
+//     once, so copies overlap the arrival of the same transfer's later
+//     segments. Such early copies move bytes not yet verified; nothing is
+//     reported before the transport's OK, and a failed transfer's device
+//     pages are the owner's to discard;
+//   - at the transfer's OK event, every chunk not yet copied is queued
+//     (a transport without notices, put's notices arriving together):
+//     transfer A's device copies overlap transfer B's arrival.
 // A transfer's DeviceCopyEvent (OK) comes only after the transport's event
 // was OK and every chunk reached the device; after any event (OK or not)
 // no copy of the transfer is in flight, so the host pages and the device
@@ -76,6 +77,7 @@ struct DeviceCopyEvent {
 struct StagedReceiverCounters {
   uint64_t copies_issued = 0;
   uint64_t copies_before_verified = 0;  // started by on_landed, before the transport's OK
+  uint64_t landing_notices = 0;         // on_segment_landed for an expected transfer
   uint64_t bytes_copied = 0;
 };
 
@@ -100,7 +102,19 @@ class StagedReceiver {
   // Logical [offset, +bytes) of the transfer has landed in the region
   // (not verified yet): the chunks entirely inside it may be copied now.
   // NOT_FOUND: unknown id; OUT_OF_RANGE: past the transfer's bytes.
+  // Ranges may come in any order and overlap; a chunk is copied once
+  // every byte of it was reported.
   Status on_landed(TransferId id, uint64_t logical_offset, uint64_t bytes);
+  // The transport's landing notice, as TransportOptions::on_segment_landed
+  // delivers it (forward every notice; ones for transfers not expected
+  // here are ignored). A notice past the expected bytes fails the transfer
+  // (OUT_OF_RANGE naming the segment): those bytes would never be copied.
+  // Wiring, with the receiver created after the transport:
+  //   StagedReceiver* rx = nullptr;
+  //   options.on_segment_landed = [&rx](const SegmentLanded& n) {
+  //     if (rx) rx->on_segment_landed(n);
+  //   };
+  void on_segment_landed(const SegmentLanded& notice);
   // Cancels the receive at the transport; its DeviceCopyEvent (kCancelled)
   // follows once the transport's event came and no copy is in flight.
   Status cancel(TransferId id);
@@ -129,6 +143,7 @@ class StagedReceiver {
     uint64_t order = 0;
     uint64_t total_bytes = 0;
     std::vector<Op> ops;  // by logical offset
+    std::map<uint64_t, uint64_t> landed;  // reported landed: [start, end), merged
     uint32_t in_flight = 0;
     uint64_t copied_bytes = 0;
     bool verified = false, event_seen = false, failed = false;

@@ -29,6 +29,13 @@ Result<std::unique_ptr<StagedSender>> StagedSender::create(Transport& transport,
                             " buffers need as many copy slots; the " +
                             std::string(copier.name()) + " copier has " +
                             std::to_string(copier.slot_count()));
+  // The transport's own per-segment release, where it has one: buffers
+  // then return per segment and a transfer may use any number of them.
+  if (!released && transport.releases_segments_early()) {
+    released = [&transport](PeerId peer, TransferId id, uint32_t segment) {
+      return transport.segment_released(peer, id, segment);
+    };
+  }
   std::unique_ptr<StagedSender> s(new StagedSender(transport, copier, options, std::move(released)));
   s->buffers_.resize(options.buffers);
   for (Buffer& b : s->buffers_) {
@@ -95,8 +102,9 @@ Result<StagedSegments> StagedSender::enqueue(PeerId peer, TransferId id,
         "staging: " + transfer_name(id) + " needs " + std::to_string(x->next_segment + pieces) +
         " staging buffers of " + std::to_string(options_.buffer_bytes) + " bytes, the ring has " +
         std::to_string(buffers_.size()) +
-        ": without a per-segment release signal from the transport a buffer returns only at "
-        "the transfer's end");
+        ": the " + std::string(transport_.name()) +
+        " transport does not release segments before the transfer's end, so neither does a "
+        "buffer");
   StagedSegments out{x->next_segment, static_cast<uint32_t>(pieces)};
   for (uint64_t done = 0; done < bytes;) {
     const size_t n = std::min<size_t>(options_.buffer_bytes, bytes - done);

@@ -7,18 +7,19 @@
 // next segments run into the other buffers; a buffer goes back to the ring
 // only when the transport no longer reads it.
 //
-// When a buffer may be reused. transport.h promises only that a
-// send_segment's `data` is not needed after the transfer's event. So:
-//   - Without a release probe (the Transport as it is today) a buffer
-//     returns to the ring at its transfer's event. A transfer may then use
-//     at most `buffers` segments (enqueue refuses more: RESOURCE_EXHAUSTED),
-//     and the ring serves the oldest open transfer first (begin order): a
-//     later transfer takes buffers only once every older one called
-//     finish(), so two open transfers can never hold the ring between them
-//     and wait on each other.
-//   - With a SegmentReleasedFn (the per-segment signal proposed for
-//     transport.h in README.md) a buffer returns as soon as its segment is
-//     released: any number of segments per transfer, transfers interleave.
+// When a buffer may be reused: once the transport no longer reads it.
+//   - With a release probe — by default Transport::segment_released, when
+//     the transport releases_segments_early() (loopback, ucx); or the
+//     SegmentReleasedFn handed to create() — a buffer returns as soon as
+//     its segment is released: any number of segments per transfer,
+//     transfers interleave.
+//   - Without one (a Transport that releases a segment's bytes only at the
+//     transfer's event) a buffer returns to the ring at its transfer's
+//     event. A transfer may then use at most `buffers` segments (enqueue
+//     refuses more: RESOURCE_EXHAUSTED), and the ring serves the oldest open
+//     transfer first (begin order): a later transfer takes buffers only once
+//     every older one called finish(), so two open transfers can never hold
+//     the ring between them and wait on each other.
 //
 // Segments larger than a staging buffer are split: enqueue() cuts the
 // bytes into pieces of at most StagingOptions::buffer_bytes, each its own
@@ -70,7 +71,8 @@ struct StagingOptions {
 };
 
 // True once the transport no longer reads the bytes of segment
-// `segment_index` of the send (peer, id). Must stay true once true.
+// `segment_index` of the send (peer, id). Must stay true once true, until
+// the transfer's event (Transport::segment_released is such a probe).
 using SegmentReleasedFn = std::function<bool(PeerId, TransferId, uint32_t segment_index)>;
 
 // The transport segments one enqueue() became.
@@ -107,7 +109,8 @@ class StagedSender {
  public:
   // INVALID_ARGUMENT for options out of range (buffers 0 or more than the
   // copier's slots, buffer_bytes 0); RESOURCE_EXHAUSTED when the pinned
-  // buffers cannot be had.
+  // buffers cannot be had. `released` empty: the transport's
+  // segment_released() if it releases_segments_early(), else none.
   static Result<std::unique_ptr<StagedSender>> create(Transport& transport, DeviceCopier& copier,
                                                       const StagingOptions& options,
                                                       SegmentReleasedFn released = {});

@@ -1,5 +1,7 @@
 // One suite over every transport (loopback, ucx am/put over tcp, ucx over
-// shared memory): the same scenarios, the same expectations.
+// shared memory): the same scenarios, the same expectations. The fixture is
+// in transport_suite_fixture.h; the per-segment signals (release, landing
+// notices) are in transport_segment_signals_test.cpp, same suite.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -9,6 +11,7 @@
 #include <numeric>
 
 #include "common/crc32c.h"
+#include "tests/unit/transport/transport_suite_fixture.h"
 #include "tests/unit/transport/transport_test_util.h"
 #include "transport/wire.h"
 
@@ -20,78 +23,6 @@
 
 namespace kvgate::transport::testing {
 namespace {
-
-constexpr size_t kRegionBytes = size_t{8} << 20;
-constexpr size_t kPageBytes = 64 << 10;
-
-class TransportSuite : public ::testing::TestWithParam<TransportParam> {
- protected:
-  void SetUp() override {
-    setenv("UCX_NET_DEVICES", "lo", 0);
-    region_.assign(kRegionBytes, std::byte{0});
-    TransportOptions ro;
-    ro.cluster_token = "secret";
-    ro.region = region_.data();
-    ro.region_bytes = region_.size();
-    auto r = create_transport(GetParam().config, ro);
-    ASSERT_TRUE(r.ok()) << r.status().to_string();
-    receiver_ = std::move(*r);
-    sender_ = make_sender("secret");
-    ASSERT_TRUE(sender_);
-    auto addr = receiver_->address();
-    ASSERT_TRUE(addr.ok());
-    auto peer = sender_->connect(*addr);
-    ASSERT_TRUE(peer.ok()) << peer.status().to_string();
-    peer_ = *peer;
-  }
-
-  void TearDown() override {
-    if (sender_ && receiver_) destroy_while_progressing(sender_, receiver_.get(), &received_);
-  }
-
-  std::unique_ptr<Transport> make_sender(const std::string& token) {
-    TransportOptions so;
-    so.cluster_token = token;
-    auto s = create_transport(GetParam().config, so);
-    EXPECT_TRUE(s.ok()) << s.status().to_string();
-    return s.ok() ? std::move(*s) : nullptr;
-  }
-
-  // `n` pages of the region, scattered (reverse order, every other page).
-  std::vector<DestRange> pages(size_t first, size_t n) {
-    std::vector<DestRange> r;
-    for (size_t i = 0; i < n; ++i) r.push_back({(first + 2 * (n - 1 - i)) * kPageBytes, kPageBytes});
-    return r;
-  }
-
-  bool pump_until(const std::function<bool()>& done) {
-    return pump({sender_.get(), receiver_.get()}, {&sent_, &received_}, done);
-  }
-  bool both_done(size_t n = 1) { return sent_.size() >= n && received_.size() >= n; }
-
-  Bytes post(TransferId id, const std::vector<DestRange>& ranges, std::chrono::milliseconds deadline = 20000ms) {
-    auto g = receiver_->post_receive({id, ranges, Clock::now() + deadline});
-    EXPECT_TRUE(g.ok()) << g.status().to_string();
-    return g.ok() ? *g : Bytes{};
-  }
-
-  std::vector<std::byte> region_;
-  std::unique_ptr<Transport> receiver_, sender_;
-  PeerId peer_;
-  std::vector<TransferEvent> sent_, received_;
-};
-
-// Reads logical [offset, +n) of `ranges` out of the region.
-std::vector<std::byte> gather(const std::vector<std::byte>& region, const std::vector<DestRange>& ranges,
-                              uint64_t offset, uint64_t n) {
-  wire::RangeMap map(ranges);
-  std::vector<wire::Piece> pieces;
-  EXPECT_TRUE(map.map(offset, n, pieces).ok());
-  std::vector<std::byte> out(n);
-  for (const auto& p : pieces)
-    std::memcpy(out.data() + p.source_offset, region.data() + p.region_offset, p.length_bytes);
-  return out;
-}
 
 TEST_P(TransportSuite, ManySegmentsLandInScatteredPages) {
   const auto ranges = pages(4, 48);  // 3 MiB in 48 scattered pages
@@ -376,19 +307,6 @@ TEST_P(TransportSuite, CallerErrorsAreInvalidArgument) {
 }
 
 // ---- growing a live transfer (extend_receive / extend_send)
-
-// True once logical [0, n) of `ranges` in the region holds src's first n
-// bytes: those segments landed (every backend writes the pages inside
-// progress(), on this thread, so reading between calls is safe).
-bool prefix_landed(const std::vector<std::byte>& region, const std::vector<DestRange>& ranges,
-                   const std::vector<std::byte>& src, uint64_t n) {
-  return gather(region, ranges, 0, n) == std::vector<std::byte>(src.begin(), src.begin() + n);
-}
-
-std::vector<DestRange> concat(std::vector<DestRange> a, const std::vector<DestRange>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
 
 // Begun with 2 pages, segments land, then the receive grows by 3 pages in
 // place: the next segments (one straddling the old end) land in the new

@@ -11,6 +11,7 @@
 #include <functional>
 #include <thread>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -28,6 +29,9 @@ struct TransportParam {
   // am/tag over tcp: the copy+crc datatype; eager payloads).
   bool checksums_while_landing = false;
 };
+
+// gtest prints a parameter by its name (not as a byte dump).
+inline void PrintTo(const TransportParam& p, std::ostream* os) { *os << p.name; }
 
 inline std::vector<TransportParam> all_transports() {
   std::vector<TransportParam> v;
