@@ -55,6 +55,10 @@ int run_calibrate(const std::vector<std::string>& args) {
   p.add_option("delta", "X", "layer grouping threshold: 1 - JSD between a layer's attention and its attention with the base layer's distant scores, in [0, 1]", "0.95");
   p.add_option("max-block", "N", "largest block of layers (0 = no cap)", "8");
   p.add_option("kind", "K", "gate kind: attention or linear", "attention");
+  p.add_option("gate-context", "C",
+               "attention gate: what a token's gate attends over — window (sinks and window: no gate "
+               "state for retained tokens) or cache (also the retained tokens)",
+               "window");
   p.add_option("gate-heads", "N", "attention gate: heads h'", "2");
   p.add_option("gate-head-dim", "N", "attention gate: head width d'", "4");
   p.add_option("keep-rate", "R", "target share of distant tokens kept", "0.3");
@@ -138,6 +142,9 @@ int run_calibrate(const std::vector<std::string>& args) {
   auto kind = engine::parse_gate_kind(p.get("kind"));
   if (!kind.ok()) return fail(invalid_argument("option '--kind': " + kind.status().message()));
   opt.kind = *kind;
+  auto context = engine::parse_gate_context(p.get("gate-context"));
+  if (!context.ok()) return fail(invalid_argument("option '--gate-context': " + context.status().message()));
+  opt.gate_context = *context;
   if (p.get("teacher") == "max") {
     opt.teacher = engine::CalibrationOptions::Teacher::kMax;
   } else if (p.get("teacher") != "mean") {
@@ -226,7 +233,8 @@ int run_calibrate(const std::vector<std::string>& args) {
     if (!gate.ok()) return fail(Status(StatusCode::kInternal, gate.status().message()));
     gate->calibration_note += "; texts " + p.get("texts") + " (" + std::to_string(total_tokens) +
                               " tokens); delta " + p.get("delta") + ", keep-rate " + p.get("keep-rate") +
-                              ", kind " + p.get("kind");
+                              ", kind " + p.get("kind") +
+                              ", context " + p.get("gate-context");
   }
   engine::ThresholdFitReport fit_report;
   fit.probes = opt.grouping_probes;

@@ -22,12 +22,14 @@ int64_t max_append_pages(const kvstore::CompressedKvCache& cache) {
   }
   // Token n - n_window leaves the window now (never a sink here: n >= cap).
   const int64_t positions_per_page = cache.geometry().positions_per_page;
+  // Gates whose context is the window keep no gate rows for retained tokens.
+  const int64_t retained_gate_rows = cache.retained_gate_rows_per_page();
   for (int64_t s = 0; s < n_slots; ++s) {
     const int64_t r = cache.retained_tokens(s);
     const int64_t g = layout.blocks.slot_block(s).n_layers;
     if (r % page_tokens == 0) need += 1 + g;
     if (r % positions_per_page == 0) need += 1;
-    if (gate_rows > 0 && r % gate_rows == 0) need += 1;
+    if (retained_gate_rows > 0 && r % retained_gate_rows == 0) need += 1;
   }
   return need;
 }
