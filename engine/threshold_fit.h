@@ -7,7 +7,9 @@
 // causal context. Served, a gate attends only over what the cache holds
 // (sinks, window, retained tokens), and on longer prompts its logits drift
 // (the shipped gate kept 0.334 of distant tokens at 4k against its 0.30
-// target). Here the real runtime (GatePrefill) computes every logit of
+// target; gates of context `window` do not drift, their logits ignore the
+// retained set, and one round suffices). Here the real runtime
+// (GatePrefill) computes every logit of
 // sequences of the serving length; because a logit depends on which earlier
 // tokens were retained, thresholds and logits are iterated to a fixed point
 // (a few rounds; the report gives the keep rate reached with the final
