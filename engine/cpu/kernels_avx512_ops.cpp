@@ -6,7 +6,9 @@
 
 // GCC 12's AVX-512 headers build vectors from _mm512_undefined_*(), which
 // -Wmaybe-uninitialized misreports in every caller.
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "engine/cpu/kernels.h"

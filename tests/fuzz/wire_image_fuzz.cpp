@@ -83,6 +83,11 @@ Sender make_sender(int which) {
     case 1:
       head_dim = 16;
       break;
+    case 4:  // gates of context `window`: no gate rows for retained tokens
+      map = BlockMap::create(n_layers, {{{0, 2}, {2, 2}}, {{0, 1}, {1, 3}}});
+      s.layout.gate_state_bytes_per_token = 16;
+      s.layout.gate_state_retained = false;
+      break;
     case 2:
       map = BlockMap::dense(n_layers, n_heads);
       n_tokens = 2;
@@ -123,13 +128,13 @@ Sender make_sender(int which) {
 }
 
 struct World {
-  Sender senders[4];
+  Sender senders[5];
   std::unique_ptr<PagePool> pool;  // the decode node's
   std::unique_ptr<LeaseManager> leases;
   uint64_t next_request = 1;
 
   World() {
-    for (int i = 0; i < 4; ++i) senders[i] = make_sender(i);
+    for (int i = 0; i < 5; ++i) senders[i] = make_sender(i);
     auto pool_b = PagePool::create(kPageBytes, kPageBytes * 8192);
     FUZZ_CHECK(pool_b.ok());
     pool = std::move(*pool_b);
@@ -233,7 +238,8 @@ void run(const Sender& sender, std::span<const std::byte> descriptor) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
-  const Sender& sender = world().senders[data[0] & 3];
+  // Bits 0-1 pick the sender, bit 4 the window-context gate sender instead.
+  const Sender& sender = world().senders[(data[0] & 16) != 0 ? 4 : (data[0] & 3)];
   std::vector<std::byte> d(size - 1);
   if (size > 1) std::memcpy(d.data(), data + 1, size - 1);
   if ((data[0] & 4) != 0) {
