@@ -62,10 +62,10 @@ cmake --build "${build}" -j "${jobs}"
 
 if ((run_main)); then
   # The calibrated gate side file (gate and gate+pod policies, the default
-  # of `kvgate generate`) is made here once, ~20 min on 2 cores. The tests
+  # of `kvgate generate`) is made here once, ~30 min on 2 cores. The tests
   # (--no-run) do not need it: they calibrate their own small gates.
   if [[ ! -f "${root}/models/SmolLM2-135M-Instruct.Q4_1.gate.gguf" ]]; then
-    echo "setup: calibrating the KV compression for the model (once, ~20 min; progress below)"
+    echo "setup: calibrating the KV compression for the model (once, ~30 min; progress below)"
     KVGATE_BUILD_DIR="${build}" "${root}/scripts/calibrate.sh"
   fi
   "${root}/scripts/run-main.sh"
