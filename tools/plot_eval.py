@@ -37,6 +37,10 @@ from collections import defaultdict
 from pathlib import Path
 
 
+DEFAULT_WINDOW = 256  # kvgate eval's --n-window default
+DEFAULT_KEEP = 0.3    # and its --keep-rate
+
+
 def flatten(data) -> list:
     """Result objects of one JSON value: an object, {"results": [...]}, or an array of either."""
     if isinstance(data, list):
@@ -67,6 +71,14 @@ def load_records(paths: list[Path]) -> list[dict]:
             if not isinstance(item, dict) or "policy" not in item:
                 sys.exit(f"plot_eval: {path}: expected kvgate eval JSON objects with a 'policy'")
             item.setdefault("task", "perplexity")
+            # A policy run with a budget other than the default is its own
+            # row: window-1480 (the window that matches another policy's KV
+            # budget), h2o-keep0.25.
+            if item["policy"] == "window" and item.get("n_window", DEFAULT_WINDOW) != DEFAULT_WINDOW:
+                item["policy"] = f"window-{item['n_window']}"
+            keep = item.get("target_keep_rate")
+            if item["policy"] in ("h2o", "snapkv") and keep is not None and abs(keep - DEFAULT_KEEP) > 1e-9:
+                item["policy"] = f"{item['policy']}-keep{keep:g}"
             records.append(item)
     return records
 
