@@ -214,7 +214,7 @@ def markdown(ppl: list[dict], pk: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(ppl: list[dict], pk: list[dict], path: Path) -> None:
+def plot(ppl: list[dict], pk: list[dict], path: Path, zoom: tuple | None = None) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -266,6 +266,17 @@ def plot(ppl: list[dict], pk: list[dict], path: Path) -> None:
     if shown:
         series(ax, shown, "context", y_key, "context {}")
         ax.legend(fontsize=8)
+        if zoom is not None:
+            # Where the policies that matter crowd together (a far-off point
+            # such as window's squeezes them): the same points, magnified.
+            x0, x1, y0, y1 = zoom
+            inset = ax.inset_axes([0.3, 0.3, 0.48, 0.62])
+            series(inset, shown, "context", y_key, "context {}")
+            inset.set_xlim(x0, x1)
+            inset.set_ylim(y0, y1)
+            inset.tick_params(labelsize=7)
+            inset.grid(True, alpha=0.3)
+            ax.indicate_inset_zoom(inset, edgecolor="gray")
     else:
         ax.text(0.5, 0.5, "no perplexity results", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("KV saving (%)  [1 - compressed bytes / dense bytes]")
@@ -303,6 +314,9 @@ def main() -> int:
     ap.add_argument("inputs", nargs="+", type=Path, help="kvgate eval --json output files")
     ap.add_argument("--table", type=Path, help="write the markdown table here (default: stdout)")
     ap.add_argument("--plot", type=Path, help="write the figure here (.png or .svg)")
+    ap.add_argument("--ppl-zoom", metavar="X0,X1,Y0,Y1",
+                    help="perplexity panel: an inset magnifying KV saving X0..X1 (%%) and "
+                         "perplexity ratio Y0..Y1")
     args = ap.parse_args()
     for p in args.inputs:
         if not p.is_file():
@@ -324,7 +338,16 @@ def main() -> int:
         if args.plot.suffix.lower() not in (".png", ".svg"):
             print("plot_eval: --plot must end in .png or .svg", file=sys.stderr)
             return 2
-        plot(ppl, pk, args.plot)
+        zoom = None
+        if args.ppl_zoom:
+            try:
+                zoom = tuple(float(v) for v in args.ppl_zoom.split(","))
+            except ValueError:
+                zoom = ()
+            if len(zoom) != 4 or zoom[0] >= zoom[1] or zoom[2] >= zoom[3]:
+                sys.exit(f"plot_eval: --ppl-zoom wants X0,X1,Y0,Y1 with X0 < X1 and Y0 < Y1, "
+                         f"got '{args.ppl_zoom}'")
+        plot(ppl, pk, args.plot, zoom)
     return 0
 
 
