@@ -57,6 +57,11 @@ Result<control::TpReady> TpBootstrap::join(control::Connection& conn, const cont
   return out;
 }
 
+bool TpBootstrap::pending(const std::string& group) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_.count(group) != 0;
+}
+
 Result<control::TpReady> join_tp_group(TpBootstrap& bootstrap, control::Connection& conn,
                                        const std::string& group, uint32_t rank, uint32_t world,
                                        const std::optional<control::Bytes>& unique_id,

@@ -63,11 +63,15 @@ class TpBootstrap {
   Result<control::TpReady> join(control::Connection& conn, const control::TpJoin& join,
                                 Deadline deadline);
 
+  // True while a join of `group` waits here; its TpJoin is then already
+  // queued on the connection (for tests and diagnostics).
+  bool pending(const std::string& group) const;
+
  private:
   struct Pending {
     std::optional<Result<control::TpReady>> answer;
   };
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   std::map<std::string, Pending> pending_;  // by group
   std::optional<Status> closed_;
