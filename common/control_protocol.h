@@ -393,7 +393,9 @@ struct Cancel {
 };
 
 // Either way. A request's failure, or (request_id none) the connection's,
-// sent before closing it. Never kOk.
+// sent before closing it. Never kOk. Exception: a request-less Error whose
+// message starts with tp_group_error_prefix(group) is a tensor-parallel
+// group's failure, and the connection stays open (see TpJoin).
 struct Error {
   static constexpr MessageType kType = MessageType::kError;
   RequestId request_id;
