@@ -233,6 +233,64 @@ void fields(IO& io, M& m) {
   io.field("message", m.message);
 }
 
+template <typename IO>
+void tp_group_field(IO& io, auto& group) {
+  io.field("group", group);
+  io.check(!group.empty(), "group", [] { return std::string("empty"); });
+  io.check(group.size() <= kMaxTpGroupNameBytes, "group", [&] {
+    return std::to_string(group.size()) + " bytes, at most " +
+           std::to_string(kMaxTpGroupNameBytes);
+  });
+}
+
+template <typename IO>
+void tp_world_field(IO& io, auto& world) {
+  io.field("world", world);
+  io.check(world >= 1 && world <= kMaxTpWorld, "world", [&] {
+    return std::to_string(world) + " is not in 1.." + std::to_string(kMaxTpWorld);
+  });
+}
+
+template <typename IO, Is<TpJoin> M>
+void fields(IO& io, M& m) {
+  tp_group_field(io, m.group);
+  io.field("rank", m.rank);
+  tp_world_field(io, m.world);
+  io.check(m.rank < m.world, "rank", [&] {
+    return std::to_string(m.rank) + " >= world " + std::to_string(m.world);
+  });
+  io.field("unique_id", m.unique_id);
+  io.check(m.rank != 0 || m.unique_id.size() == kTpUniqueIdBytes, "unique_id", [&] {
+    return std::to_string(m.unique_id.size()) + " bytes from rank 0, need " +
+           std::to_string(kTpUniqueIdBytes);
+  });
+  io.check(m.rank == 0 || m.unique_id.empty(), "unique_id", [&] {
+    return std::to_string(m.unique_id.size()) + " bytes from rank " + std::to_string(m.rank) +
+           ", only rank 0 sends one";
+  });
+}
+
+template <typename IO, Is<TpMember> M>
+void fields(IO& io, M& m) {
+  io.field("node_id", m.node_id);
+  io.field("node_name", m.node_name);
+}
+
+template <typename IO, Is<TpReady> M>
+void fields(IO& io, M& m) {
+  tp_group_field(io, m.group);
+  tp_world_field(io, m.world);
+  io.field("unique_id", m.unique_id);
+  io.check(m.unique_id.size() == kTpUniqueIdBytes, "unique_id", [&] {
+    return std::to_string(m.unique_id.size()) + " bytes, need " +
+           std::to_string(kTpUniqueIdBytes);
+  });
+  io.list("members", m.members, kMaxTpWorld);
+  io.check(m.members.size() == m.world, "members", [&] {
+    return std::to_string(m.members.size()) + " members for world " + std::to_string(m.world);
+  });
+}
+
 // ------------------------------------------------------------ wire types
 
 // The wire's status code numbers are StatusCode's values: pin them, so that
@@ -336,6 +394,8 @@ class Encoder {
   }
 
   void require(bool, const char*, const char*) {}  // the decoder's checks
+  template <typename F>
+  void check(bool, const char*, F&&) {}
 
  private:
   template <typename T>
@@ -458,6 +518,12 @@ class Decoder {
 
   void require(bool ok, const char* name, const char* what) {
     if (!ok && !failed_) fail(StatusCode::kInvalidArgument, name, what);
+  }
+
+  // require() with a message built only on failure (it names values).
+  template <typename F>
+  void check(bool ok, const char* name, F&& what) {
+    if (!ok && !failed_) fail(StatusCode::kInvalidArgument, name, what());
   }
 
   Status finish() {

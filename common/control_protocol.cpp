@@ -101,6 +101,10 @@ std::string_view finish_reason_name(FinishReason reason) {
   return "unknown";
 }
 
+std::string tp_group_error_prefix(std::string_view group) {
+  return "tp group '" + std::string(group) + "': ";
+}
+
 std::string_view message_type_name(MessageType type) {
   switch (type) {
     case MessageType::kHello:
@@ -137,6 +141,10 @@ std::string_view message_type_name(MessageType type) {
       return "Cancel";
     case MessageType::kError:
       return "Error";
+    case MessageType::kTpJoin:
+      return "TpJoin";
+    case MessageType::kTpReady:
+      return "TpReady";
   }
   return "Unknown";
 }

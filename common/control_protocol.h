@@ -91,6 +91,10 @@ inline constexpr size_t kDefaultMaxFrameBytes = size_t{16} << 20;
 // frame cannot make the decoder allocate much more than its own size.
 inline constexpr size_t kMaxStopStrings = 64;
 inline constexpr size_t kMaxKvPolicyParams = 64;
+// Tensor-parallel bootstrap (TpJoin / TpReady).
+inline constexpr size_t kMaxTpGroupNameBytes = 128;
+inline constexpr uint32_t kMaxTpWorld = 64;
+inline constexpr size_t kTpUniqueIdBytes = 128;  // sizeof(ncclUniqueId)
 
 using Bytes = std::vector<std::byte>;  // opaque blobs (addresses, rkeys, layouts)
 using TokenId = int32_t;
@@ -125,6 +129,12 @@ enum class MessageType : uint16_t {
   kTokenChunk = 30,
   kCancel = 31,
   kError = 40,
+  // Added after version 1 shipped, without a version bump: only nodes that
+  // run tensor parallelism send TpJoin, and a peer that does not know the
+  // types rejects them as unknown (kUnimplemented) and closes the
+  // connection, which the joining node sees as the join failing.
+  kTpJoin = 50,
+  kTpReady = 51,
 };
 // "Hello", ...; "Unknown" for a value that names no message.
 std::string_view message_type_name(MessageType type);
@@ -383,7 +393,9 @@ struct Cancel {
 };
 
 // Either way. A request's failure, or (request_id none) the connection's,
-// sent before closing it. Never kOk.
+// sent before closing it. Never kOk. Exception: a request-less Error whose
+// message starts with tp_group_error_prefix(group) is a tensor-parallel
+// group's failure, and the connection stays open (see TpJoin).
 struct Error {
   static constexpr MessageType kType = MessageType::kError;
   RequestId request_id;
@@ -393,9 +405,56 @@ struct Error {
   bool operator==(const Error&) const = default;
 };
 
+// ------------------------------------------------- tensor-parallel bootstrap
+// The ranks of a tensor-parallel group (one process per GPU, each a node
+// registered with the coordinator) meet at the coordinator: each sends
+// TpJoin; rank 0 brings the NCCL unique id. When every rank of the group has
+// joined, the coordinator sends each of them the same TpReady, after which
+// each calls NcclCollective::create(unique_id, rank, world). A failure of
+// the group (a member's connection dropped, the group timed out, a join
+// refused) reaches a rank as Error{request_id none, code, "tp group
+// '<group>': ..."}; unlike other request-less Errors it does not close the
+// connection. See docs/cluster.md "Tensor-parallel bootstrap".
+
+// Node -> coordinator. Decoding checks: group 1..kMaxTpGroupNameBytes
+// bytes, world 1..kMaxTpWorld, rank < world, unique_id exactly
+// kTpUniqueIdBytes from rank 0 and empty from every other rank.
+struct TpJoin {
+  static constexpr MessageType kType = MessageType::kTpJoin;
+  std::string group;  // names the group; chosen by the operator / launcher
+  uint32_t rank = 0;
+  uint32_t world = 1;
+  Bytes unique_id;  // ncclUniqueId bytes from rank 0; empty from the others
+  bool operator==(const TpJoin&) const = default;
+};
+
+struct TpMember {
+  NodeId node_id;
+  std::string node_name;  // Hello::node_name
+  bool operator==(const TpMember&) const = default;
+};
+
+// Coordinator -> every member once the group is complete; identical for all
+// of them. Decoding checks: group as in TpJoin, world 1..kMaxTpWorld,
+// unique_id exactly kTpUniqueIdBytes, members.size() == world (members[r]
+// holds rank r).
+struct TpReady {
+  static constexpr MessageType kType = MessageType::kTpReady;
+  std::string group;
+  uint32_t world = 1;
+  Bytes unique_id;
+  std::vector<TpMember> members;
+  bool operator==(const TpReady&) const = default;
+};
+
+// "tp group '<group>': " — how every Error about a group begins, so that a
+// rank can tell its group's failure from other request-less Errors.
+std::string tp_group_error_prefix(std::string_view group);
+
 using Message = std::variant<Hello, HelloAck, HelloReject, Heartbeat, Reserve, ReserveGrant,
                              ReserveDeny, Extend, ExtendResult, Commit, Release, PrefillJob,
-                             TransferManifest, TransferResult, TokenChunk, Cancel, Error>;
+                             TransferManifest, TransferResult, TokenChunk, Cancel, Error, TpJoin,
+                             TpReady>;
 
 MessageType message_type(const Message& message);
 

@@ -123,6 +123,7 @@ ClusterScheduler::ClusterScheduler(ClusterSchedulerOptions options, FootprintPre
                                     std::max(options_.node_deadline * 10,
                                              std::chrono::milliseconds(60000))}),
       predictor_(std::move(predictor)),
+      tp_(TpRendezvousOptions{options_.tp_join_timeout}),
       metrics_(metrics),
       log_(std::move(log)) {
   update_gauges();
@@ -203,6 +204,7 @@ void ClusterScheduler::node_down(NodeId id, const std::string& reason, TimePoint
   const NodeInfo* node = membership_.find(id);
   const std::string name = quoted(node, id);
   log("node " + name + " is down: " + reason);
+  send_tp_aborts(tp_.node_lost(id));
   for (auto it = stale_answers_.begin(); it != stale_answers_.end();) {
     it = it->first.first == id ? stale_answers_.erase(it) : std::next(it);
   }
@@ -261,6 +263,8 @@ void ClusterScheduler::node_message(NodeId id, const NodeLink* link,
           }
           on_node_error(id, m.request_id,
                         Status(m.code, "node " + quoted(node, id) + ": " + m.message), now);
+        } else if constexpr (std::is_same_v<T, control::TpJoin>) {
+          on_tp_join(id, m, now);
         } else if constexpr (std::is_same_v<T, control::TransferResult>) {
           if (m.code != StatusCode::kOk) {
             on_node_error(id, m.request_id,
@@ -275,6 +279,31 @@ void ClusterScheduler::node_message(NodeId id, const NodeLink* link,
       },
       message);
   update_gauges();
+}
+
+void ClusterScheduler::on_tp_join(NodeId from, const control::TpJoin& m, TimePoint now) {
+  const NodeInfo* node = membership_.find(from);
+  auto joined = tp_.join(from, node ? node->name : std::string(), m, now);
+  if (!joined.ok()) {
+    log("node " + quoted(node, from) + ": " + joined.status().message());
+    send(from, control::Error{RequestId(), joined.status().code(), joined.status().message()});
+    return;
+  }
+  if (!joined->ready) return;
+  log(control::tp_group_error_prefix(m.group) + "complete (world " +
+      std::to_string(joined->ready->world) + "); TpReady sent to every rank");
+  for (const control::TpMember& member : joined->ready->members) {
+    send(member.node_id, *joined->ready);
+  }
+}
+
+void ClusterScheduler::send_tp_aborts(const std::vector<TpAbort>& aborts) {
+  for (const TpAbort& a : aborts) {
+    log(a.status.message());
+    for (NodeId n : a.notify) {
+      send(n, control::Error{RequestId(), a.status.code(), a.status.message()});
+    }
+  }
 }
 
 bool ClusterScheduler::take_stale_answer(NodeId from, RequestId id) {
@@ -698,6 +727,7 @@ void ClusterScheduler::tick(TimePoint now) {
     }
     node_down(id, membership_.find(id) ? membership_.find(id)->down_reason : "deadline", now);
   }
+  send_tp_aborts(tp_.expire(now));
   std::vector<RequestId> ids;
   for (auto& [seq, r] : requests_) ids.push_back(r.req.id);
   for (RequestId id : ids) {

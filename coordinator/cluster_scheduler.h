@@ -54,6 +54,7 @@
 #include "coordinator/footprint_predictor.h"
 #include "coordinator/membership.h"
 #include "coordinator/metrics.h"
+#include "coordinator/tp_rendezvous.h"
 
 namespace kvgate::coordinator {
 
@@ -85,6 +86,9 @@ struct ClusterSchedulerOptions {
   int64_t max_queued_requests = 256;  // not yet placed; more: kResourceExhausted
   int64_t max_active_requests = 1024; // accepted and not ended; more: kResourceExhausted
   control::KvPolicySpec kv_policy;    // sent with every PrefillJob
+  // Tensor-parallel bootstrap (TpJoin): a group not complete this long
+  // after its first join is aborted and its members get an Error.
+  std::chrono::milliseconds tp_join_timeout{60000};
 
   // The fields above from a coordinator's config (model_name from
   // model.served_name / path, context from model.max_context_tokens when
@@ -140,6 +144,7 @@ class ClusterScheduler {
 
   const Membership& membership() const { return membership_; }
   const FootprintPredictor& predictor() const { return predictor_; }
+  const TpRendezvous& tp_rendezvous() const { return tp_; }
   size_t active_requests() const { return requests_.size(); }
   size_t queued_requests() const;  // accepted, not yet placed (no on_started)
   const ClusterSchedulerOptions& options() const { return options_; }
@@ -181,10 +186,16 @@ class ClusterScheduler {
   void on_release(NodeId from, const control::Release& m, TimePoint now);
   void on_node_error(NodeId from, RequestId id, const Status& status, TimePoint now);
   bool take_stale_answer(NodeId from, RequestId id);
+  // TpJoin (tensor-parallel bootstrap): TpReady to every member when the
+  // group completes; a refused join gets Error (request id none, the
+  // message naming the group) on the joiner's connection.
+  void on_tp_join(NodeId from, const control::TpJoin& m, TimePoint now);
+  void send_tp_aborts(const std::vector<TpAbort>& aborts);
 
   const ClusterSchedulerOptions options_;
   Membership membership_;
   FootprintPredictor predictor_;
+  TpRendezvous tp_;
   ClusterMetrics* const metrics_;
   const ClusterLog log_;
   bool shut_down_ = false;

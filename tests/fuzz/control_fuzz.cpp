@@ -10,7 +10,9 @@
 //         (random payloads would otherwise never get past the CRC)
 // Checked: no crash or sanitizer report; every error says "control: " and
 // carries a decoder error code; whatever decodes re-encodes to the exact
-// bytes it came from (the encoding is canonical).
+// bytes it came from (the encoding is canonical), and a decoded TpJoin /
+// TpReady (types 50/51; seeded by control_fuzz_driver.cpp) holds what the
+// decoder promises (group, world, rank, unique id, members).
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +20,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "common/control_protocol.h"
@@ -44,6 +47,19 @@ void check_error(const Status& s) {
   const StatusCode c = s.code();
   FUZZ_CHECK(c == StatusCode::kDataLoss || c == StatusCode::kInvalidArgument ||
              c == StatusCode::kUnimplemented || c == StatusCode::kOutOfRange);
+}
+
+// The decode checks of the tensor-parallel bootstrap messages held.
+void check_decoded(const Message& m) {
+  if (const auto* j = std::get_if<TpJoin>(&m)) {
+    FUZZ_CHECK(!j->group.empty() && j->group.size() <= kMaxTpGroupNameBytes);
+    FUZZ_CHECK(j->world >= 1 && j->world <= kMaxTpWorld && j->rank < j->world);
+    FUZZ_CHECK(j->unique_id.size() == (j->rank == 0 ? kTpUniqueIdBytes : 0));
+  } else if (const auto* r = std::get_if<TpReady>(&m)) {
+    FUZZ_CHECK(!r->group.empty() && r->group.size() <= kMaxTpGroupNameBytes);
+    FUZZ_CHECK(r->world >= 1 && r->world <= kMaxTpWorld);
+    FUZZ_CHECK(r->unique_id.size() == kTpUniqueIdBytes && r->members.size() == r->world);
+  }
 }
 
 // What a decoder made of a stream: the frames it decoded (re-encoded) and
@@ -81,6 +97,7 @@ Outcome run_decoder(std::span<const std::byte> stream, std::span<const uint8_t> 
         break;
       }
       if (!m->has_value()) break;
+      check_decoded(**m);
       const std::vector<std::byte> frame = encode(**m);
       FUZZ_CHECK(frame.size() == encoded_frame_bytes(**m));
       FUZZ_CHECK(d.bytes_consumed() - before == frame.size());
@@ -121,6 +138,7 @@ void fuzz_payload(uint16_t type, std::span<const std::byte> payload) {
     FUZZ_CHECK(is_known_message_type(type));
     FUZZ_CHECK(static_cast<uint16_t>(message_type(*m)) == type);
     FUZZ_CHECK(payload_bytes(*m) == payload.size());
+    check_decoded(*m);
     std::vector<std::byte> again(payload.size());
     write_payload(*m, again);
     FUZZ_CHECK(std::equal(again.begin(), again.end(), payload.begin()));

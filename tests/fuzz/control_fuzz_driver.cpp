@@ -85,6 +85,12 @@ std::vector<Message> sample_messages() {
   v.push_back(TokenChunk{RequestId(11), 0, {42, 43}, "hi", FinishReason::kStop, {4, 2}});
   v.push_back(Cancel{RequestId(11), "client gone"});
   v.push_back(Error{RequestId(11), StatusCode::kInternal, "oops"});
+  // Tensor-parallel bootstrap: rank 0's join (with the 128-byte id), another
+  // rank's (none), and the ready of a group of 2.
+  Bytes nccl_id(kTpUniqueIdBytes, std::byte{0x5a});
+  v.push_back(TpJoin{"tp-group", 0, 2, nccl_id});
+  v.push_back(TpJoin{"tp-group", 1, 2, {}});
+  v.push_back(TpReady{"tp-group", 2, nccl_id, {{NodeId(3), "gpu-0"}, {NodeId(4), "gpu-1"}}});
   return v;
 }
 

@@ -109,6 +109,10 @@ std::vector<Message> sample_messages() {
       TokenChunk{RequestId(77), 3, {17, 18, 19}, "Hello w\xc3", FinishReason::kLength, {4000, 6}});
   v.push_back(Cancel{RequestId(77), "client disconnected"});
   v.push_back(Error{RequestId(), StatusCode::kUnavailable, "decode node draining"});
+  Bytes nccl_id(kTpUniqueIdBytes);
+  for (size_t i = 0; i < nccl_id.size(); ++i) nccl_id[i] = std::byte(i * 37 + 5);
+  v.push_back(TpJoin{"llama-70b/tp0", 0, 4, nccl_id});
+  v.push_back(TpReady{"llama-70b/tp0", 2, nccl_id, {{NodeId(7), "gpu-0"}, {NodeId(9), "gpu-1"}}});
   return v;
 }
 
@@ -275,6 +279,14 @@ TEST(ControlProtocol, DefaultMessagesRoundTrip) {
     Message m =
         std::visit([](const auto& x) -> Message { return std::decay_t<decltype(x)>{}; }, sample);
     auto got = decode_all(encode(m), {});
+    if (std::holds_alternative<TpJoin>(m) || std::holds_alternative<TpReady>(m)) {
+      // No valid default: a group must be named and carry rank 0's id.
+      ASSERT_FALSE(got.ok());
+      EXPECT_EQ(got.status().code(), StatusCode::kInvalidArgument);
+      EXPECT_NE(got.status().message().find(".group: empty"), std::string::npos)
+          << got.status().to_string();
+      continue;
+    }
     ASSERT_TRUE(got.ok()) << got.status().to_string();
     ASSERT_EQ(got->size(), 1u);
     EXPECT_EQ(got->front(), m);
