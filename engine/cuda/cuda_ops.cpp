@@ -176,4 +176,60 @@ Status sample(const float* logits_dev, int64_t n_rows, int64_t vocab, const Samp
                   "sampling launch");
 }
 
+namespace {
+
+// A plan made by plan_gate (a default or hand-edited one would launch a
+// wrong grid).
+Status check_gate_plan(const GatePlan& plan) {
+  auto again = plan_gate(plan.n_tokens, plan.n_slots, plan.heads, plan.head_dim, plan.n_sink,
+                         plan.n_window, plan.n_embd);
+  if (!again.ok()) return again.status();
+  if (again->project_blocks != plan.project_blocks || again->logit_blocks != plan.logit_blocks ||
+      again->flag_blocks != plan.flag_blocks || again->dim != plan.dim) {
+    return invalid_argument("cuda gate: plan does not come from plan_gate");
+  }
+  return Status();
+}
+
+}  // namespace
+
+Status gate_project(const GatePlan& plan, const float* w_dev, const float* x_dev, float* proj_dev,
+                    cudaStream_t stream) {
+  KVGATE_RETURN_IF_ERROR(check_gate_plan(plan));
+  KVGATE_RETURN_IF_ERROR(need(w_dev, "gate weights"));
+  KVGATE_RETURN_IF_ERROR(need(x_dev, "gate input"));
+  KVGATE_RETURN_IF_ERROR(need(proj_dev, "gate projections"));
+  return launched(kernels::gate_project(w_dev, x_dev, plan.n_tokens, plan.n_slots, plan.dim,
+                                        plan.n_embd, proj_dev, plan.project_blocks,
+                                        plan.project_threads, stream),
+                  "gate_project launch");
+}
+
+Status gate_logits_window(const GatePlan& plan, const float* proj_dev, const float* wo_dev,
+                          const float* bias_dev, float* logits_dev, cudaStream_t stream) {
+  KVGATE_RETURN_IF_ERROR(check_gate_plan(plan));
+  KVGATE_RETURN_IF_ERROR(need(proj_dev, "gate projections"));
+  KVGATE_RETURN_IF_ERROR(need(wo_dev, "gate wo"));
+  KVGATE_RETURN_IF_ERROR(need(bias_dev, "gate bias"));
+  KVGATE_RETURN_IF_ERROR(need(logits_dev, "gate logits"));
+  return launched(kernels::gate_logits_window(proj_dev, plan.n_tokens, plan.n_slots,
+                                              static_cast<int>(plan.heads),
+                                              static_cast<int>(plan.head_dim), plan.n_sink,
+                                              plan.n_window, wo_dev, bias_dev, logits_dev, stream),
+                  "gate_logits_window launch");
+}
+
+Status gate_flags(const GatePlan& plan, const float* logits_dev, const float* threshold_dev,
+                  float offset, uint8_t* flags_dev, cudaStream_t stream) {
+  KVGATE_RETURN_IF_ERROR(check_gate_plan(plan));
+  if (!std::isfinite(offset)) return invalid_argument("cuda gate_flags: offset is not finite");
+  KVGATE_RETURN_IF_ERROR(need(logits_dev, "gate logits"));
+  KVGATE_RETURN_IF_ERROR(need(threshold_dev, "gate thresholds"));
+  KVGATE_RETURN_IF_ERROR(need(flags_dev, "gate flags"));
+  return launched(kernels::gate_flags(logits_dev, plan.n_tokens, plan.n_slots, plan.n_sink,
+                                      threshold_dev, offset, flags_dev, plan.flag_blocks,
+                                      plan.flag_threads, stream),
+                  "gate_flags launch");
+}
+
 }  // namespace kvgate::engine::cuda

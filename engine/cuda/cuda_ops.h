@@ -27,6 +27,7 @@
 
 #include "common/status.h"
 #include "engine/cuda/device_buffer.h"
+#include "engine/cuda/gate_plan.h"
 #include "engine/cuda/kernel_params.h"
 #include "engine/cuda/launch_plan.h"
 #include "engine/cuda/sampling_plan.h"
@@ -86,5 +87,20 @@ Status argmax(const float* logits_dev, int64_t n_rows, int64_t vocab, int32_t* o
 // copies with check_sample_row first).
 Status sample(const float* logits_dev, int64_t n_rows, int64_t vocab, const SampleRow* rows_dev,
               int32_t* out_dev, cudaStream_t stream);
+
+// ---- the Attention-Gate (gate_plan.h documents semantics and layouts).
+// proj_dev [plan.n_tokens][plan.n_slots][3D] (plan.proj_bytes) = each
+// slot's [Wq;Wk;Wv] (w_dev [n_slots][3D][n_embd] floats) times x_dev
+// [n_tokens][n_embd].
+Status gate_project(const GatePlan& plan, const float* w_dev, const float* x_dev, float* proj_dev,
+                    cudaStream_t stream);
+// logits_dev [n_slots][n_tokens] (plan.logits_bytes) of the window-context
+// attention gate from proj_dev; wo_dev [n_slots][D], bias_dev [n_slots].
+Status gate_logits_window(const GatePlan& plan, const float* proj_dev, const float* wo_dev,
+                          const float* bias_dev, float* logits_dev, cudaStream_t stream);
+// flags_dev [n_slots][n_tokens] = 1 for sinks, else logit >= threshold[s] +
+// offset (threshold_dev [n_slots]); offset must be finite.
+Status gate_flags(const GatePlan& plan, const float* logits_dev, const float* threshold_dev,
+                  float offset, uint8_t* flags_dev, cudaStream_t stream);
 
 }  // namespace kvgate::engine::cuda

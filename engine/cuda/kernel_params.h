@@ -100,4 +100,13 @@ struct SampleRow {
 inline constexpr int kEltThreads = 256;
 inline constexpr int kCopyThreads = 256;
 
+// ---- the Attention-Gate (gate.cu, gate_plan.h)
+// Gate heads and head width bound as GateModel::validate does; one lane of
+// a warp per head holds that head's o (head_dim floats, local memory).
+inline constexpr int kGateMaxHeads = 64;
+inline constexpr int kGateMaxHeadDim = 64;
+inline constexpr int kGateProjectThreads = 256;  // 8 warps, one output each
+inline constexpr int kGateLogitThreads = 32;     // one warp per (token, slot)
+inline constexpr int kGateFlagThreads = 256;
+
 }  // namespace kvgate::engine::cuda

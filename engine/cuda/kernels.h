@@ -93,4 +93,19 @@ cudaError_t argmax_rows(const float* logits, int64_t n_rows, int64_t vocab, int3
 cudaError_t sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const SampleRow* rows,
                         int32_t* out, size_t shared_bytes, cudaStream_t stream);
 
+// ---- gate.cu (the Attention-Gate; gate_plan.h documents the semantics)
+// proj [n_tokens][n_slots][3 * dim] = per slot [Wq;Wk;Wv] (w: [n_slots]
+// [3 * dim][n_embd]) times x [n_tokens][n_embd].
+cudaError_t gate_project(const float* w, const float* x, int64_t n_tokens, int64_t n_slots,
+                         int64_t dim, int64_t n_embd, float* proj, int64_t blocks, int threads,
+                         cudaStream_t stream);
+// logits [n_slots][n_tokens] of the window-context attention gate.
+cudaError_t gate_logits_window(const float* proj, int64_t n_tokens, int64_t n_slots, int heads,
+                               int head_dim, int64_t n_sink, int64_t n_window, const float* wo,
+                               const float* bias, float* logits, cudaStream_t stream);
+// flags [n_slots][n_tokens] = t < n_sink || logit >= threshold[s] + offset.
+cudaError_t gate_flags(const float* logits, int64_t n_tokens, int64_t n_slots, int64_t n_sink,
+                       const float* threshold, float offset, uint8_t* flags, int64_t blocks,
+                       int threads, cudaStream_t stream);
+
 }  // namespace kvgate::engine::cuda::kernels
