@@ -234,13 +234,21 @@ void run_shape(const Shape& sh) {
     for (int64_t t = 0; t < n; ++t) {
       const uint8_t on_gpu_logit = (t < sh.n_sink || logit_gpu[s * n + t] >= t_eff) ? 1 : 0;
       EXPECT_EQ(flags[s * n + t], on_gpu_logit) << "t=" << t << " s=" << s;
-      if (std::fabs(logit_cpu[s * n + t] - t_eff) < tol_e2e[s * n + t]) continue;
+      // Sinks are 1 whatever the logit; other tokens near the threshold may
+      // fall either side of it.
+      if (t >= sh.n_sink && std::fabs(logit_cpu[s * n + t] - t_eff) < tol_e2e[s * n + t]) {
+        continue;
+      }
       const uint8_t cpu = (t < sh.n_sink || logit_cpu[s * n + t] >= t_eff) ? 1 : 0;
       EXPECT_EQ(flags[s * n + t], cpu) << "t=" << t << " s=" << s;
       ++compared;
     }
   }
-  EXPECT_GT(compared, 0);
+  // With one token the median threshold sits on its logit: nothing to
+  // compare away from it unless it is a sink.
+  if (n > 1) {
+    EXPECT_GT(compared, 0);
+  }
 }
 
 TEST(CudaGate, MatchesCpuOverShapes) {
