@@ -109,4 +109,19 @@ inline constexpr int kGateProjectThreads = 256;  // 8 warps, one output each
 inline constexpr int kGateLogitThreads = 32;     // one warp per (token, slot)
 inline constexpr int kGateFlagThreads = 256;
 
+// One (item, layout slot) of a compressed decode step's gate work
+// (compressed_ops.cu): the new token's gate row (2D fp16: K then V) to
+// write, and the slot's proximal gate rows (sinks + window, ring order,
+// the new row included) to attend over, as page addresses of
+// rows_per_page rows each.
+struct GateRowTask {
+  uint16_t* own_row = nullptr;
+  const uint16_t* const* pages = nullptr;  // device array of device page addresses
+  int32_t n_rows = 0;
+  int32_t rows_per_page = 0;
+};
+
+// ---- compressed decode (compressed_ops.cu)
+inline constexpr int kStoreRowThreads = 128;
+
 }  // namespace kvgate::engine::cuda
