@@ -1,5 +1,7 @@
 #include "engine/cuda/cuda_forward.h"
 
+#include "engine/cuda/cuda_forward_impl.h"
+
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -18,6 +20,9 @@
 namespace kvgate::engine::cuda {
 namespace {
 
+using detail::Layer;
+using detail::Matrix;
+
 std::string str(int64_t v) {
   return std::to_string(v);
 }
@@ -26,21 +31,6 @@ Status launched(cudaError_t err, const char* what) {
   return cuda_status(static_cast<int>(err), what);
 }
 
-// One weight matrix on the device: the GGUF rows as the GEMV reads them,
-// and (quantized types only) fp16 rows for the prefill GEMM; an F16 matrix
-// serves both from the same bytes.
-struct Matrix {
-  DeviceBuffer raw;
-  DeviceBuffer f16;
-  GemvPlan gemv;
-  GemmPlan gemm;
-  const void* f16_rows() const { return f16.data() != nullptr ? f16.data() : raw.data(); }
-};
-
-struct Layer {
-  DeviceBuffer attn_norm, ffn_norm;
-  Matrix wq, wk, wv, wo, w_gate, w_up, w_down;
-};
 
 Result<DeviceBuffer> upload_bytes(const void* src, size_t bytes, const std::string& what) {
   auto buf = DeviceBuffer::allocate(bytes);
@@ -107,73 +97,6 @@ HostWeights HostWeights::of(const LlamaModel& model) {
   return w;
 }
 
-struct CudaForward::Impl {
-  LlamaConfig c;
-  CudaForwardOptions opt;
-  CudaStream stream;
-  CublasHandle cublas;
-
-  std::vector<Layer> layers;
-  DeviceBuffer embd;  // token_embd rows (GGUF)
-  EmbedType embd_type = EmbedType::kF32;
-  int64_t embd_row_bytes = 0;
-  Matrix output_own;  // when not tied
-  const void* output_rows = nullptr;
-  GemvPlan output_gemv;
-  DeviceBuffer output_norm;
-
-  DeviceBuffer kv;  // [layer][K|V][kv_head][max_context][head_dim] fp16, as engine::KvCache
-
-  // Scratch for max_prefill_tokens rows (a decode step uses row 0).
-  DeviceBuffer x, xn, q, k, v, attn, gate, up, logits;
-  DeviceBuffer tokens, positions;  // int32 per chunk row
-  DeviceBuffer step;               // DecodeStep
-  DeviceBuffer next_token;         // int32: argmax of the last logits
-  DeviceBuffer gemv_ws, gemm_ws, attn_ws;
-  DeviceBuffer tasks;  // AttnTask [layer][kv_head]
-  DeviceBuffer pages;  // per task: K row base, V row base
-  AttentionPlan decode_plan;
-  PrefillAttentionPlan prefill_plan;
-  std::vector<int32_t> host_rows;  // staging for tokens / positions
-  DecodeStep host_step;
-
-  cudaGraphExec_t graph = nullptr;
-  int64_t n_tokens = 0;
-  bool have_logits = false;
-  Status failed;  // the error that broke a step; cleared by reset()
-  size_t gemv_bytes = 0, gemm_bytes = 0;
-
-  ~Impl() {
-    if (graph != nullptr) (void)cudaGraphExecDestroy(graph);
-  }
-
-  cudaStream_t s() const { return stream.get(); }
-  float* f(const DeviceBuffer& b) const { return b.as<float>(); }
-  uint16_t* k_cache(int64_t layer) const {
-    return kv.as<uint16_t>() + layer * 2 * c.n_kv_heads * opt.max_context_tokens * c.head_dim;
-  }
-  // Fields of the device's DecodeStep, by offset (never dereferenced here).
-  int32_t* step_token() const {
-    return reinterpret_cast<int32_t*>(step.as<char>() + offsetof(DecodeStep, token));
-  }
-  int32_t* step_pos() const {
-    return reinterpret_cast<int32_t*>(step.as<char>() + offsetof(DecodeStep, pos));
-  }
-  uint16_t* v_cache(int64_t layer) const {
-    return k_cache(layer) + c.n_kv_heads * opt.max_context_tokens * c.head_dim;
-  }
-
-  Status build(const HostWeights& w);
-  Status upload_matrix(const cpu::WeightView& view, int64_t rows, int64_t cols, bool need_gemm,
-                       const std::string& name, Matrix& m);
-  Status matmul(const Matrix& m, const float* x_in, int64_t n, float* y);
-  Status run_layer(int64_t l, int64_t n, bool decode, int64_t past);
-  Status final_logits(int64_t row, int32_t next_pos);
-  Status enqueue_decode_step();
-  Status check_usable() const;
-  Status begin_decode(int32_t token);
-  Status finish(Status st, float* logits_out);
-};
 
 Status CudaForward::Impl::upload_matrix(const cpu::WeightView& view, int64_t rows, int64_t cols,
                                         bool need_gemm, const std::string& name, Matrix& m) {
@@ -213,6 +136,7 @@ Status CudaForward::Impl::build(const HostWeights& w) {
   }
   // Plans first: a shape the kernels cannot take fails before any upload.
   KVGATE_ASSIGN_OR_RETURN(const int sms, multiprocessor_count());
+  sm_count = sms;
   AttentionShape as;
   as.n_tasks = c.n_kv_heads;
   as.group = c.n_heads / c.n_kv_heads;

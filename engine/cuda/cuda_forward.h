@@ -11,6 +11,13 @@
 //  - decode(token): one token through the GEMV path and decode_attention
 //    with every cached token proximal (the dense special case of the
 //    compressed layout's task: one "page" per KV head spanning the cache).
+//  - decode_compressed(items): one step of a batch of sequences whose KV
+//    caches are kvstore's block-gated PoD caches (compressed_cache.h) with
+//    pages in device memory (a device page pool): K/V rows written into the
+//    caches' ring rows, decode_attention over each (item, layer, KV head)'s
+//    proximal and distant pages (records from compressed_step.h), the
+//    window-context Attention-Gate of the new token on the device, logits
+//    of every item. The batch goes through the GEMV (<= 8 items) or cuBLAS.
 //  - capture_decode_graph() / decode_graph(): the same decode step captured
 //    once into a CUDA graph and replayed. Every buffer is allocated at
 //    construction for max_context_tokens / max_prefill_tokens, so a step
@@ -37,12 +44,18 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
 
 #include "common/status.h"
+#include "engine/cuda/compressed_step.h"
+#include "engine/cuda/device_buffer.h"
+#include "engine/gate.h"
+#include "engine/gate_runtime.h"
 #include "engine/model.h"
+#include "kvstore/compressed_cache.h"
 
 namespace kvgate::engine::cuda {
 
@@ -62,7 +75,39 @@ struct HostWeights {
 struct CudaForwardOptions {
   int64_t max_context_tokens = 4096;  // dense KV cache rows per (layer, KV head)
   int64_t max_prefill_tokens = 512;   // tokens per prefill chunk (scratch rows)
+  // Items of one decode_compressed step (<= max_prefill_tokens: the step
+  // uses the prefill's scratch rows).
+  int64_t max_decode_batch = 64;
 };
+
+// The Attention-Gate's weights in device memory, arranged by the layer at
+// which each layout slot's gate runs, for decode_compressed over caches of
+// one layout (one per policy plan, as engine::BatchDecoder keeps one
+// GateDecoder per plan). UNIMPLEMENTED for gates the GPU step does not run
+// (make_gate_schedule: linear kind, cache context); UNAVAILABLE without a
+// device. Immutable once made; used by one forward's thread.
+class CudaGateWeights {
+ public:
+  static Result<std::unique_ptr<CudaGateWeights>> create(const GateModel& gate,
+                                                         const kvstore::KvLayout& layout);
+  ~CudaGateWeights();
+  CudaGateWeights(const CudaGateWeights&) = delete;
+  CudaGateWeights& operator=(const CudaGateWeights&) = delete;
+
+  const GateSchedule& schedule() const;
+  struct Impl;
+  const Impl& impl() const { return *impl_; }
+
+ private:
+  explicit CudaGateWeights(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Called by decode_compressed after every cache's begin_append() and
+// before any kernel reads the pages: enqueues on `stream` the page copies
+// the caches recorded (a token leaving the window moved into a retained
+// list) — a device page pool's flush. Must not synchronize the stream.
+using PageFlush = std::function<Status(cudaStream_t stream)>;
 
 class CudaForward {
  public:
@@ -82,6 +127,26 @@ class CudaForward {
 
   // One decode step of `token` at position n_tokens() (no graph).
   Status decode(int32_t token, float* logits_out = nullptr);
+
+  // One decode step of a batch of compressed caches (all of one layout: a
+  // caller with several policies calls once per policy group), pages in
+  // device memory. Each item's token is appended at cache->n_tokens() with
+  // its flags (or, with `gate`, deferred: the gate computes them on the
+  // device and they are set with set_flag_unchecked before this returns;
+  // in budget mode, decision.retained_budget_tokens > 0, they are 0).
+  // `flush` runs after the appends (see PageFlush). logits_out receives
+  // n_vocab floats per item in item order (want_logits is ignored: every
+  // row is computed); blocks until the step is done. Independent of the
+  // forward's own dense cache (prefill/decode), which it leaves as is.
+  // Errors: INVALID_ARGUMENT (no items or more than max_decode_batch, a
+  // token outside the vocabulary, a cache that does not match the model or
+  // the first item's layout, a gate whose schedule does not match), a
+  // cache's begin_append error (earlier items may have appended: the
+  // caller drops them, as after CpuForward::forward_compressed), the
+  // flush's error; a failure after the appends poisons the forward.
+  Status decode_compressed(std::span<const CompressedItem> items, float* logits_out,
+                           const PageFlush& flush, const CudaGateWeights* gate = nullptr,
+                           const GateDecision& decision = {});
 
   // Captures one decode step into a CUDA graph (replaces an earlier one).
   // Enqueues nothing and leaves the cache and n_tokens() as they are.

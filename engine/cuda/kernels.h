@@ -108,4 +108,24 @@ cudaError_t gate_flags(const float* logits, int64_t n_tokens, int64_t n_slots, i
                        const float* threshold, float offset, uint8_t* flags, int64_t blocks,
                        int threads, cudaStream_t stream);
 
+// ---- compressed_ops.cu (the compressed decode step; compressed_step.h)
+// K/V [n_items][n_kv_heads][head_dim] floats to fp16 rows at the
+// addresses k_rows / v_rows [n_items][n_kv_heads] (device arrays).
+cudaError_t store_kv_rows(const float* k, const float* v, int64_t n_items, int64_t n_kv_heads,
+                          int64_t head_dim, uint16_t* const* k_rows, uint16_t* const* v_rows,
+                          cudaStream_t stream);
+// Each of n_pairs (item, slot) tasks: own_row = fp16(proj[pair][D..3D)).
+cudaError_t gate_store_rows(const float* proj, int64_t n_pairs, int64_t dim,
+                            const GateRowTask* tasks, cudaStream_t stream);
+// logits[pair] of the window-context gate over the task's rows (pair =
+// item * n_slots + j; wo [n_slots][D], bias [n_slots]).
+cudaError_t gate_decode_logits(const float* proj, const GateRowTask* tasks, int64_t n_pairs,
+                               int64_t n_slots, int heads, int head_dim, const float* wo,
+                               const float* bias, float* logits, cudaStream_t stream);
+// flags[item * n_total + slot_ids[j]] = !never_retain && logit >= threshold[j] + offset.
+cudaError_t gate_decode_flags(const float* logits, int64_t n_pairs, int64_t n_slots,
+                              const int32_t* slot_ids, int64_t n_total, const float* threshold,
+                              float offset, bool never_retain, uint8_t* flags,
+                              cudaStream_t stream);
+
 }  // namespace kvgate::engine::cuda::kernels
