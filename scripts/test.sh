@@ -23,7 +23,7 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
            cuda_gate_test staging_cuda_test kvgate_engine_cuda_bench)
   if [[ -f /usr/local/cuda/include/nccl.h || -f /usr/include/nccl.h ]]; then
     nccl=ON
-    targets+=(kvgate_engine_tp_nccl)
+    targets+=(kvgate_engine_tp_nccl cuda_tp_test)
   fi
   # Configured every time (seconds when nothing changed) so an option added
   # here reaches a build directory made before it.

@@ -87,15 +87,6 @@ std::optional<ForwardMemoryShape> memory_shape(const HostWeights& w, const CudaF
 
 }  // namespace
 
-HostWeights HostWeights::of(const LlamaModel& model) {
-  HostWeights w;
-  w.config = model.config();
-  w.layers = model.layers();
-  w.token_embd = model.token_embd();
-  w.output = model.output();
-  w.output_norm = model.output_norm();
-  return w;
-}
 
 
 Status CudaForward::Impl::upload_matrix(const cpu::WeightView& view, int64_t rows, int64_t cols,
@@ -315,6 +306,7 @@ Status CudaForward::Impl::run_layer(int64_t l, int64_t n, bool decode, int64_t p
         prefill_attention(prefill_plan, f(q), n, past, k_cache(l), v_cache(l), f(attn), s()));
   }
   KVGATE_RETURN_IF_ERROR(matmul(w.wo, f(attn), n, f(xn)));
+  KVGATE_RETURN_IF_ERROR(reduce(f(xn), n));
   KVGATE_RETURN_IF_ERROR(
       launched(kernels::add_inplace(f(x), f(xn), n * c.n_embd, s()), "residual add launch"));
   KVGATE_RETURN_IF_ERROR(rms_norm(f(x), f(w.ffn_norm), f(xn), n, c.n_embd, c.rms_eps, s()));
@@ -322,6 +314,7 @@ Status CudaForward::Impl::run_layer(int64_t l, int64_t n, bool decode, int64_t p
   KVGATE_RETURN_IF_ERROR(matmul(w.w_up, f(xn), n, f(up)));
   KVGATE_RETURN_IF_ERROR(swiglu(f(gate), f(up), f(gate), n * c.n_ff, s()));
   KVGATE_RETURN_IF_ERROR(matmul(w.w_down, f(gate), n, f(xn)));
+  KVGATE_RETURN_IF_ERROR(reduce(f(xn), n));
   return launched(kernels::add_inplace(f(x), f(xn), n * c.n_embd, s()), "residual add launch");
 }
 
@@ -539,6 +532,9 @@ void CudaForward::reset() {
 
 int64_t CudaForward::n_tokens() const {
   return impl_->n_tokens;
+}
+cudaStream_t CudaForward::stream() const {
+  return impl_->s();
 }
 const LlamaConfig& CudaForward::config() const {
   return impl_->c;

@@ -52,6 +52,7 @@
 #include "common/status.h"
 #include "engine/cuda/compressed_step.h"
 #include "engine/cuda/device_buffer.h"
+#include "engine/cuda/host_weights.h"
 #include "engine/gate.h"
 #include "engine/gate_runtime.h"
 #include "engine/model.h"
@@ -59,25 +60,19 @@
 
 namespace kvgate::engine::cuda {
 
-// Host-resident weights of a llama model, as CudaForward uploads them:
-// views of a LlamaModel's file mapping, or buffers a benchmark made up.
-// Pointers are borrowed for the duration of CudaForward::create only.
-struct HostWeights {
-  LlamaConfig config;
-  std::vector<LayerWeights> layers;
-  cpu::WeightView token_embd;
-  cpu::WeightView output;  // may be token_embd (tied): uploaded once
-  const float* output_norm = nullptr;
-
-  static HostWeights of(const LlamaModel& model);
-};
-
 struct CudaForwardOptions {
   int64_t max_context_tokens = 4096;  // dense KV cache rows per (layer, KV head)
   int64_t max_prefill_tokens = 512;   // tokens per prefill chunk (scratch rows)
   // Items of one decode_compressed step (<= max_prefill_tokens: the step
   // uses the prefill's scratch rows).
   int64_t max_decode_batch = 64;
+  // Tensor parallelism (weights from shard_host_weights): called after the
+  // attention-output (wo) and MLP-down (w_down) products with their n
+  // partial sums (rows x n_embd floats, device memory) enqueued on the
+  // forward's stream; must leave the ranks' sum in place, enqueued on that
+  // stream (NcclCollective::all_reduce_sum made on CudaForward::stream(),
+  // not synchronous). Empty: a single rank, nothing to reduce.
+  std::function<Status(float* data_dev, size_t n, cudaStream_t stream)> all_reduce;
 };
 
 // The Attention-Gate's weights in device memory, arranged by the layer at
@@ -175,6 +170,8 @@ class CudaForward {
   void reset();
 
   int64_t n_tokens() const;
+  // The stream every call enqueues on (for a collective that must join it).
+  cudaStream_t stream() const;
   const LlamaConfig& config() const;
   const CudaForwardOptions& options() const;
   // Device bytes: weights as the GEMV reads them (a decode step reads all

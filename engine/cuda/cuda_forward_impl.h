@@ -114,6 +114,11 @@ struct CudaForward::Impl {
                        const std::string& name, detail::Matrix& m);
   Status matmul(const detail::Matrix& m, const float* x_in, int64_t n, float* y);
   Status run_layer(int64_t l, int64_t n, bool decode, int64_t past);
+  // Tensor parallelism: the ranks' sum of n rows of partial products.
+  Status reduce(float* rows_dev, int64_t n) {
+    if (!opt.all_reduce) return Status();
+    return opt.all_reduce(rows_dev, static_cast<size_t>(n * c.n_embd), s());
+  }
   Status final_logits(int64_t row, int32_t next_pos);
   Status enqueue_decode_step();
   Status check_usable() const;
