@@ -20,7 +20,7 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
   # NCCL (tensor parallelism's collective) where its header is installed.
   nccl=OFF
   targets=(kvgate_engine_cuda kvgate_engine_cuda_forward cuda_conformance_test cuda_forward_test
-           cuda_gate_test staging_cuda_test kvgate_engine_cuda_bench)
+           cuda_gate_test staging_cuda_test cuda_prefill_test kvgate_engine_cuda_bench)
   if [[ -f /usr/local/cuda/include/nccl.h || -f /usr/include/nccl.h ]]; then
     nccl=ON
     targets+=(kvgate_engine_tp_nccl cuda_tp_test)

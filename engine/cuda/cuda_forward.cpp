@@ -287,6 +287,7 @@ Status CudaForward::Impl::run_layer(int64_t l, int64_t n, bool decode, int64_t p
   const Layer& w = layers[l];
   const int32_t* pos = decode ? step_pos() : positions.as<int32_t>();
   KVGATE_RETURN_IF_ERROR(rms_norm(f(x), f(w.attn_norm), f(xn), n, c.n_embd, c.rms_eps, s()));
+  if (!decode && prefill_observer) KVGATE_RETURN_IF_ERROR(prefill_observer(l, f(xn), n, past, s()));
   KVGATE_RETURN_IF_ERROR(matmul(w.wq, f(xn), n, f(q)));
   KVGATE_RETURN_IF_ERROR(matmul(w.wk, f(xn), n, f(k)));
   KVGATE_RETURN_IF_ERROR(matmul(w.wv, f(xn), n, f(v)));
@@ -533,6 +534,28 @@ void CudaForward::reset() {
 int64_t CudaForward::n_tokens() const {
   return impl_->n_tokens;
 }
+void CudaForward::set_prefill_observer(PrefillObserver observer) {
+  impl_->prefill_observer = std::move(observer);
+}
+
+Status CudaForward::download_kv(std::vector<uint16_t>& out) {
+  Impl& m = *impl_;
+  const LlamaConfig& c = m.c;
+  KVGATE_RETURN_IF_ERROR(m.check_usable());
+  const auto n = static_cast<size_t>(m.n_tokens);
+  const auto hd = static_cast<size_t>(c.head_dim);
+  const auto planes = static_cast<size_t>(c.n_layers * 2 * c.n_kv_heads);
+  out.resize(planes * n * hd);
+  if (n == 0) return Status();
+  // Each (layer, K|V, head) plane holds max_context rows; take the first n.
+  KVGATE_RETURN_IF_ERROR(cuda_status(
+      cudaMemcpy2DAsync(out.data(), n * hd * 2, m.kv.data(),
+                        static_cast<size_t>(m.opt.max_context_tokens) * hd * 2, n * hd * 2, planes,
+                        cudaMemcpyDeviceToHost, m.s()),
+      "KV download"));
+  return m.stream.synchronize();
+}
+
 cudaStream_t CudaForward::stream() const {
   return impl_->s();
 }

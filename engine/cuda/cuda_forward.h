@@ -104,6 +104,14 @@ class CudaGateWeights {
 // list) — a device page pool's flush. Must not synchronize the stream.
 using PageFlush = std::function<Status(cudaStream_t stream)>;
 
+// Prefill only: called for each layer of each prefill chunk right after
+// the layer's attention RMSNorm, with the chunk's normalized input (n_rows
+// x n_embd floats, device memory) at positions [first_pos, first_pos +
+// n_rows) — what a CPU LayerInputObserver sees. Must only enqueue work on
+// `stream` (the gate's projections, CudaGatePrefill::observe).
+using PrefillObserver = std::function<Status(int64_t layer, const float* xn_dev, int64_t n_rows,
+                                             int64_t first_pos, cudaStream_t stream)>;
+
 class CudaForward {
  public:
   // Uploads the weights and allocates every buffer. Layer matrices must be
@@ -142,6 +150,14 @@ class CudaForward {
   Status decode_compressed(std::span<const CompressedItem> items, float* logits_out,
                            const PageFlush& flush, const CudaGateWeights* gate = nullptr,
                            const GateDecision& decision = {});
+
+  // Sets (or, empty, clears) the prefill observer.
+  void set_prefill_observer(PrefillObserver observer);
+
+  // The dense cache's K and V of positions [0, n_tokens()) as
+  // [layer][K|V][kv_head][n_tokens()][head_dim] fp16 in `out` (resized);
+  // waits for the stream. For building a compressed cache on the host.
+  Status download_kv(std::vector<uint16_t>& out);
 
   // Captures one decode step into a CUDA graph (replaces an earlier one).
   // Enqueues nothing and leaves the cache and n_tokens() as they are.

@@ -125,6 +125,8 @@ struct CudaForward::Impl {
   Status begin_decode(int32_t token);
   Status finish(Status st, float* logits_out);
 
+  PrefillObserver prefill_observer;
+
   // The compressed decode step (cuda_forward_compressed.cpp).
   int sm_count = 0;
   CompressedScratch cz;
