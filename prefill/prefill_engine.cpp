@@ -60,10 +60,20 @@ struct PrefillEngine::JobRun {
   std::optional<Status> decode_error;
 };
 
-PrefillEngine::PrefillEngine(engine::CpuForward& forward, transport::Transport& transport,
+PrefillCompute PrefillCompute::cpu(engine::CpuForward& forward) {
+  PrefillCompute c;
+  c.config = forward.model().config();
+  c.run = [&forward](std::span<engine::CompressedPrefillJob> jobs,
+                     const std::function<Status(int64_t)>& on_layer) {
+    return engine::prefill_compressed_batch(forward, jobs, on_layer);
+  };
+  return c;
+}
+
+PrefillEngine::PrefillEngine(PrefillCompute compute, transport::Transport& transport,
                              JobQueue& queue, ControlLinks& links, PrefillMetrics& metrics,
                              EngineSettings settings)
-    : forward_(forward),
+    : compute_(std::move(compute)),
       transport_(transport),
       queue_(queue),
       links_(links),
@@ -265,7 +275,7 @@ bool PrefillEngine::start(JobRun& run) {
   run.granted = j.granted_bytes;
   run.grant = j.pool_descriptor;
   run.transfer = transport::TransferId(j.lease_id.value());
-  run.logits.resize(static_cast<size_t>(forward_.model().config().n_vocab));
+  run.logits.resize(static_cast<size_t>(compute_.config.n_vocab));
   const auto n = static_cast<int64_t>(j.prompt_token_ids.size());
   // A pool per job, sized for this prompt under this policy: the arena is
   // uninitialized memory, so its size costs nothing until pages are used,
@@ -414,9 +424,10 @@ void PrefillEngine::run_batch(std::vector<QueuedJob>& jobs) {
     log::info("prefill batch", {{"jobs", in_batch.size()}, {"prompt_tokens", tokens}});
     const auto t0 = Clock::now();
     in_prefill_ = true;
-    auto results = engine::prefill_compressed_batch(
-        forward_, batch, [this, last = forward_.model().config().n_layers - 1](int64_t layer) {
-          // Segments of the last layer ship after the prefill's compute.
+    auto results = compute_.run(
+        batch, [this, last = compute_.config.n_layers - 1](int64_t layer) {
+          // Segments of the last layer ship after the prefill's compute
+          // (the GPU form reports layer -1 between jobs: still computing).
           if (layer + 1 == last) in_prefill_ = false;
           return between_layers();
         });

@@ -33,6 +33,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -44,6 +45,7 @@
 #include "common/control_protocol.h"
 #include "common/status.h"
 #include "engine/model.h"
+#include "engine/policy_cache.h"
 #include "kvstore/compressed_cache.h"
 #include "kvstore/page_pool.h"
 #include "prefill/job_queue.h"
@@ -75,11 +77,26 @@ struct EngineSettings {
   int64_t max_batch_tokens = 16384;  // prefill.max_batch_tokens
 };
 
+// The compute a PrefillEngine drives: the model's shapes and one batch
+// prefill with engine::prefill_compressed_batch's contract — on a
+// CpuForward (cpu()), or on the GPU (prefill_node.cpp, engine.backend
+// cuda: engine::cuda::prefill_compressed_batch_cuda). `run` is called on
+// the engine thread only.
+struct PrefillCompute {
+  using BatchFn = std::function<Result<std::vector<Result<engine::CompressedPrefill>>>(
+      std::span<engine::CompressedPrefillJob> jobs,
+      const std::function<Status(int64_t layer)>& on_layer)>;
+  engine::LlamaConfig config;
+  BatchFn run;
+  // `forward` must outlive the engine.
+  static PrefillCompute cpu(engine::CpuForward& forward);
+};
+
 class PrefillEngine {
  public:
   // Everything is borrowed and must outlive the engine; `transport` is
   // owned by the thread that calls run() from then on.
-  PrefillEngine(engine::CpuForward& forward, transport::Transport& transport, JobQueue& queue,
+  PrefillEngine(PrefillCompute compute, transport::Transport& transport, JobQueue& queue,
                 ControlLinks& links, PrefillMetrics& metrics, EngineSettings settings);
   ~PrefillEngine();
 
@@ -116,7 +133,7 @@ class PrefillEngine {
   Status wait_decode_link(const JobRun& run, Clock::time_point deadline);
   Status extend(JobRun& run, int64_t needed_bytes);
 
-  engine::CpuForward& forward_;
+  PrefillCompute compute_;
   transport::Transport& transport_;
   JobQueue& queue_;
   ControlLinks& links_;

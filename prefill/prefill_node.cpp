@@ -7,6 +7,7 @@
 #include <prometheus/exposer.h>
 #include <prometheus/registry.h>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -33,6 +34,10 @@
 #include "prefill/metrics.h"
 #include "prefill/prefill_engine.h"
 #include "transport/transport.h"
+
+#if KVGATE_HAVE_CUDA
+#include "engine/cuda/cuda_prefill.h"
+#endif
 
 namespace kvgate::prefill {
 
@@ -132,6 +137,10 @@ class PrefillNode::Impl final : public ControlLinks {
   void accept_job(const ConnectionPtr& conn, int coordinator, control::PrefillJob job);
   void on_cancel(const control::Cancel& cancel);
   void update_queue_gauges();
+  // engine.backend: cuda — the model on the GPU (CudaForward), prefills
+  // through prefill_compressed_batch_cuda; UNIMPLEMENTED in a build
+  // without the CUDA backend.
+  Result<PrefillCompute> cuda_compute();
 
   const NodeConfig config_;
   // Declared first: destroyed last, after everything that posts to it.
@@ -140,6 +149,9 @@ class PrefillNode::Impl final : public ControlLinks {
   std::shared_ptr<const engine::LlamaModel> model_;
   std::shared_ptr<const engine::GateModel> gate_;
   std::unique_ptr<engine::CpuForward> forward_;
+#if KVGATE_HAVE_CUDA
+  std::unique_ptr<engine::cuda::CudaForward> cuda_forward_;  // engine.backend: cuda
+#endif
   std::unique_ptr<transport::Transport> transport_;
   JobQueue queue_;
   JobLimits limits_;
@@ -209,7 +221,13 @@ Status PrefillNode::Impl::init(PrefillResources resources) {
   KVGATE_ASSIGN_OR_RETURN(fo.isa, isa_of(config_.engine.isa));
   fo.max_batch_tokens = std::max<int64_t>(
       1, std::min(config_.engine.max_batch_tokens, config_.prefill.chunk_tokens));
-  forward_ = std::make_unique<engine::CpuForward>(*model_, fo);
+  PrefillCompute compute;
+  if (config_.engine.backend == EngineBackend::kCuda) {
+    KVGATE_ASSIGN_OR_RETURN(compute, cuda_compute());
+  } else {
+    forward_ = std::make_unique<engine::CpuForward>(*model_, fo);
+    compute = PrefillCompute::cpu(*forward_);
+  }
 
   // Transport: send-only (no region to register).
   transport::TransportOptions to;
@@ -274,7 +292,7 @@ Status PrefillNode::Impl::init(PrefillResources resources) {
   }
 
   engine_ = std::make_unique<PrefillEngine>(
-      *forward_, *transport_, queue_, *this, *metrics_,
+      std::move(compute), *transport_, queue_, *this, *metrics_,
       EngineSettings{limits_.page_bytes, config_.transport.transfer_deadline,
                      transport::TransportOptions{}.quiesce_timeout, config_.prefill.max_batch_jobs,
                      config_.prefill.max_batch_tokens});
@@ -323,6 +341,41 @@ control::Hello PrefillNode::Impl::make_hello() const {
 }
 
 // ------------------------------------------------------------------- stop
+
+Result<PrefillCompute> PrefillNode::Impl::cuda_compute() {
+#if KVGATE_HAVE_CUDA
+  engine::cuda::CudaForwardOptions co;
+  // The forward's dense cache holds one prompt at a time.
+  co.max_context_tokens = limits_.max_context_tokens;
+  co.max_prefill_tokens = std::clamp<int64_t>(config_.prefill.chunk_tokens, 1, co.max_context_tokens);
+  co.max_decode_batch = std::min<int64_t>(co.max_decode_batch, co.max_prefill_tokens);
+  auto forward = engine::cuda::CudaForward::create(engine::cuda::HostWeights::of(*model_), co);
+  if (!forward.ok()) {
+    return Status(forward.status().code(), "engine.backend: cuda: " + forward.status().message());
+  }
+  cuda_forward_ = std::move(*forward);
+  log::info("prefill engine on the GPU",
+            {{"backend", "cuda"},
+             {"max_context_tokens", co.max_context_tokens},
+             {"chunk_tokens", co.max_prefill_tokens},
+             {"weight_bytes", static_cast<int64_t>(cuda_forward_->gemv_weight_bytes() +
+                                                   cuda_forward_->gemm_weight_bytes())},
+             // The compressed cache is built in host pages from the
+             // downloaded K/V and shipped from there.
+             {"kv_path", "device K/V -> host pages -> transport"}});
+  PrefillCompute c;
+  c.config = model_->config();
+  c.run = [f = cuda_forward_.get()](std::span<engine::CompressedPrefillJob> jobs,
+                                    const std::function<Status(int64_t)>& on_layer) {
+    return engine::cuda::prefill_compressed_batch_cuda(*f, jobs, on_layer);
+  };
+  return c;
+#else
+  return unimplemented(
+      "engine.backend: cuda: this build has no CUDA backend (configure with -DKVGATE_CUDA=ON "
+      "on a machine with the CUDA toolkit)");
+#endif
+}
 
 void PrefillNode::Impl::stop() {
   if (stopped_) return;

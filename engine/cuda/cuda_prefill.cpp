@@ -10,6 +10,7 @@
 #include "engine/cuda/device_buffer.h"
 #include "engine/cuda/gate_plan.h"
 #include "engine/kv_policy.h"
+#include "kvstore/wire_image.h"
 
 namespace kvgate::engine::cuda {
 namespace {
@@ -253,6 +254,35 @@ Result<CompressedPrefill> prefill_compressed_cuda(CudaForward& forward,
                           kvstore::CompressedKvCache::build_from_dense(plan->layout, pool, T, dense,
                                                                        flags, dense_gate));
   return CompressedPrefill{std::move(cache), prefill_seconds, seconds_since(t1)};
+}
+
+Result<std::vector<Result<CompressedPrefill>>> prefill_compressed_batch_cuda(
+    CudaForward& forward, std::span<CompressedPrefillJob> jobs,
+    const std::function<Status(int64_t layer)>& on_layer) {
+  if (jobs.empty()) return invalid_argument("no prefill jobs");
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (!jobs[i].plan) return invalid_argument("prefill job " + str(static_cast<int64_t>(i)) + " has no KV policy");
+    if (jobs[i].pool == nullptr) {
+      return invalid_argument("prefill job " + str(static_cast<int64_t>(i)) + " has no page pool");
+    }
+  }
+  std::vector<Result<CompressedPrefill>> out;
+  out.reserve(jobs.size());
+  for (CompressedPrefillJob& job : jobs) {
+    auto done = prefill_compressed_cuda(forward, job.plan, job.tokens, job.pool, job.logits);
+    if (done.ok() && job.on_segment) {
+      const auto groups = kvstore::wire_slot_groups(job.plan->layout);
+      for (size_t g = 0; g < groups.size() && done.ok(); ++g) {
+        auto pages = kvstore::wire_group_pages(done->cache, groups[g]);
+        Status st = pages.ok() ? job.on_segment(static_cast<int64_t>(g), groups[g], *pages)
+                               : pages.status();
+        if (!st.ok()) done = st;
+      }
+    }
+    out.push_back(std::move(done));
+    if (on_layer) KVGATE_RETURN_IF_ERROR(on_layer(-1));
+  }
+  return out;
 }
 
 }  // namespace kvgate::engine::cuda

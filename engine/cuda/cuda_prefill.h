@@ -80,4 +80,16 @@ Result<CompressedPrefill> prefill_compressed_cuda(CudaForward& forward,
                                                   kvstore::PageSource* pool,
                                                   std::span<float> logits);
 
+// engine::prefill_compressed_batch's contract on the GPU, for the prefill
+// node: the jobs run one after another (each prefill_compressed_cuda into
+// its own pool); after each job, its wire segments are handed to
+// on_segment in wire order (the cache is complete by then, so the transfer
+// overlaps the next job's prefill rather than the job's own layers), then
+// on_layer(-1) runs (the node moves its transport and checks cancels). A
+// job's error fails that job only; the outer error is on_layer's or bad
+// arguments (no jobs, a job without plan or pool).
+Result<std::vector<Result<CompressedPrefill>>> prefill_compressed_batch_cuda(
+    CudaForward& forward, std::span<CompressedPrefillJob> jobs,
+    const std::function<Status(int64_t layer)>& on_layer = {});
+
 }  // namespace kvgate::engine::cuda

@@ -7,6 +7,10 @@
 // pages with adopt_wire_image and decodes on, against a local prefill.
 #include <gtest/gtest.h>
 
+#if KVGATE_HAVE_CUDA
+#include "engine/cuda/device_buffer.h"
+#endif
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -742,6 +746,31 @@ TEST_F(PrefillNodeTest, ServesMetricsOverHttp) {
             std::string::npos)
       << body.substr(0, 2000);
   EXPECT_NE(body.find("kvgate_prefill_transfer_failures_total"), std::string::npos);
+}
+
+// engine.backend: cuda runs the prefill on the GPU (CudaForward +
+// prefill_compressed_batch_cuda). Where it cannot (this build has no CUDA
+// backend, or the machine no device) the node refuses to start, naming the
+// key and why — it never falls back to the CPU silently.
+TEST_F(PrefillNodeTest, CudaBackendWithoutAGpuRefusesToStartNamingTheKey) {
+  NodeConfig c = config();
+  c.engine.backend = EngineBackend::kCuda;
+  PrefillResources r;
+  r.model = borrowed(model_->model.get());
+  r.gate_given = true;
+  auto node = PrefillNode::start(c, r);
+  ASSERT_FALSE(node.ok());
+  EXPECT_NE(node.status().message().find("engine.backend: cuda"), std::string::npos)
+      << node.status().to_string();
+#if KVGATE_HAVE_CUDA
+  // A CUDA build on a machine without a device: UNAVAILABLE from the forward.
+  if (engine::cuda::device_count() == 0) {
+    EXPECT_EQ(node.status().code(), StatusCode::kUnavailable);
+  }
+#else
+  EXPECT_EQ(node.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(node.status().message().find("-DKVGATE_CUDA=ON"), std::string::npos);
+#endif
 }
 
 }  // namespace
