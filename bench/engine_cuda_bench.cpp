@@ -229,16 +229,52 @@ double prefill_flops(const LlamaConfig& c, int64_t n) {
   return dense + attn;
 }
 
-// printf into a std::string (the --json report; numbers and plain names only).
+// ---- the --json report (numbers and plain names: no escaping needed; the
+// header comment has the layout) ----
 template <typename... Args>
-void append(std::string& out, const char* fmt, Args... args) {
+std::string format(const char* fmt, Args... args) {
   char buf[512];
   std::snprintf(buf, sizeof(buf), fmt, args...);
-  out += buf;
+  return buf;
 }
 
-// Benchmarks one model; its JSON object ("config", "prefill", "decode") is
-// appended to `js`.
+std::string json_object(const std::vector<std::string>& members) {
+  std::string out = "{";
+  for (size_t i = 0; i < members.size(); ++i) out += (i ? ", " : "") + members[i];
+  return out + "}";
+}
+
+std::string json_config(const LlamaConfig& c, const std::string& weight_type,
+                        int64_t gemv_weight_bytes) {
+  return format(
+      "\"config\": {\"n_layers\": %lld, \"n_embd\": %lld, \"n_ff\": %lld, \"n_heads\": %lld, "
+      "\"n_kv_heads\": %lld, \"head_dim\": %lld, \"n_vocab\": %lld, \"weight_type\": \"%s\", "
+      "\"gemv_weight_bytes\": %lld}",
+      (long long)c.n_layers, (long long)c.n_embd, (long long)c.n_ff, (long long)c.n_heads,
+      (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.n_vocab, weight_type.c_str(),
+      (long long)gemv_weight_bytes);
+}
+
+std::string json_prefill(int64_t n, double seconds, double flops, double peak_tflops) {
+  const double tflops = flops / seconds / 1e12;
+  return format(
+      "\"%lld\": {\"ms\": %.4f, \"tokens_per_s\": %.2f, \"flops\": %.6e, \"tflops\": %.3f, "
+      "\"fraction\": %.5f}",
+      (long long)n, seconds * 1e3, n / seconds, flops, tflops, tflops / peak_tflops);
+}
+
+std::string json_decode(const char* mode, int64_t context, int64_t steps, double step_s,
+                        double bytes_per_step, double peak_gbps) {
+  const double gbps = bytes_per_step / step_s / 1e9;
+  return format(
+      "\"%s\": {\"batch\": 1, \"context\": %lld, \"steps\": %lld, \"ms_per_token\": %.5f, "
+      "\"tokens_per_s\": %.3f, \"bytes_per_step\": %.6e, \"gbps\": %.3f, \"fraction\": %.5f}",
+      mode, (long long)context, (long long)steps, step_s * 1e3, 1.0 / step_s, bytes_per_step, gbps,
+      gbps / peak_gbps);
+}
+
+// Benchmarks one model; its JSON object ({"config", "prefill", "decode"})
+// goes to `js`.
 int bench_model(const std::string& name, const HostWeights& w, const Flags& f, std::string& js) {
   const LlamaConfig& c = w.config;
   const int64_t max_prefill = *std::max_element(f.prefill.begin(), f.prefill.end());
@@ -279,13 +315,7 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f, s
       fwd.gemv_weight_bytes() / 1e9, fwd.gemm_weight_bytes() / 1e9, fwd.kv_cache_bytes() / 1e9);
   const auto traits = ggml_type_traits(static_cast<uint32_t>(w.layers[0].wq.type));
   const std::string type_name = traits ? std::string(traits->name) : "unknown";
-  append(js,
-         "{\"config\": {\"n_layers\": %lld, \"n_embd\": %lld, \"n_ff\": %lld, \"n_heads\": "
-         "%lld, \"n_kv_heads\": %lld, \"head_dim\": %lld, \"n_vocab\": %lld, \"weight_type\": "
-         "\"%s\", \"gemv_weight_bytes\": %lld}, \"prefill\": {",
-         (long long)c.n_layers, (long long)c.n_embd, (long long)c.n_ff, (long long)c.n_heads,
-         (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.n_vocab,
-         type_name.c_str(), (long long)fwd.gemv_weight_bytes());
+  std::vector<std::string> prefill_js, decode_js;
 
   std::vector<int32_t> prompt(static_cast<size_t>(o.max_context_tokens));
   for (size_t i = 0; i < prompt.size(); ++i) {
@@ -310,13 +340,8 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f, s
         "%s prefill %6lld tokens: %8.2f ms  %10.0f tok/s  %7.1f TFLOP/s  (%.1f%% of %.0f)\n",
         name.c_str(), (long long)n, best * 1e3, n / best, tflops, 100.0 * tflops / f.peak_tflops,
         f.peak_tflops);
-    append(js,
-           "%s\"%lld\": {\"ms\": %.4f, \"tokens_per_s\": %.2f, \"flops\": %.6e, \"tflops\": "
-           "%.3f, \"fraction\": %.5f}",
-           n == f.prefill.front() ? "" : ", ", (long long)n, best * 1e3, n / best,
-           prefill_flops(c, n), tflops, tflops / f.peak_tflops);
+    prefill_js.push_back(json_prefill(n, best, prefill_flops(c, n), f.peak_tflops));
   }
-  js += "}, \"decode\": {";
 
   // Decode at batch 1 after a prompt of decode_context tokens: plain steps
   // (host token each step, waiting for it) and graph steps fed on device.
@@ -348,15 +373,12 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f, s
         "%.0f)\n",
         name.c_str(), mode == 0 ? "plain" : "graph", (long long)f.decode_context, step * 1e3,
         1.0 / step, gbps, 100.0 * gbps / f.peak_gbps, f.peak_gbps);
-    append(js,
-           "%s\"%s\": {\"batch\": 1, \"context\": %lld, \"steps\": %lld, \"ms_per_token\": "
-           "%.5f, \"tokens_per_s\": %.3f, \"bytes_per_step\": %.6e, \"gbps\": %.3f, "
-           "\"fraction\": %.5f}",
-           mode == 0 ? "" : ", ", mode == 0 ? "plain" : "graph", (long long)f.decode_context,
-           (long long)f.decode_steps, step * 1e3, 1.0 / step, bytes_per_step, gbps,
-           gbps / f.peak_gbps);
+    decode_js.push_back(json_decode(mode == 0 ? "plain" : "graph", f.decode_context,
+                                    f.decode_steps, step, bytes_per_step, f.peak_gbps));
   }
-  js += "}}";
+  js = json_object({json_config(c, type_name, fwd.gemv_weight_bytes()),
+                    "\"prefill\": " + json_object(prefill_js),
+                    "\"decode\": " + json_object(decode_js)});
   return 0;
 }
 
@@ -368,11 +390,11 @@ int run(int argc, char** argv) {
     return 1;
   }
   int rc = 0;
-  std::string js;  // "NAME": {...}, ... for --json
+  std::vector<std::string> models_js;  // "NAME": {...} for --json
   auto run_one = [&](const std::string& name, const HostWeights& w) {
     std::string one;
     const int r = bench_model(name, w, f, one);
-    if (r == 0) append(js, "%s\"%s\": ", js.empty() ? "" : ", ", name.c_str()), js += one;
+    if (r == 0) models_js.push_back("\"" + name + "\": " + one);
     return r;
   };
   for (const std::string& which : [&] {
@@ -417,8 +439,8 @@ int run(int argc, char** argv) {
       std::fprintf(stderr, "cannot write %s: %s\n", f.json_out.c_str(), std::strerror(errno));
       return 1;
     }
-    std::fprintf(out, "{\"peak_tflops\": %.1f, \"peak_gbps\": %.1f, \"models\": {%s}}\n",
-                 f.peak_tflops, f.peak_gbps, js.c_str());
+    std::fprintf(out, "{\"peak_tflops\": %.1f, \"peak_gbps\": %.1f, \"models\": %s}\n",
+                 f.peak_tflops, f.peak_gbps, json_object(models_js).c_str());
     if (std::fclose(out) != 0) {
       std::fprintf(stderr, "cannot write %s\n", f.json_out.c_str());
       return 1;
