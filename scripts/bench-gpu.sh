@@ -171,11 +171,12 @@ for m in "${model_list[@]}"; do
 done
 
 # ---- 4. the table ----
-if ((${#kv_json[@]})); then
+if ((${#kv_json[@]} + ${#peers[@]})); then
   python3 "${root}/tools/gpu_bench_table.py" --kvgate "${kv_json[@]}" --llama "${peers[@]}" \
+    --peak-tflops "${peak_tflops}" --peak-gbps "${peak_gbps}" \
     --out "${out}/summary.json" | tee "${out}/table.txt" || failed+=("table")
 else
-  say "no kvgate results: no table"
+  say "no results from either engine: no table"
 fi
 if ((${#failed[@]})); then
   say "failed steps: ${failed[*]}"

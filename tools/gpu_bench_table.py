@@ -12,7 +12,9 @@ of peak), with kvgate / llama.cpp. llama.cpp's TFLOP/s and GB/s are its
 tokens/s times kvgate's FLOP and byte counts for the same work (the same
 model and lengths), so the two columns compare like with like. kvgate has
 batch-1 decode only (CudaForward decodes one sequence); its batch-8/64
-cells are "n/a". Prints the table on stdout; --out writes the rows as JSON.
+cells are "n/a". A model with llama.cpp figures but no kvgate file (kvgate
+failed on it) still gets its rows, with tokens/s only (the rates need
+kvgate's counts). Prints the table on stdout; --out writes the rows as JSON.
 """
 import argparse
 import json
@@ -34,8 +36,13 @@ def build_rows(kvgate, peers, batches=(1, 8, 64)):
     ratio); a side missing a figure has None there and no ratio."""
     peak_tf, peak_gb = kvgate["peak_tflops"], kvgate["peak_gbps"]
     rows = []
-    for name, m in kvgate["models"].items():
+    names = list(kvgate["models"]) + [n for n in peers if n not in kvgate["models"]]
+    for name in names:
         peer = peers.get(name, {})
+        m = kvgate["models"].get(name)
+        if m is None:
+            rows += _llama_only_rows(name, peer, batches)
+            continue
         cfg = m["config"]
         for n, p in m["prefill"].items():
             lp = peer.get("prefill", {}).get(n)
@@ -73,6 +80,20 @@ def build_rows(kvgate, peers, batches=(1, 8, 64)):
     return rows
 
 
+def _llama_only_rows(name, peer, batches):
+    rows = []
+    metrics = [(f"prefill {n}", p) for n, p in peer.get("prefill", {}).items()]
+    metrics += [(f"decode b{b}", peer.get("decode", {}).get(str(b))) for b in batches]
+    for metric, lp in metrics:
+        rows.append({
+            "model": name, "metric": metric, "unit": None, "kvgate_tokens_per_s": None,
+            "kvgate_rate": None, "kvgate_fraction": None,
+            "llama_tokens_per_s": lp["tokens_per_s"] if lp else None, "llama_rate": None,
+            "llama_fraction": None, "llama_config": None, "ratio": None,
+        })
+    return rows
+
+
 def _f(v, fmt):
     return "n/a" if v is None else format(v, fmt)
 
@@ -96,11 +117,17 @@ def format_table(rows, peak_tflops, peak_gbps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kvgate", nargs="+", required=True, help="kvgate_engine_cuda_bench --json files")
+    ap.add_argument("--kvgate", nargs="*", default=[], help="kvgate_engine_cuda_bench --json files")
+    ap.add_argument("--peak-tflops", type=float, help="when no kvgate file gives the peaks")
+    ap.add_argument("--peak-gbps", type=float)
     ap.add_argument("--llama", nargs="*", default=[], help="NAME=peer.json (NAME as in kvgate's models)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     merged = None
+    if not args.kvgate:
+        if args.peak_tflops is None or args.peak_gbps is None:
+            sys.exit("without --kvgate files, --peak-tflops and --peak-gbps are needed")
+        merged = {"peak_tflops": args.peak_tflops, "peak_gbps": args.peak_gbps, "models": {}}
     for path in args.kvgate:
         with open(path) as fh:
             k = json.load(fh)

@@ -319,12 +319,48 @@ class Table(unittest.TestCase):
         self.assertIn("1.25x", text)
         self.assertIn("n/a", text)
 
+    def test_model_kvgate_failed_on_keeps_llama_rows(self):
+        llama = {"prefill": {"512": {"tokens_per_s": 10240.0}},
+                 "decode": {"1": {"tokens_per_s": 90.0}, "64": {"tokens_per_s": 900.0}}}
+        rows = table.build_rows(kvgate_json(), {"smollm2": llama})
+        other = {r["metric"]: r for r in rows if r["model"] == "smollm2"}
+        self.assertEqual(set(other), {"prefill 512", "decode b1", "decode b8", "decode b64"})
+        self.assertEqual(other["decode b64"]["llama_tokens_per_s"], 900.0)
+        self.assertIsNone(other["decode b8"]["llama_tokens_per_s"])
+        self.assertIsNone(other["prefill 512"]["ratio"])
+        self.assertIsNone(other["prefill 512"]["kvgate_tokens_per_s"])
+        # No kvgate file at all: the peaks come from the flags.
+        d = tempfile.mkdtemp(prefix="kvgate_table_test_")
+        try:
+            path = os.path.join(d, "p.json")
+            with open(path, "w") as fh:
+                json.dump(llama, fh)
+            out = io.StringIO()
+            old = sys.stdout
+            sys.stdout = out
+            try:
+                table.main(["--llama", f"smollm2={path}", "--peak-tflops", "989", "--peak-gbps", "3350"])
+            finally:
+                sys.stdout = old
+            self.assertIn("10240.0", out.getvalue())
+            self.assertIn("989 TFLOP/s", out.getvalue())
+            with self.assertRaises(SystemExit):
+                table.main(["--llama", f"smollm2={path}"])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
 
 class DriverScript(unittest.TestCase):
     """scripts/bench-gpu.sh with --skip-build, fakes for nvidia-smi, the
     kvgate binaries and llama.cpp's: the plumbing from flags to table."""
 
     def test_end_to_end_with_fakes(self):
+        self.run_driver(kvgate_fails=False)
+
+    def test_kvgate_failure_still_gives_llama_rows(self):
+        self.run_driver(kvgate_fails=True)
+
+    def run_driver(self, kvgate_fails):
         d = tempfile.mkdtemp(prefix="kvgate_bench_gpu_test_")
         try:
             fakebin, kvbin, lbin, out = (os.path.join(d, x) for x in ("path", "kv", "llama", "out"))
@@ -338,8 +374,9 @@ class DriverScript(unittest.TestCase):
                 """))
             _exe(os.path.join(kvbin, "kvgate_engine_cuda_bench"), textwrap.dedent(f"""\
                 #!/usr/bin/env python3
-                import json, sys
+                import json, os, sys
                 a = sys.argv
+                if os.environ.get("FAKE_KVGATE_FAIL"): sys.exit("create: out of memory")
                 with open({os.path.join(d, 'kv_argv.log')!r}, "a") as fh: fh.write(json.dumps(a[1:]) + "\\n")
                 j = {json.dumps(kvgate_json("NAME"))}
                 j["models"] = {{a[a.index("--name") + 1]: j["models"]["NAME"]}}
@@ -354,13 +391,23 @@ class DriverScript(unittest.TestCase):
             env = dict(os.environ, PATH=fakebin + os.pathsep + os.environ["PATH"],
                        FAKE_LOG=os.path.join(d, "argv.log"),
                        FAKE_TEMPLATE=os.path.join(DATA, "llama_bench_readme.json"))
+            if kvgate_fails:
+                env["FAKE_KVGATE_FAIL"] = "1"
             p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "bench-gpu.sh"), "--skip-build",
                                 "--kvgate-bin", kvbin, "--llama-bin", lbin, "--out", out,
                                 "--synthetic", synth, "--reps", "1", "--models", "llama3-8b"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                timeout=120)
-            self.assertEqual(p.returncode, 0, p.stderr[-3000:])
             self.assertTrue(os.path.exists(synth))  # made because it was missing
+            if kvgate_fails:
+                self.assertEqual(p.returncode, 1, p.stderr[-3000:])
+                self.assertIn("failed steps: kvgate llama3-8b", p.stderr)
+                rows = {r["metric"]: r for r in
+                        json.loads(_slurp(os.path.join(out, "summary.json")))["rows"]}
+                self.assertAlmostEqual(rows["prefill 512"]["llama_tokens_per_s"], 512012.048)
+                self.assertIsNone(rows["prefill 512"]["kvgate_tokens_per_s"])
+                return
+            self.assertEqual(p.returncode, 0, p.stderr[-3000:])
             kv_argv = json.loads(_slurp(os.path.join(d, "kv_argv.log")).splitlines()[0])
             for flag, val in (("--model-file", synth), ("--name", "llama3-8b"), ("--peak-tflops", "989"),
                               ("--peak-gbps", "3350"), ("--decode-steps", "128"),
