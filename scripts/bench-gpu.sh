@@ -10,6 +10,7 @@
 #       [--arch 90] [--jobs N] [--models smollm2,llama3-8b]
 #       [--peak-tflops T --peak-gbps G] [--reps N] [--gen 128]
 #       [--decode-context 512] [--prefill 512,4096] [--synthetic FILE]
+#       [--smollm2 FILE]
 #       [--skip-build] [--kvgate-bin DIR] [--llama-bin DIR]
 #
 #   --out DIR         results (default out/gpu-bench-<UTC time>): kvgate_<model>.json,
@@ -21,6 +22,7 @@
 #   --synthetic FILE  the Llama-3-8B-shaped GGUF (default
 #                     .llama-cpp/models/llama3-8b-synthetic-f16.gguf; made
 #                     once, 16 GB, reused)
+#   --smollm2 FILE    default models/SmolLM2-135M-Instruct.Q4_1.gguf
 #   --skip-build      use binaries built before; --kvgate-bin / --llama-bin
 #                     name their folders (default build-cuda-bench and
 #                     .llama-cpp/build-cuda/bin)
@@ -41,6 +43,7 @@ gen=128
 decode_context=512
 prefill=512,4096
 synthetic="${root}/.llama-cpp/models/llama3-8b-synthetic-f16.gguf"
+smollm2="${root}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 skip_build=0
 bk="${root}/build-cuda-bench"
 llama_bin="${root}/.llama-cpp/build-cuda/bin"
@@ -62,10 +65,11 @@ while (($#)); do
     --decode-context) decode_context="$2"; shift 2 ;;
     --prefill) prefill="$2"; shift 2 ;;
     --synthetic) synthetic="$2"; shift 2 ;;
+    --smollm2) smollm2="$2"; shift 2 ;;
     --skip-build) skip_build=1; shift ;;
     --kvgate-bin) bk="$2"; shift 2 ;;
     --llama-bin) llama_bin="$2"; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
@@ -136,7 +140,6 @@ for b in "${bench_bin}" "${synth_bin}" "${llama_bin}/llama-bench" "${llama_bin}/
 done
 
 # ---- 2. models ----
-smollm2="${root}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [[ ",${models}," == *",llama3-8b,"* && ! -s "${synthetic}" ]]; then
   mkdir -p "$(dirname "${synthetic}")"
   step "write the synthetic Llama-3-8B GGUF (16 GB)" "${out}/synthetic.log" \

@@ -388,6 +388,9 @@ class DriverScript(unittest.TestCase):
             for name in ("llama-bench", "llama-batched-bench"):
                 _exe(os.path.join(lbin, name), FAKE_BENCH)
             synth = os.path.join(d, "synth.gguf")
+            smol = os.path.join(d, "smol.gguf")
+            with open(smol, "wb") as fh:
+                fh.write(b"GGUF smollm2")
             env = dict(os.environ, PATH=fakebin + os.pathsep + os.environ["PATH"],
                        FAKE_LOG=os.path.join(d, "argv.log"),
                        FAKE_TEMPLATE=os.path.join(DATA, "llama_bench_readme.json"))
@@ -395,20 +398,24 @@ class DriverScript(unittest.TestCase):
                 env["FAKE_KVGATE_FAIL"] = "1"
             p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "bench-gpu.sh"), "--skip-build",
                                 "--kvgate-bin", kvbin, "--llama-bin", lbin, "--out", out,
-                                "--synthetic", synth, "--reps", "1", "--models", "llama3-8b"],
+                                "--synthetic", synth, "--reps", "1", "--models", "smollm2,llama3-8b",
+                                "--smollm2", smol],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                timeout=120)
             self.assertTrue(os.path.exists(synth))  # made because it was missing
             if kvgate_fails:
                 self.assertEqual(p.returncode, 1, p.stderr[-3000:])
-                self.assertIn("failed steps: kvgate llama3-8b", p.stderr)
+                self.assertIn("failed steps: kvgate smollm2 kvgate llama3-8b", p.stderr)
                 rows = {r["metric"]: r for r in
-                        json.loads(_slurp(os.path.join(out, "summary.json")))["rows"]}
+                        json.loads(_slurp(os.path.join(out, "summary.json")))["rows"]
+                        if r["model"] == "llama3-8b"}
                 self.assertAlmostEqual(rows["prefill 512"]["llama_tokens_per_s"], 512012.048)
                 self.assertIsNone(rows["prefill 512"]["kvgate_tokens_per_s"])
                 return
             self.assertEqual(p.returncode, 0, p.stderr[-3000:])
-            kv_argv = json.loads(_slurp(os.path.join(d, "kv_argv.log")).splitlines()[0])
+            kv_calls = [json.loads(x) for x in _slurp(os.path.join(d, "kv_argv.log")).splitlines()]
+            self.assertEqual([c[c.index("--model-file") + 1] for c in kv_calls], [smol, synth])
+            kv_argv = kv_calls[1]
             for flag, val in (("--model-file", synth), ("--name", "llama3-8b"), ("--peak-tflops", "989"),
                               ("--peak-gbps", "3350"), ("--decode-steps", "128"),
                               ("--decode-context", "512"), ("--prefill", "512,4096")):
@@ -417,7 +424,8 @@ class DriverScript(unittest.TestCase):
             self.assertIn("llama3-8b", text)
             self.assertIn("decode b64", text)
             summary = json.loads(_slurp(os.path.join(out, "summary.json")))
-            rows = {r["metric"]: r for r in summary["rows"]}
+            self.assertEqual({r["model"] for r in summary["rows"]}, {"smollm2", "llama3-8b"})
+            rows = {r["metric"]: r for r in summary["rows"] if r["model"] == "llama3-8b"}
             self.assertEqual(summary["peak_tflops"], 989.0)
             # kvgate fake: 5120 tok/s at 512; llama fake: 1000 x 512 + 10 + 2.048.
             self.assertAlmostEqual(rows["prefill 512"]["ratio"], 5120.0 / 512012.048)
