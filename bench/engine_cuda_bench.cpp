@@ -1,12 +1,22 @@
 // Throughput of CudaForward (engine/cuda/cuda_forward.h) against a device's
 // peak: prefill tokens/s and achieved TFLOP/s at several prompt lengths,
 // decode tokens/s at batch 1 and achieved bandwidth, for SmolLM2-135M (the
-// GGUF file) and for a synthetic model with Llama-3-8B's shapes (random F16
-// weights made in memory).
+// GGUF file), for a synthetic model with Llama-3-8B's shapes (random F16
+// weights made in memory) and for any llama GGUF (--model-file: the GPU
+// benchmark passes the synthetic file tools/make_synthetic_gguf writes, so
+// llama.cpp runs the very same weights; docs/gpu-bench.md).
 //
-//   kvgate_engine_cuda_bench [--model PATH] [--models smollm2,llama3-8b]
+//   kvgate_engine_cuda_bench [--model PATH] [--models smollm2,llama3-8b,file]
+//       [--model-file PATH [--name NAME]] [--json PATH]
 //       [--prefill 512,4096] [--decode-context 512] [--decode-steps 256]
 //       [--peak-tflops 989] [--peak-gbps 3350] [--repeats 3]
+//
+// --model-file alone (no --models) benchmarks just that file, reported
+// under NAME (default: "file"). --json writes every figure as one JSON object
+// {"peak_tflops", "peak_gbps", "models": {NAME: {"config", "prefill":
+// {"N": {"ms", "tokens_per_s", "flops", "tflops", "fraction"}}, "decode":
+// {"plain"|"graph": {"context", "steps", "ms_per_token", "tokens_per_s",
+// "bytes_per_step", "gbps", "fraction"}}}}}.
 //
 // Defaults are an H100 SXM's dense FP16 tensor peak and HBM3 bandwidth.
 // FLOPs counted: 2 x (matrix parameters) per token plus causal attention,
@@ -17,6 +27,7 @@
 // V rows attention reads at that step's context. Results on stdout,
 // progress on stderr. Needs a GPU; exits 1 with the reason otherwise.
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -39,6 +50,10 @@ namespace {
 struct Flags {
   std::string model = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
   std::string models = "smollm2,llama3-8b";
+  bool models_set = false;
+  std::string model_file;
+  std::string name = "file";
+  std::string json_out;
   std::vector<int64_t> prefill = {512, 4096};
   int64_t decode_context = 512;
   int64_t decode_steps = 256;
@@ -73,6 +88,13 @@ bool parse_flags(int argc, char** argv, Flags& f) {
       f.model = v;
     } else if (a == "--models") {
       f.models = v;
+      f.models_set = true;
+    } else if (a == "--model-file") {
+      f.model_file = v;
+    } else if (a == "--name") {
+      f.name = v;
+    } else if (a == "--json") {
+      f.json_out = v;
     } else if (a == "--prefill") {
       f.prefill = parse_list(v);
     } else if (a == "--decode-context") {
@@ -89,6 +111,11 @@ bool parse_flags(int argc, char** argv, Flags& f) {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return false;
     }
+  }
+  if (!f.model_file.empty() && !f.models_set) f.models = "file";
+  if (f.name.empty() || f.name.find_first_of("\"\\") != std::string::npos) {
+    std::fprintf(stderr, "--name must be non-empty, without quotes or backslashes\n");
+    return false;
   }
   for (int64_t n : f.prefill) {
     if (n < 1) {
@@ -202,7 +229,53 @@ double prefill_flops(const LlamaConfig& c, int64_t n) {
   return dense + attn;
 }
 
-int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
+// ---- the --json report (numbers and plain names: no escaping needed; the
+// header comment has the layout) ----
+template <typename... Args>
+std::string format(const char* fmt, Args... args) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf), fmt, args...);
+  return buf;
+}
+
+std::string json_object(const std::vector<std::string>& members) {
+  std::string out = "{";
+  for (size_t i = 0; i < members.size(); ++i) out += (i ? ", " : "") + members[i];
+  return out + "}";
+}
+
+std::string json_config(const LlamaConfig& c, const std::string& weight_type,
+                        int64_t gemv_weight_bytes) {
+  return format(
+      "\"config\": {\"n_layers\": %lld, \"n_embd\": %lld, \"n_ff\": %lld, \"n_heads\": %lld, "
+      "\"n_kv_heads\": %lld, \"head_dim\": %lld, \"n_vocab\": %lld, \"weight_type\": \"%s\", "
+      "\"gemv_weight_bytes\": %lld}",
+      (long long)c.n_layers, (long long)c.n_embd, (long long)c.n_ff, (long long)c.n_heads,
+      (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.n_vocab, weight_type.c_str(),
+      (long long)gemv_weight_bytes);
+}
+
+std::string json_prefill(int64_t n, double seconds, double flops, double peak_tflops) {
+  const double tflops = flops / seconds / 1e12;
+  return format(
+      "\"%lld\": {\"ms\": %.4f, \"tokens_per_s\": %.2f, \"flops\": %.6e, \"tflops\": %.3f, "
+      "\"fraction\": %.5f}",
+      (long long)n, seconds * 1e3, n / seconds, flops, tflops, tflops / peak_tflops);
+}
+
+std::string json_decode(const char* mode, int64_t context, int64_t steps, double step_s,
+                        double bytes_per_step, double peak_gbps) {
+  const double gbps = bytes_per_step / step_s / 1e9;
+  return format(
+      "\"%s\": {\"batch\": 1, \"context\": %lld, \"steps\": %lld, \"ms_per_token\": %.5f, "
+      "\"tokens_per_s\": %.3f, \"bytes_per_step\": %.6e, \"gbps\": %.3f, \"fraction\": %.5f}",
+      mode, (long long)context, (long long)steps, step_s * 1e3, 1.0 / step_s, bytes_per_step, gbps,
+      gbps / peak_gbps);
+}
+
+// Benchmarks one model; its JSON object ({"config", "prefill", "decode"})
+// goes to `js`.
+int bench_model(const std::string& name, const HostWeights& w, const Flags& f, std::string& js) {
   const LlamaConfig& c = w.config;
   const int64_t max_prefill = *std::max_element(f.prefill.begin(), f.prefill.end());
   CudaForwardOptions o;
@@ -240,6 +313,9 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
       name.c_str(), (long long)c.n_layers, (long long)c.n_embd, (long long)c.n_ff,
       (long long)c.n_heads, (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.n_vocab,
       fwd.gemv_weight_bytes() / 1e9, fwd.gemm_weight_bytes() / 1e9, fwd.kv_cache_bytes() / 1e9);
+  const auto traits = ggml_type_traits(static_cast<uint32_t>(w.layers[0].wq.type));
+  const std::string type_name = traits ? std::string(traits->name) : "unknown";
+  std::vector<std::string> prefill_js, decode_js;
 
   std::vector<int32_t> prompt(static_cast<size_t>(o.max_context_tokens));
   for (size_t i = 0; i < prompt.size(); ++i) {
@@ -264,6 +340,7 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
         "%s prefill %6lld tokens: %8.2f ms  %10.0f tok/s  %7.1f TFLOP/s  (%.1f%% of %.0f)\n",
         name.c_str(), (long long)n, best * 1e3, n / best, tflops, 100.0 * tflops / f.peak_tflops,
         f.peak_tflops);
+    prefill_js.push_back(json_prefill(n, best, prefill_flops(c, n), f.peak_tflops));
   }
 
   // Decode at batch 1 after a prompt of decode_context tokens: plain steps
@@ -296,7 +373,12 @@ int bench_model(const std::string& name, const HostWeights& w, const Flags& f) {
         "%.0f)\n",
         name.c_str(), mode == 0 ? "plain" : "graph", (long long)f.decode_context, step * 1e3,
         1.0 / step, gbps, 100.0 * gbps / f.peak_gbps, f.peak_gbps);
+    decode_js.push_back(json_decode(mode == 0 ? "plain" : "graph", f.decode_context,
+                                    f.decode_steps, step, bytes_per_step, f.peak_gbps));
   }
+  js = json_object({json_config(c, type_name, fwd.gemv_weight_bytes()),
+                    "\"prefill\": " + json_object(prefill_js),
+                    "\"decode\": " + json_object(decode_js)});
   return 0;
 }
 
@@ -308,6 +390,13 @@ int run(int argc, char** argv) {
     return 1;
   }
   int rc = 0;
+  std::vector<std::string> models_js;  // "NAME": {...} for --json
+  auto run_one = [&](const std::string& name, const HostWeights& w) {
+    std::string one;
+    const int r = bench_model(name, w, f, one);
+    if (r == 0) models_js.push_back("\"" + name + "\": " + one);
+    return r;
+  };
   for (const std::string& which : [&] {
          std::vector<std::string> v;
          std::stringstream in(f.models);
@@ -322,13 +411,39 @@ int run(int argc, char** argv) {
         rc = 1;
         continue;
       }
-      rc |= bench_model("smollm2", HostWeights::of(**m), f);
+      rc |= run_one("smollm2", HostWeights::of(**m));
     } else if (which == "llama3-8b") {
       const SyntheticLlama3 synth;
-      rc |= bench_model("llama3-8b", synth.weights(), f);
+      rc |= run_one("llama3-8b", synth.weights());
+    } else if (which == "file") {
+      if (f.model_file.empty()) {
+        std::fprintf(stderr, "--models file needs --model-file PATH\n");
+        rc = 2;
+        continue;
+      }
+      std::fprintf(stderr, "%s: loading %s\n", f.name.c_str(), f.model_file.c_str());
+      auto m = LlamaModel::load(f.model_file);
+      if (!check(m.status(), "load")) {
+        rc = 1;
+        continue;
+      }
+      rc |= run_one(f.name, HostWeights::of(**m));
     } else {
-      std::fprintf(stderr, "unknown model %s (smollm2, llama3-8b)\n", which.c_str());
+      std::fprintf(stderr, "unknown model %s (smollm2, llama3-8b, file)\n", which.c_str());
       rc = 2;
+    }
+  }
+  if (!f.json_out.empty()) {
+    std::FILE* out = std::fopen(f.json_out.c_str(), "w");
+    if (out == nullptr) {
+      std::fprintf(stderr, "cannot write %s: %s\n", f.json_out.c_str(), std::strerror(errno));
+      return 1;
+    }
+    std::fprintf(out, "{\"peak_tflops\": %.1f, \"peak_gbps\": %.1f, \"models\": %s}\n",
+                 f.peak_tflops, f.peak_gbps, json_object(models_js).c_str());
+    if (std::fclose(out) != 0) {
+      std::fprintf(stderr, "cannot write %s\n", f.json_out.c_str());
+      return 1;
     }
   }
   return rc;
