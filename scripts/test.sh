@@ -20,7 +20,8 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
   # NCCL (tensor parallelism's collective) where its header is installed.
   nccl=OFF
   targets=(kvgate_engine_cuda kvgate_engine_cuda_forward cuda_conformance_test cuda_forward_test
-           cuda_gate_test staging_cuda_test cuda_prefill_test kvgate_engine_cuda_bench)
+           cuda_gate_test staging_cuda_test cuda_prefill_test kvgate_engine_cuda_bench
+           engine_cuda_bench_json_test)
   if [[ -f /usr/local/cuda/include/nccl.h || -f /usr/include/nccl.h ]]; then
     nccl=ON
     targets+=(kvgate_engine_tp_nccl cuda_tp_test)
@@ -30,7 +31,9 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
   cmake -S "${root}" -B "${cuda_build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DKVGATE_CUDA=ON -DKVGATE_NCCL="${nccl}" -DCMAKE_CUDA_COMPILER="${nvcc}" >/dev/null
   cmake --build "${cuda_build}" -j "${jobs}" --target "${targets[@]}"
-  (cd "${cuda_build}" && ctest --output-on-failure --timeout 600 -L gpu)
+  # The gpu tests, and the unit tests that exist only in a CUDA build.
+  (cd "${cuda_build}" && ctest --output-on-failure --timeout 600 -L gpu &&
+     ctest --output-on-failure --timeout 600 -R '^engine_cuda_bench_json_test$')
 else
   echo "test: CUDA leg skipped (no ${nvcc}, or KVGATE_CUDA_LEG=0)"
 fi
