@@ -247,6 +247,17 @@ class LeasePages final : public PageSource {
   // Unchecked, as PagePool::data: `page` must be held.
   std::byte* data(PageId page) override { return manager_->pool()->data(page); }
   const std::byte* data(PageId page) const override { return manager_->pool()->data(page); }
+  // The pool's memory operations (a PagePool: host memory, plain memcpy).
+  bool host_accessible() const override { return manager_->pool()->host_accessible(); }
+  void copy(std::byte* dst, const std::byte* src, int64_t bytes) override {
+    manager_->pool()->copy(dst, src, bytes);
+  }
+  void write(std::byte* dst, const void* src, int64_t bytes) override {
+    manager_->pool()->write(dst, src, bytes);
+  }
+  void read(void* dst, const std::byte* src, int64_t bytes) override {
+    manager_->pool()->read(dst, src, bytes);
+  }
   LeaseId lease() const { return lease_; }
   LeaseManager* manager() const { return manager_; }
 

@@ -1,0 +1,227 @@
+// kvstore on pages the host must not touch: a PageSource whose data()
+// addresses lie inside an mmap(PROT_NONE) reservation, with a shadow host
+// arena at the same offsets where copy()/write()/read() are applied. Any
+// direct dereference of page memory by kvstore code faults (the test binary
+// dies with SIGSEGV), so a passing run shows that every page byte the cache,
+// the wire export and adoption touch goes through the ops. The transcript
+// of page_ops_scenario.h must equal that of a PagePool: same page bytes,
+// view rows, positions, bytes() and capacity_bytes().
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kv_test_util.h"
+#include "kvstore/compressed_cache.h"
+#include "kvstore/lease_manager.h"
+#include "kvstore/page_pool.h"
+#include "kvstore/wire_image.h"
+#include "page_ops_scenario.h"
+
+namespace kvgate::kvstore::testing {
+namespace {
+
+// PagePool's free-list semantics over an address range nobody may touch.
+class InaccessiblePageSource final : public PageSource {
+ public:
+  InaccessiblePageSource(int64_t page_bytes, int64_t n_pages)
+      : page_bytes_(page_bytes),
+        n_pages_(n_pages),
+        shadow_(static_cast<size_t>(page_bytes * n_pages), std::byte{0}),
+        in_use_(static_cast<size_t>(n_pages), 0) {
+    void* p = mmap(nullptr, static_cast<size_t>(page_bytes * n_pages), PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    EXPECT_NE(p, MAP_FAILED);
+    reserved_ = static_cast<std::byte*>(p);
+    for (int64_t i = n_pages - 1; i >= 0; --i) free_list_.push_back(static_cast<int32_t>(i));
+  }
+  ~InaccessiblePageSource() override {
+    munmap(reserved_, static_cast<size_t>(page_bytes_ * n_pages_));
+  }
+
+  Result<PageId> allocate() override {
+    if (free_list_.empty()) return resource_exhausted("inaccessible source: full");
+    const int32_t id = free_list_.back();
+    free_list_.pop_back();
+    in_use_[id] = 1;
+    return PageId{id};
+  }
+  Status free(PageId page) override {
+    if (page.value < 0 || page.value >= n_pages_ || !in_use_[page.value]) {
+      return invalid_argument("inaccessible source: bad free of page " +
+                              std::to_string(page.value));
+    }
+    in_use_[page.value] = 0;
+    free_list_.push_back(page.value);
+    return Status();
+  }
+  std::byte* data(PageId page) override { return reserved_ + page.value * page_bytes_; }
+  const std::byte* data(PageId page) const override {
+    return reserved_ + page.value * page_bytes_;
+  }
+  int64_t page_bytes() const override { return page_bytes_; }
+  int64_t free_pages() const override { return static_cast<int64_t>(free_list_.size()); }
+
+  bool host_accessible() const override { return false; }
+  void copy(std::byte* dst, const std::byte* src, int64_t bytes) override {
+    ++copies_;
+    std::memcpy(shadow(dst, bytes, true), shadow(src, bytes, true), static_cast<size_t>(bytes));
+  }
+  void write(std::byte* dst, const void* src, int64_t bytes) override {
+    ++writes_;
+    std::memcpy(shadow(dst, bytes, true), src, static_cast<size_t>(bytes));
+  }
+  void read(void* dst, const std::byte* src, int64_t bytes) override {
+    ++reads_;
+    std::memcpy(dst, shadow(src, bytes, false), static_cast<size_t>(bytes));
+  }
+
+  int64_t copies() const { return copies_; }
+  int64_t writes() const { return writes_; }
+  int64_t reads() const { return reads_; }
+
+ private:
+  // The shadow bytes of [p, p + bytes), which must be in allocated pages
+  // (within one page for copy/write, as PageSource requires).
+  std::byte* shadow(const std::byte* p, int64_t bytes, bool one_page) {
+    const int64_t off = p - reserved_;
+    EXPECT_TRUE(off >= 0 && bytes > 0 && off + bytes <= page_bytes_ * n_pages_)
+        << "op outside the pages: offset " << off << ", " << bytes << " bytes";
+    if (one_page) {
+      EXPECT_EQ(off / page_bytes_, (off + bytes - 1) / page_bytes_) << "op crosses a page";
+    }
+    for (int64_t pg = off / page_bytes_; pg <= (off + bytes - 1) / page_bytes_; ++pg) {
+      EXPECT_TRUE(in_use_[pg]) << "op on free page " << pg;
+    }
+    return shadow_.data() + off;
+  }
+
+  int64_t page_bytes_;
+  int64_t n_pages_;
+  std::byte* reserved_ = nullptr;
+  std::vector<std::byte> shadow_;
+  std::vector<int32_t> free_list_;
+  std::vector<uint8_t> in_use_;
+  int64_t copies_ = 0, writes_ = 0, reads_ = 0;
+};
+
+constexpr int64_t kPageBytes = 64;
+constexpr int64_t kPages = 4096;
+
+// A PagePool zeroed like the shadow (its arena starts uninitialized).
+std::unique_ptr<PagePool> zeroed_pool() {
+  auto pool = make_pool(kPageBytes, kPageBytes * kPages);
+  std::memset(pool->arena(), 0, static_cast<size_t>(kPageBytes * kPages));
+  return pool;
+}
+
+TEST(PageSourceOps, PagePoolIsHostAccessibleAndCopies) {
+  auto pool = zeroed_pool();
+  PageSource& src = *pool;
+  EXPECT_TRUE(src.host_accessible());
+  const PageId a = *src.allocate();
+  const PageId b = *src.allocate();
+  const char text[] = "0123456789abcdef";
+  src.write(src.data(a) + 8, text, 16);
+  src.copy(src.data(b), src.data(a) + 8, 16);
+  char back[16];
+  src.read(back, src.data(b), 16);
+  EXPECT_EQ(std::memcmp(back, text, 16), 0);
+  EXPECT_EQ(std::memcmp(pool->data(a) + 8, text, 16), 0);  // host memory: direct too
+}
+
+TEST(PageSourceOps, InaccessibleSourceFaultsOnDirectAccess) {
+  // The guard the other tests rely on: touching data() kills the process.
+  InaccessiblePageSource src(kPageBytes, 4);
+  const PageId p = *src.allocate();
+  EXPECT_DEATH({ volatile std::byte b = *src.data(p); (void)b; }, "");
+}
+
+// The whole scenario on the inaccessible source and on a PagePool.
+TEST(PageSourceOps, CacheOnInaccessiblePagesMatchesPagePool) {
+  for (const auto& [name, layout] : page_scenario_layouts()) {
+    SCOPED_TRACE(name);
+    InaccessiblePageSource dev(kPageBytes, kPages);
+    auto host = zeroed_pool();
+    const Transcript on_dev = run_page_scenario(dev, layout, 11);
+    const Transcript on_host = run_page_scenario(*host, layout, 11);
+    ASSERT_GT(on_host.records.size(), 100u);
+    expect_same_transcript(on_dev, on_host);
+    // The ops were used (rows retained page to page, positions written,
+    // adopt read the positions), and every page went back.
+    EXPECT_GT(dev.copies(), 0);
+    EXPECT_GT(dev.writes(), 0);
+    EXPECT_GT(dev.reads(), 0);
+    EXPECT_EQ(dev.free_pages(), kPages);
+    EXPECT_EQ(host->free_pages(), kPages);
+  }
+}
+
+// Adopt's position check reads the landed pages through read(): a corrupted
+// position page is still refused (DATA_LOSS) on inaccessible pages.
+TEST(PageSourceOps, AdoptChecksPositionsThroughRead) {
+  const KvLayout layout = page_scenario_layouts()[0].second;
+  InaccessiblePageSource dev(kPageBytes, kPages);
+  std::mt19937 rng(3);
+  const int64_t n = 30;
+  History hist(layout, n, 1.0, rng);  // every distant token retained
+  Result<CompressedKvCache> c = CompressedKvCache::build_from_dense(
+      layout, &dev, n, hist.dense(), hist.prefix_flags(n), hist.dense_gate());
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  ASSERT_GT(c->retained_tokens(0), 1);
+  Result<WireImage> image = export_wire_image(*c);
+  ASSERT_TRUE(image.ok());
+  std::vector<PageId> landed;
+  for (PageId from : image->pages) {
+    const PageId to = *dev.allocate();
+    dev.copy(dev.data(to), dev.data(from), kPageBytes);
+    landed.push_back(to);
+  }
+  // Slot 0's first position page sits after its ring, K and V pages: find
+  // it as the page holding retained_position(0, 0) .. in wire order it is
+  // the first page whose int32 at 0 equals that position and at 4 the next.
+  const int32_t p0 = c->retained_position(0, 0);
+  const int32_t p1 = c->retained_position(0, 1);
+  int64_t pos_page = -1;
+  for (size_t i = 0; i < landed.size() && pos_page < 0; ++i) {
+    int32_t two[2];
+    dev.read(two, dev.data(landed[i]), sizeof(two));
+    if (two[0] == p0 && two[1] == p1) pos_page = static_cast<int64_t>(i);
+  }
+  ASSERT_GE(pos_page, 0);
+  const int32_t swapped[2] = {p1, p0};
+  dev.write(dev.data(landed[static_cast<size_t>(pos_page)]), swapped, sizeof(swapped));
+  Result<CompressedKvCache> adopted = adopt_wire_image(layout, &dev, image->descriptor, landed);
+  ASSERT_FALSE(adopted.ok());
+  EXPECT_EQ(adopted.status().code(), StatusCode::kDataLoss) << adopted.status().to_string();
+  for (PageId p : landed) ASSERT_TRUE(dev.free(p).ok());
+}
+
+// LeasePages forwards the ops to its (host) pool.
+TEST(PageSourceOps, LeasePagesForwardsToThePool) {
+  auto pool = zeroed_pool();
+  auto mgr = LeaseManager::create(pool.get());
+  ASSERT_TRUE(mgr.ok());
+  Result<LeaseId> lease =
+      (*mgr)->grant(RequestId{1}, 4 * kPageBytes, std::chrono::hours(1), LeaseClock::now());
+  ASSERT_TRUE(lease.ok()) << lease.status().to_string();
+  LeasePages pages(mgr->get(), *lease);
+  PageSource& src = pages;
+  EXPECT_TRUE(src.host_accessible());
+  const PageId a = *src.allocate();
+  const PageId b = *src.allocate();
+  const uint32_t v = 0xC0FFEEu;
+  src.write(src.data(a) + 4, &v, 4);
+  src.copy(src.data(b), src.data(a) + 4, 4);
+  uint32_t back = 0;
+  src.read(&back, src.data(b), 4);
+  EXPECT_EQ(back, v);
+  EXPECT_EQ(std::memcmp(pool->data(b), &v, 4), 0);
+  ASSERT_TRUE(src.free(a).ok());
+  ASSERT_TRUE(src.free(b).ok());
+}
+
+}  // namespace
+}  // namespace kvgate::kvstore::testing
