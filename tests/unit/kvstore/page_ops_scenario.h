@@ -121,6 +121,24 @@ inline void record_cache(PageSource& src, const CompressedKvCache& c, const std:
   }
 }
 
+// After begin_append(j): token j's K/V rows and gate rows written into the
+// new ring rows through the source (what the step's kernels do on a GPU).
+inline void scenario_append_rows(PageSource& src, CompressedKvCache& c, const History& hist,
+                                 int64_t j) {
+  const KvLayout& layout = c.layout();
+  const int64_t row_bytes = kKvElementBytes * layout.head_dim;
+  for (int64_t l = 0; l < layout.n_layers(); ++l) {
+    for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
+      src.write(reinterpret_cast<std::byte*>(c.new_k_row(l, h)), hist.k_row(j, l, h), row_bytes);
+      src.write(reinterpret_cast<std::byte*>(c.new_v_row(l, h)), hist.v_row(j, l, h), row_bytes);
+    }
+  }
+  for (int64_t s = 0; layout.has_gate_state() && s < layout.blocks.n_slots(); ++s) {
+    src.write(reinterpret_cast<std::byte*>(c.new_gate_row(s)), hist.gate_row(j, s),
+              layout.gate_state_bytes_per_token);
+  }
+}
+
 // Appends token j of `hist`: mode 0 append() with flags, 1 begin_append()
 // with flags + rows written through the source, 2 begin_append() deferred
 // + set_flags(), 3 begin_append() deferred + set_flag_unchecked().
@@ -134,18 +152,8 @@ inline void scenario_append(PageSource& src, CompressedKvCache& c, const History
   const Status st =
       c.begin_append(j, mode == 1 ? std::span<const uint8_t>(flags) : std::span<const uint8_t>());
   ASSERT_TRUE(st.ok()) << st.to_string();
+  scenario_append_rows(src, c, hist, j);
   const KvLayout& layout = c.layout();
-  const int64_t row_bytes = kKvElementBytes * layout.head_dim;
-  for (int64_t l = 0; l < layout.n_layers(); ++l) {
-    for (int64_t h = 0; h < layout.n_kv_heads(); ++h) {
-      src.write(reinterpret_cast<std::byte*>(c.new_k_row(l, h)), hist.k_row(j, l, h), row_bytes);
-      src.write(reinterpret_cast<std::byte*>(c.new_v_row(l, h)), hist.v_row(j, l, h), row_bytes);
-    }
-  }
-  for (int64_t s = 0; layout.has_gate_state() && s < layout.blocks.n_slots(); ++s) {
-    src.write(reinterpret_cast<std::byte*>(c.new_gate_row(s)), hist.gate_row(j, s),
-              layout.gate_state_bytes_per_token);
-  }
   if (mode == 2) {
     ASSERT_TRUE(c.set_flags(j, flags).ok());
   }
