@@ -270,6 +270,38 @@ TEST(PageSourceOps, DecodeStepIsOnePhase) {
   EXPECT_GT(steps_with_retain, 10);
 }
 
+// A cache on a lease of a deferred inaccessible source (a GPU decode
+// node's leases over its DevicePagePool): the same transcript.
+TEST(PageSourceOps, CacheOnLeasedDeferredPagesMatchesPagePool) {
+  const KvLayout layout = page_scenario_layouts()[2].second;
+  InaccessiblePageSource dev(kPageBytes, kPages, /*deferred=*/true);
+  auto mgr = LeaseManager::create(&dev, kPages);
+  ASSERT_TRUE(mgr.ok()) << mgr.status().to_string();
+  EXPECT_EQ((*mgr)->pool(), nullptr);
+  EXPECT_EQ((*mgr)->source(), &dev);
+  Result<LeaseId> lease =
+      (*mgr)->grant(RequestId{1}, kPages * kPageBytes, std::chrono::hours(1), LeaseClock::now());
+  ASSERT_TRUE(lease.ok()) << lease.status().to_string();
+  LeasePages pages(mgr->get(), *lease);
+  EXPECT_FALSE(static_cast<PageSource&>(pages).host_accessible());
+  auto host = zeroed_pool();
+  const Transcript on_dev = run_page_scenario(pages, layout, 17, [&](int64_t step) {
+    if (step % 2 == 0) dev.flush();
+  });
+  const Transcript on_host = run_page_scenario(*host, layout, 17);
+  ASSERT_GT(on_host.records.size(), 100u);
+  expect_same_transcript(on_dev, on_host);
+  EXPECT_EQ(pages.free_pages(), kPages);
+  ASSERT_TRUE((*mgr)->release(*lease).ok());
+  EXPECT_EQ(dev.free_pages(), kPages);
+  // The source must be untouched, and the count right.
+  const PageId taken = *dev.allocate();
+  EXPECT_EQ(LeaseManager::create(&dev, kPages).status().code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(dev.free(taken).ok());
+  EXPECT_EQ(LeaseManager::create(&dev, 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(LeaseManager::create(nullptr, 4).status().code(), StatusCode::kInvalidArgument);
+}
+
 // The recorder's phases on small sequences, and on random ones: running
 // each phase in reverse gives the bytes of running every op in order.
 TEST(PageOpRecorder, PhasesFollowDependencies) {
