@@ -616,8 +616,8 @@ int64_t CompressedKvCache::proximal_row_position(int64_t row) const {
 int32_t CompressedKvCache::retained_position(int64_t slot, int64_t i) const {
   const DistantList& d = distant_[slot];
   int32_t pos;
-  const std::byte* src =
-      pool_->data(d.pos_pages[i / positions_per_page_]) + (i % positions_per_page_) * kPositionBytes;
+  const std::byte* src = pool_->data(d.pos_pages[i / positions_per_page_]) +
+                         (i % positions_per_page_) * kPositionBytes;
   if (host_pages_) {
     std::memcpy(&pos, src, sizeof(pos));
   } else {

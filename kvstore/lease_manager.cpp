@@ -29,10 +29,9 @@ Result<std::unique_ptr<LeaseManager>> LeaseManager::create(PageSource* source, i
                             " pages");
   }
   if (source->free_pages() != n_pages) {
-    return failed_precondition("lease manager: the page source has " +
-                               std::to_string(source->free_pages()) + " of " +
-                               std::to_string(n_pages) +
-                               " pages free; the manager must be its only client");
+    return failed_precondition(
+        "lease manager: the page source has " + std::to_string(source->free_pages()) + " of " +
+        std::to_string(n_pages) + " pages free; the manager must be its only client");
   }
   return std::unique_ptr<LeaseManager>(new LeaseManager(source, nullptr, n_pages));
 }
@@ -224,8 +223,8 @@ Result<PageId> LeaseManager::take_page(LeaseId lease) {
     // A source whose ids are not [0, n_pages) (create() was told wrong).
     (void)source_->free(*page);
     return internal_error("lease manager: the page source handed out page " +
-                          std::to_string(page->value) + ", not in [0, " +
-                          std::to_string(n_pages_) + ")");
+                          std::to_string(page->value) + ", not in [0, " + std::to_string(n_pages_) +
+                          ")");
   }
   page_owner_[page->value] = lease.value();
   page_slot_[page->value] = static_cast<int64_t>(l->pages.size());

@@ -43,11 +43,12 @@ Result<std::unique_ptr<DevicePagePool>> DevicePagePool::create(int64_t page_byte
   }
   const int64_t bytes = n_pages * page_bytes;
   void* arena = nullptr;
-  KVGATE_RETURN_IF_ERROR(cuda_status(cudaMalloc(&arena, static_cast<size_t>(bytes)),
-                                     "device page pool: cudaMalloc of " + std::to_string(bytes) +
-                                         " bytes"));
+  KVGATE_RETURN_IF_ERROR(
+      cuda_status(cudaMalloc(&arena, static_cast<size_t>(bytes)),
+                  "device page pool: cudaMalloc of " + std::to_string(bytes) + " bytes"));
   // Zeroed, so a page's never-written rows read the same on every run.
-  Status st = cuda_status(cudaMemset(arena, 0, static_cast<size_t>(bytes)), "device page pool: memset");
+  Status st =
+      cuda_status(cudaMemset(arena, 0, static_cast<size_t>(bytes)), "device page pool: memset");
   if (st.ok()) st = cuda_status(cudaDeviceSynchronize(), "device page pool: memset");
   cudaEvent_t done = nullptr;
   if (st.ok()) {
@@ -87,8 +88,8 @@ DevicePagePool::~DevicePagePool() {
 
 Result<kvstore::PageId> DevicePagePool::allocate() {
   if (free_list_.empty()) {
-    return resource_exhausted("device page pool: all " + std::to_string(n_pages_) +
-                              " pages of " + std::to_string(page_bytes_) + " bytes are in use");
+    return resource_exhausted("device page pool: all " + std::to_string(n_pages_) + " pages of " +
+                              std::to_string(page_bytes_) + " bytes are in use");
   }
   const int32_t id = free_list_.back();
   free_list_.pop_back();
@@ -126,9 +127,9 @@ void DevicePagePool::wait_last_flush() {
 void DevicePagePool::copy(std::byte* dst, const std::byte* src, int64_t bytes) {
   if (!status_.ok()) return;  // broken: every op is dropped (flush reports it)
   wait_last_flush();
-  const Status st = recorder_.record({reinterpret_cast<uint64_t>(dst),
-                                      reinterpret_cast<uint64_t>(src),
-                                      static_cast<uint32_t>(bytes), 0});
+  const Status st =
+      recorder_.record({reinterpret_cast<uint64_t>(dst), reinterpret_cast<uint64_t>(src),
+                        static_cast<uint32_t>(bytes), 0});
   if (!st.ok()) fail(st);
 }
 
@@ -220,9 +221,9 @@ Status DevicePagePool::run_batch(cudaStream_t stream) {
   Status st;
   for (size_t p = 0; p < recorder_.phase_starts().size() && st.ok(); ++p) {
     const int64_t begin = recorder_.phase_begin(p);
-    st = cuda_status(launch_page_ops(dev_ops_ + begin, recorder_.phase_end(p) - begin,
-                                     dev_staging_, stream),
-                     "device page pool: page ops launch");
+    st = cuda_status(
+        launch_page_ops(dev_ops_ + begin, recorder_.phase_end(p) - begin, dev_staging_, stream),
+        "device page pool: page ops launch");
     if (st.ok()) ++launches_;
   }
   const Status rec = cuda_status(cudaEventRecord(done_, stream), "device page pool: event record");
@@ -257,9 +258,9 @@ void DevicePagePool::read(void* dst, const std::byte* src, int64_t bytes) {
     st = cuda_status(cudaStreamWaitEvent(read_stream_, done_, 0), "device page pool: read wait");
   }
   if (st.ok()) {
-    st = cuda_status(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes),
-                                     cudaMemcpyDeviceToHost, read_stream_),
-                     "device page pool: read");
+    st = cuda_status(
+        cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost, read_stream_),
+        "device page pool: read");
   }
   if (st.ok()) {
     st = cuda_status(cudaStreamSynchronize(read_stream_), "device page pool: read");

@@ -58,8 +58,7 @@ class DevicePagePool final : public kvstore::PageSource {
   // whole pages (at least one): INVALID_ARGUMENT otherwise. cudaMalloc's
   // the arena (RESOURCE_EXHAUSTED when the device lacks the memory,
   // UNAVAILABLE without a device) and zeroes it (synchronously).
-  static Result<std::unique_ptr<DevicePagePool>> create(int64_t page_bytes,
-                                                        int64_t capacity_bytes);
+  static Result<std::unique_ptr<DevicePagePool>> create(int64_t page_bytes, int64_t capacity_bytes);
 
   DevicePagePool(const DevicePagePool&) = delete;
   DevicePagePool& operator=(const DevicePagePool&) = delete;

@@ -51,8 +51,7 @@ class PageOpRecorder {
   // Phase i covers ops [phase_begin(i), phase_end(i)).
   int64_t phase_begin(size_t i) const { return phase_starts_[i]; }
   int64_t phase_end(size_t i) const {
-    return i + 1 < phase_starts_.size() ? phase_starts_[i + 1]
-                                        : static_cast<int64_t>(ops_.size());
+    return i + 1 < phase_starts_.size() ? phase_starts_[i + 1] : static_cast<int64_t>(ops_.size());
   }
   // Forgets the batch (after a flush ran it).
   void clear();

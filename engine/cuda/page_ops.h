@@ -12,8 +12,8 @@ namespace kvgate::engine::cuda {
 
 // One recorded page op: the kernel's descriptor.
 struct PageOpDesc {
-  uint64_t dst = 0;     // device address
-  uint64_t src = 0;     // device address, or offset in the staging buffer
+  uint64_t dst = 0;  // device address
+  uint64_t src = 0;  // device address, or offset in the staging buffer
   uint32_t bytes = 0;
   uint32_t staged = 0;  // 1: src is a staging offset (a staged host write)
 };

@@ -67,9 +67,7 @@ class InaccessiblePageSource final : public PageSource {
     return Status();
   }
   std::byte* data(PageId page) override { return reserved_ + page.value * page_bytes_; }
-  const std::byte* data(PageId page) const override {
-    return reserved_ + page.value * page_bytes_;
-  }
+  const std::byte* data(PageId page) const override { return reserved_ + page.value * page_bytes_; }
   int64_t page_bytes() const override { return page_bytes_; }
   int64_t free_pages() const override { return static_cast<int64_t>(free_list_.size()); }
 
@@ -79,9 +77,9 @@ class InaccessiblePageSource final : public PageSource {
     if (deferred_) {
       shadow(dst, bytes, true);  // the checks
       shadow(src, bytes, true);
-      const Status st = recorder_->record({reinterpret_cast<uint64_t>(dst),
-                                           reinterpret_cast<uint64_t>(src),
-                                           static_cast<uint32_t>(bytes), 0});
+      const Status st =
+          recorder_->record({reinterpret_cast<uint64_t>(dst), reinterpret_cast<uint64_t>(src),
+                             static_cast<uint32_t>(bytes), 0});
       EXPECT_TRUE(st.ok()) << st.to_string();
       return;
     }
@@ -94,8 +92,8 @@ class InaccessiblePageSource final : public PageSource {
       const auto at = static_cast<uint64_t>(staging_.size());
       const auto* b = static_cast<const std::byte*>(src);
       staging_.insert(staging_.end(), b, b + bytes);
-      const Status st = recorder_->record(
-          {reinterpret_cast<uint64_t>(dst), at, static_cast<uint32_t>(bytes), 1});
+      const Status st =
+          recorder_->record({reinterpret_cast<uint64_t>(dst), at, static_cast<uint32_t>(bytes), 1});
       EXPECT_TRUE(st.ok()) << st.to_string();
       return;
     }
@@ -115,11 +113,11 @@ class InaccessiblePageSource final : public PageSource {
       ++phases_;
       for (int64_t i = recorder_->phase_end(p) - 1; i >= recorder_->phase_begin(p); --i) {
         const engine::cuda::PageOpDesc& op = ops[static_cast<size_t>(i)];
-        const std::byte* from = op.staged ? staging_.data() + op.src
-                                          : shadow(reinterpret_cast<const std::byte*>(op.src),
-                                                   op.bytes, true, false);
-        std::memcpy(shadow(reinterpret_cast<const std::byte*>(op.dst), op.bytes, true, false),
-                    from, op.bytes);
+        const std::byte* from =
+            op.staged ? staging_.data() + op.src
+                      : shadow(reinterpret_cast<const std::byte*>(op.src), op.bytes, true, false);
+        std::memcpy(shadow(reinterpret_cast<const std::byte*>(op.dst), op.bytes, true, false), from,
+                    op.bytes);
       }
     }
     if (!ops.empty()) {
@@ -128,9 +126,7 @@ class InaccessiblePageSource final : public PageSource {
     }
     staging_.clear();
   }
-  int64_t pending_phases() const {
-    return static_cast<int64_t>(recorder_->phase_starts().size());
-  }
+  int64_t pending_phases() const { return static_cast<int64_t>(recorder_->phase_starts().size()); }
   int64_t pending_ops() const { return static_cast<int64_t>(recorder_->ops().size()); }
   int64_t phases() const { return phases_; }
 
@@ -202,7 +198,12 @@ TEST(PageSourceOps, InaccessibleSourceFaultsOnDirectAccess) {
   // The guard the other tests rely on: touching data() kills the process.
   InaccessiblePageSource src(kPageBytes, 4);
   const PageId p = *src.allocate();
-  EXPECT_DEATH({ volatile std::byte b = *src.data(p); (void)b; }, "");
+  EXPECT_DEATH(
+      {
+        volatile std::byte b = *src.data(p);
+        (void)b;
+      },
+      "");
 }
 
 // The whole scenario on the inaccessible source and on a PagePool.
@@ -363,7 +364,9 @@ TEST(PageOpRecorder, PhasesFollowDependencies) {
     }
     // In order, on b.
     auto run = [&](std::vector<std::byte>& mem, const engine::cuda::PageOpDesc& op) {
-      const auto shift = [&](uint64_t p) { return mem.data() + (p - reinterpret_cast<uint64_t>(a.data())); };
+      const auto shift = [&](uint64_t p) {
+        return mem.data() + (p - reinterpret_cast<uint64_t>(a.data()));
+      };
       const std::byte* from = op.staged ? staging.data() + op.src : shift(op.src);
       std::memmove(shift(op.dst), from, op.bytes);
     };
