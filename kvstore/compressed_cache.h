@@ -350,6 +350,10 @@ class CompressedKvCache {
   Result<GateRowsView> gate_distant(int64_t slot) const;
 
   const KvLayout& layout() const { return layout_; }
+  // Whether the page source's memory is the host's (PageSource::
+  // host_accessible()): host kernels (kvstore/attention.h) may read the
+  // views' rows only then; otherwise they are device addresses.
+  bool host_accessible() const { return host_pages_; }
   int64_t n_tokens() const { return n_tokens_; }
   int64_t page_tokens() const { return page_tokens_; }
   // Gate rows per page (0 without gate state).

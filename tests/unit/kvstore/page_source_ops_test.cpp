@@ -129,6 +129,7 @@ class InaccessiblePageSource final : public PageSource {
   int64_t pending_phases() const { return static_cast<int64_t>(recorder_->phase_starts().size()); }
   int64_t pending_ops() const { return static_cast<int64_t>(recorder_->ops().size()); }
   int64_t phases() const { return phases_; }
+  const std::vector<std::byte>& shadow_bytes() const { return shadow_; }
 
   int64_t copies() const { return copies_; }
   int64_t writes() const { return writes_; }
@@ -212,10 +213,16 @@ TEST(PageSourceOps, CacheOnInaccessiblePagesMatchesPagePool) {
     SCOPED_TRACE(name);
     InaccessiblePageSource dev(kPageBytes, kPages);
     auto host = zeroed_pool();
+    {
+      Result<CompressedKvCache> c = CompressedKvCache::create(layout, &dev);
+      ASSERT_TRUE(c.ok());
+      EXPECT_FALSE(c->host_accessible());
+    }
     const Transcript on_dev = run_page_scenario(dev, layout, 11);
     const Transcript on_host = run_page_scenario(*host, layout, 11);
     ASSERT_GT(on_host.records.size(), 100u);
     expect_same_transcript(on_dev, on_host);
+    EXPECT_EQ(std::memcmp(dev.shadow_bytes().data(), host->arena(), kPages * kPageBytes), 0);
     // The ops were used (rows retained page to page, positions written,
     // adopt read the positions), and every page went back.
     EXPECT_GT(dev.copies(), 0);
@@ -241,6 +248,8 @@ TEST(PageSourceOps, CacheOnDeferredPagesMatchesPagePool) {
     expect_same_transcript(on_dev, on_host);
     dev.flush();
     EXPECT_GT(dev.phases(), 0);
+    // Every byte of the arena, free pages too (what the GPU test checks).
+    EXPECT_EQ(std::memcmp(dev.shadow_bytes().data(), host->arena(), kPages * kPageBytes), 0);
     EXPECT_EQ(dev.free_pages(), kPages);
   }
 }
