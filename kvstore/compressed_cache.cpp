@@ -11,6 +11,7 @@ CompressedKvCache::CompressedKvCache(const KvLayout& layout, PageSource* pool,
                                      const PageGeometry& geometry)
     : layout_(layout),
       pool_(pool),
+      host_pages_(pool->host_accessible()),
       page_bytes_(geometry.page_bytes),
       page_tokens_(geometry.page_tokens),
       positions_per_page_(geometry.positions_per_page),
@@ -44,6 +45,7 @@ CompressedKvCache& CompressedKvCache::operator=(CompressedKvCache&& other) noexc
   release();
   layout_ = std::move(other.layout_);
   pool_ = std::exchange(other.pool_, nullptr);
+  host_pages_ = other.host_pages_;
   page_bytes_ = other.page_bytes_;
   page_tokens_ = other.page_tokens_;
   positions_per_page_ = other.positions_per_page_;
@@ -162,7 +164,7 @@ fp16_t* CompressedKvCache::ring_row_ptr(std::vector<PageId>& pages, int64_t laye
 
 template <typename KRowFn, typename VRowFn, typename GateRowFn>
 void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, GateRowFn gate_row,
-                               int64_t position) {
+                               int64_t position, bool rows_in_pages) {
   DistantList& d = distant_[slot];
   const int64_t r = d.n_tokens;
   if (r % page_tokens_ == 0) {
@@ -172,23 +174,32 @@ void CompressedKvCache::retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, G
   if (r % positions_per_page_ == 0) d.pos_pages.push_back(take_page());
   const int64_t row_bytes = kKvElementBytes * layout_.head_dim;
   const int64_t offset = (r % page_tokens_) * row_bytes;
-  std::memcpy(pool_->data(d.k_pages[r / page_tokens_]) + offset, k_base(), row_bytes);
+  // One branch per row: the rows come from pages (page -> page) or from
+  // the host (a write); either way through the ops of a device source.
+  auto row_in = [&](std::byte* dst, const void* src, int64_t bytes) {
+    if (rows_in_pages) {
+      move_in_pages(dst, src, bytes);
+    } else {
+      put(dst, src, bytes);
+    }
+  };
+  row_in(pool_->data(d.k_pages[r / page_tokens_]) + offset, k_base(), row_bytes);
   for (size_t i = 0; i < d.v_pages.size(); ++i) {
-    std::memcpy(pool_->data(d.v_pages[i][r / page_tokens_]) + offset,
-                v_of_layer(static_cast<int64_t>(i)), row_bytes);
+    row_in(pool_->data(d.v_pages[i][r / page_tokens_]) + offset,
+           v_of_layer(static_cast<int64_t>(i)), row_bytes);
   }
   const int32_t pos = static_cast<int32_t>(position);
-  std::memcpy(pool_->data(d.pos_pages[r / positions_per_page_]) +
-                  (r % positions_per_page_) * kPositionBytes,
-              &pos, sizeof(pos));
+  put(pool_->data(d.pos_pages[r / positions_per_page_]) +
+          (r % positions_per_page_) * kPositionBytes,
+      &pos, sizeof(pos));
   // Without retained gate rows (gate context `window`) the token's gate
   // row is dropped with its ring row.
   if (retained_gate_rows_per_page_ > 0) {
     const int64_t per_page = retained_gate_rows_per_page_;
     if (r % per_page == 0) d.gate_pages.push_back(take_page());
-    std::memcpy(pool_->data(d.gate_pages[r / per_page]) +
-                    (r % per_page) * layout_.gate_state_bytes_per_token,
-                gate_row(), layout_.gate_state_bytes_per_token);
+    row_in(pool_->data(d.gate_pages[r / per_page]) +
+               (r % per_page) * layout_.gate_state_bytes_per_token,
+           gate_row(), layout_.gate_state_bytes_per_token);
   }
   ++d.n_tokens;
 }
@@ -209,14 +220,13 @@ Status CompressedKvCache::append(int64_t position, const TokenKv& kv,
   for (int64_t l = 0; l < layout_.n_layers(); ++l) {
     for (int64_t h = 0; h < layout_.n_kv_heads(); ++h) {
       const int64_t off = l * kv.layer_stride + h * kv.head_stride;
-      std::memcpy(new_k_row(l, h), kv.k + off, row_bytes);
-      std::memcpy(new_v_row(l, h), kv.v + off, row_bytes);
+      put(new_k_row(l, h), kv.k + off, row_bytes);
+      put(new_v_row(l, h), kv.v + off, row_bytes);
     }
   }
   if (kv.gate != nullptr) {
     for (int64_t s = 0; s < layout_.blocks.n_slots(); ++s) {
-      std::memcpy(new_gate_row(s), kv.gate + s * kv.gate_slot_stride,
-                  layout_.gate_state_bytes_per_token);
+      put(new_gate_row(s), kv.gate + s * kv.gate_slot_stride, layout_.gate_state_bytes_per_token);
     }
   }
   return Status();
@@ -312,7 +322,7 @@ Status CompressedKvCache::begin_append(int64_t position, std::span<const uint8_t
       retain(
           s, [&] { return ring_row_ptr(ring_k_pages_, first, h, row); },
           [&](int64_t i) { return ring_row_ptr(ring_v_pages_, first + i, h, row); },
-          [&] { return gate_ring_row_ptr(s, row); }, leaving);
+          [&] { return gate_ring_row_ptr(s, row); }, leaving, /*rows_in_pages=*/true);
     }
   }
   if (position >= n_sink) {
@@ -455,11 +465,11 @@ Status CompressedKvCache::fill_slot(int64_t slot, const DenseKv& kv,
     const int64_t row = ring_row(j);
     for (int64_t l = blk.first_layer; l < blk.end_layer(); ++l) {
       const int64_t off = j * kv.token_stride + l * kv.layer_stride + h * kv.head_stride;
-      std::memcpy(ring_row_ptr(ring_k_pages_, l, h, row), kv.k + off, row_bytes);
-      std::memcpy(ring_row_ptr(ring_v_pages_, l, h, row), kv.v + off, row_bytes);
+      put(ring_row_ptr(ring_k_pages_, l, h, row), kv.k + off, row_bytes);
+      put(ring_row_ptr(ring_v_pages_, l, h, row), kv.v + off, row_bytes);
     }
     if (gate_rows_per_page_ > 0) {
-      std::memcpy(gate_ring_row_ptr(slot, row), gate_row(j), gate_row_bytes);
+      put(gate_ring_row_ptr(slot, row), gate_row(j), gate_row_bytes);
     }
   };
   for (int64_t j = 0; j < std::min(n_sink, n_tokens); ++j) copy_proximal(j);
@@ -474,7 +484,7 @@ Status CompressedKvCache::fill_slot(int64_t slot, const DenseKv& kv,
     retain(
         slot, [&] { return kv.k + off + blk.first_layer * kv.layer_stride; },
         [&](int64_t i) { return kv.v + off + (blk.first_layer + i) * kv.layer_stride; },
-        [&] { return gate_row(j); }, j);
+        [&] { return gate_row(j); }, j, /*rows_in_pages=*/false);
   }
   slot_filled_[slot] = 1;
   return Status();
@@ -606,10 +616,13 @@ int64_t CompressedKvCache::proximal_row_position(int64_t row) const {
 int32_t CompressedKvCache::retained_position(int64_t slot, int64_t i) const {
   const DistantList& d = distant_[slot];
   int32_t pos;
-  std::memcpy(&pos,
-              pool_->data(d.pos_pages[i / positions_per_page_]) +
-                  (i % positions_per_page_) * kPositionBytes,
-              sizeof(pos));
+  const std::byte* src = pool_->data(d.pos_pages[i / positions_per_page_]) +
+                         (i % positions_per_page_) * kPositionBytes;
+  if (host_pages_) {
+    std::memcpy(&pos, src, sizeof(pos));
+  } else {
+    pool_->read(&pos, src, sizeof(pos));  // may synchronize (a device source)
+  }
   return pos;
 }
 

@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <vector>
 
@@ -349,6 +350,10 @@ class CompressedKvCache {
   Result<GateRowsView> gate_distant(int64_t slot) const;
 
   const KvLayout& layout() const { return layout_; }
+  // Whether the page source's memory is the host's (PageSource::
+  // host_accessible()): host kernels (kvstore/attention.h) may read the
+  // views' rows only then; otherwise they are device addresses.
+  bool host_accessible() const { return host_pages_; }
   int64_t n_tokens() const { return n_tokens_; }
   int64_t page_tokens() const { return page_tokens_; }
   // Gate rows per page (0 without gate state).
@@ -420,13 +425,34 @@ class CompressedKvCache {
   // Appends one retained token to `slot`: base-layer K row from k_base(),
   // V row of block layer i from v_of_layer(i), gate row from gate_row()
   // (called only when retained tokens keep gate rows), and its position.
+  // The rows are page memory (rows_in_pages: a leaving token's ring rows)
+  // or host memory (a dense prefill input).
   template <typename KRowFn, typename VRowFn, typename GateRowFn>
-  void retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, GateRowFn gate_row, int64_t position);
+  void retain(int64_t slot, KRowFn k_base, VRowFn v_of_layer, GateRowFn gate_row, int64_t position,
+              bool rows_in_pages);
+  // Page bytes only through these (PageSource memory operations): a plain
+  // memcpy on a host source, the source's op otherwise (page_pool.h).
+  // put: host memory -> page; move_in_pages: page -> page.
+  void put(void* dst, const void* src, int64_t bytes) {
+    if (host_pages_) {
+      std::memcpy(dst, src, static_cast<size_t>(bytes));
+    } else {
+      pool_->write(static_cast<std::byte*>(dst), src, bytes);
+    }
+  }
+  void move_in_pages(void* dst, const void* src, int64_t bytes) {
+    if (host_pages_) {
+      std::memcpy(dst, src, static_cast<size_t>(bytes));
+    } else {
+      pool_->copy(static_cast<std::byte*>(dst), static_cast<const std::byte*>(src), bytes);
+    }
+  }
   PageId take_page();
   void release();
 
   KvLayout layout_;
   PageSource* pool_ = nullptr;  // not owned; null once moved from
+  bool host_pages_ = true;      // pool_->host_accessible(), asked once
   int64_t page_bytes_ = 0;
   int64_t page_tokens_ = 0;
   int64_t positions_per_page_ = 0;

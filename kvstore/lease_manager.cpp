@@ -19,23 +19,38 @@ Result<std::unique_ptr<LeaseManager>> LeaseManager::create(PagePool* pool) {
                                std::to_string(pool->used_pages()) +
                                " pages in use; the manager must be its only client");
   }
-  return std::unique_ptr<LeaseManager>(new LeaseManager(pool));
+  return std::unique_ptr<LeaseManager>(new LeaseManager(pool, pool, pool->n_pages()));
 }
 
-LeaseManager::LeaseManager(PagePool* pool)
-    : pool_(pool),
-      page_bytes_(pool->page_bytes()),
-      n_pages_(pool->n_pages()),
-      free_pages_(pool->n_pages()),
+Result<std::unique_ptr<LeaseManager>> LeaseManager::create(PageSource* source, int64_t n_pages) {
+  if (source == nullptr) return invalid_argument("lease manager: no page source");
+  if (n_pages < 1) {
+    return invalid_argument("lease manager: a page source of " + std::to_string(n_pages) +
+                            " pages");
+  }
+  if (source->free_pages() != n_pages) {
+    return failed_precondition(
+        "lease manager: the page source has " + std::to_string(source->free_pages()) + " of " +
+        std::to_string(n_pages) + " pages free; the manager must be its only client");
+  }
+  return std::unique_ptr<LeaseManager>(new LeaseManager(source, nullptr, n_pages));
+}
+
+LeaseManager::LeaseManager(PageSource* source, PagePool* pool, int64_t n_pages)
+    : source_(source),
+      pool_(pool),
+      page_bytes_(source->page_bytes()),
+      n_pages_(n_pages),
+      free_pages_(n_pages),
       reserved_pages_(0),
       used_pages_(0),
-      page_owner_(pool->n_pages(), 0),
-      page_slot_(pool->n_pages(), -1) {}
+      page_owner_(n_pages, 0),
+      page_slot_(n_pages, -1) {}
 
 LeaseManager::~LeaseManager() {
   for (auto& [id, lease] : leases_) {
     for (PageId p : lease.pages) {
-      [[maybe_unused]] const Status st = pool_->free(p);
+      [[maybe_unused]] const Status st = source_->free(p);
       assert(st.ok());
     }
   }
@@ -152,7 +167,7 @@ Status LeaseManager::commit(LeaseId lease, int64_t actual_bytes, LeaseClock::tim
 void LeaseManager::drop(std::unordered_map<LeaseId, Lease>::iterator it) {
   Lease& l = it->second;
   for (PageId p : l.pages) {
-    [[maybe_unused]] const Status st = pool_->free(p);
+    [[maybe_unused]] const Status st = source_->free(p);
     assert(st.ok());
     page_owner_[p.value] = 0;
     page_slot_[p.value] = -1;
@@ -196,13 +211,20 @@ Result<PageId> LeaseManager::take_page(LeaseId lease) {
                         std::to_string(l->granted_pages) + " pages (" +
                         std::to_string(l->granted_pages * page_bytes_) + " bytes) taken");
   }
-  Result<PageId> page = pool_->allocate();
+  Result<PageId> page = source_->allocate();
   if (!page.ok()) {
     // Only if someone took pages from the pool behind our back.
     return internal_error(
         "lease manager: pool has no page for a reserved one (used outside "
         "the manager?): " +
         page.status().message());
+  }
+  if (page->value < 0 || page->value >= n_pages_) {
+    // A source whose ids are not [0, n_pages) (create() was told wrong).
+    (void)source_->free(*page);
+    return internal_error("lease manager: the page source handed out page " +
+                          std::to_string(page->value) + ", not in [0, " + std::to_string(n_pages_) +
+                          ")");
   }
   page_owner_[page->value] = lease.value();
   page_slot_[page->value] = static_cast<int64_t>(l->pages.size());
@@ -221,8 +243,8 @@ Result<std::vector<PageId>> LeaseManager::take_pages(LeaseId lease, int64_t n) {
                         " pages asked, " + std::to_string(taken) + " of " +
                         std::to_string(l->granted_pages) + " already taken");
   }
-  if (n > pool_->free_pages()) {
-    return internal_error("lease manager: pool has " + std::to_string(pool_->free_pages()) +
+  if (n > source_->free_pages()) {
+    return internal_error("lease manager: pool has " + std::to_string(source_->free_pages()) +
                           " free pages for " + std::to_string(n) +
                           " reserved ones (used outside the manager?)");
   }
@@ -251,7 +273,7 @@ Status LeaseManager::return_page(LeaseId lease, PageId page) {
   page_owner_[page.value] = 0;
   page_slot_[page.value] = -1;
   --taken_pages_;
-  [[maybe_unused]] const Status st = pool_->free(page);
+  [[maybe_unused]] const Status st = source_->free(page);
   assert(st.ok());
   return Status();
 }

@@ -1,6 +1,7 @@
 // LeaseManager: the decode node's KV pool accounting as leases (DESIGN.md §5).
 //
-// A lease reserves bytes of one PagePool for one request, so no other
+// A lease reserves bytes of one PagePool (or another PageSource: create(source,
+// n_pages), e.g. a GPU node's DevicePagePool) for one request, so no other
 // request can take them. Its life, driven by the control messages of
 // common/control_protocol.h:
 //
@@ -107,6 +108,13 @@ class LeaseManager {
   // A manager over `pool`, which must outlive it and have no page in use
   // (FAILED_PRECONDITION otherwise; INVALID_ARGUMENT for a null pool).
   static Result<std::unique_ptr<LeaseManager>> create(PagePool* pool);
+  // The same over any page source with page ids in [0, n_pages) — e.g. a
+  // GPU decode node's engine/cuda DevicePagePool — which must outlive the
+  // manager and have all n_pages free (FAILED_PRECONDITION otherwise;
+  // INVALID_ARGUMENT for a null source or n_pages < 1). Leases and
+  // LeasePages behave as over a PagePool; LeasePages' memory operations
+  // are the source's.
+  static Result<std::unique_ptr<LeaseManager>> create(PageSource* source, int64_t n_pages);
 
   LeaseManager(const LeaseManager&) = delete;
   LeaseManager& operator=(const LeaseManager&) = delete;
@@ -178,7 +186,10 @@ class LeaseManager {
   int64_t free_bytes() const { return free_pages_ * page_bytes_; }
   int64_t page_bytes() const { return page_bytes_; }
   int64_t capacity_bytes() const { return n_pages_ * page_bytes_; }
+  // The PagePool the manager was created on (null over another source).
   PagePool* pool() const { return pool_; }
+  // The page source (the PagePool, or the one given).
+  PageSource* source() const { return source_; }
 
  private:
   struct Lease {
@@ -189,7 +200,7 @@ class LeaseManager {
     std::vector<PageId> pages;  // taken against this lease
   };
 
-  explicit LeaseManager(PagePool* pool);
+  LeaseManager(PageSource* source, PagePool* pool, int64_t n_pages);
 
   // Pages holding `bytes` (>= 0), without overflow.
   int64_t pages_for(int64_t bytes) const;
@@ -199,7 +210,8 @@ class LeaseManager {
   void drop(std::unordered_map<LeaseId, Lease>::iterator it);
   Status not_found_status(LeaseId lease) const;
 
-  PagePool* pool_;
+  PageSource* source_;
+  PagePool* pool_;  // source_ when it is a PagePool (direct data() calls), else null
   int64_t page_bytes_;
   int64_t n_pages_;
   int64_t free_pages_;      // not held by any lease
@@ -244,9 +256,27 @@ class LeasePages final : public PageSource {
   // Pages this view may still allocate (the lease's budget, not the pool's).
   int64_t free_pages() const override { return manager_->pages_left(lease_); }
   int64_t page_bytes() const override { return manager_->page_bytes(); }
-  // Unchecked, as PagePool::data: `page` must be held.
-  std::byte* data(PageId page) override { return manager_->pool()->data(page); }
-  const std::byte* data(PageId page) const override { return manager_->pool()->data(page); }
+  // Unchecked, as PagePool::data: `page` must be held. Over a PagePool a
+  // direct (inlined) call; over another source, its data().
+  std::byte* data(PageId page) override {
+    PagePool* pool = manager_->pool();
+    return pool != nullptr ? pool->data(page) : manager_->source()->data(page);
+  }
+  const std::byte* data(PageId page) const override {
+    const PagePool* pool = manager_->pool();
+    return pool != nullptr ? pool->data(page) : manager_->source()->data(page);
+  }
+  // The source's memory operations (a PagePool: host memory, memcpy).
+  bool host_accessible() const override { return manager_->source()->host_accessible(); }
+  void copy(std::byte* dst, const std::byte* src, int64_t bytes) override {
+    manager_->source()->copy(dst, src, bytes);
+  }
+  void write(std::byte* dst, const void* src, int64_t bytes) override {
+    manager_->source()->write(dst, src, bytes);
+  }
+  void read(void* dst, const std::byte* src, int64_t bytes) override {
+    manager_->source()->read(dst, src, bytes);
+  }
   LeaseId lease() const { return lease_; }
   LeaseManager* manager() const { return manager_; }
 

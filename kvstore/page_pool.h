@@ -10,12 +10,22 @@
 // The pool never hands out more than its capacity: allocate() returns
 // RESOURCE_EXHAUSTED when no page is free. Accounting is in bytes.
 //
+// Memory operations: data(page) is an ADDRESS, not necessarily one the
+// host may dereference. A source whose host_accessible() is false (a GPU
+// decode node's pool, engine/cuda/device_page_pool.h) hands out device
+// addresses: host code may do pointer arithmetic on them and pass them to
+// kernels, but reads and writes page bytes only through copy()/write()/
+// read(). Host pools (PagePool) do a plain memcpy; callers that run per
+// token (CompressedKvCache) test host_accessible() once per operation and
+// memcpy directly, so the CPU path pays one predictable branch per row.
+//
 // Threading: not synchronized. One owner thread (the engine loop that owns
 // the caches drawing from it) calls every method, of a PageSource too.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <vector>
@@ -51,6 +61,27 @@ class PageSource {
   // Pages allocate() can still hand out (the budget of this source).
   virtual int64_t free_pages() const = 0;
 
+  // Whether host code may dereference data() addresses. Constant for the
+  // source's lifetime (callers cache it).
+  virtual bool host_accessible() const = 0;
+  // Byte operations on page memory. `dst`/`src` are data() addresses (plus
+  // an offset) of allocated pages; for copy() and write() the range must
+  // lie within one page (every row, position and gate row does). No errors
+  // are returned: a device source records a failure and reports it at its
+  // flush (DevicePagePool::flush); a bad range is a caller bug.
+  //
+  // copy: `bytes` from page memory to page memory (ranges not overlapping).
+  // write: `bytes` from host memory `src` to page memory; `src` may be
+  //   reused as soon as the call returns (a device source stages the bytes).
+  // A host source runs both at once; a device source may defer them until
+  // its flush, but executes them as if in call order (a later op sees an
+  // earlier one's bytes) and before any later read().
+  virtual void copy(std::byte* dst, const std::byte* src, int64_t bytes) = 0;
+  virtual void write(std::byte* dst, const void* src, int64_t bytes) = 0;
+  // read: `bytes` of page memory into host memory `dst`, synchronously
+  // (a device source first executes its deferred ops; it may block).
+  virtual void read(void* dst, const std::byte* src, int64_t bytes) = 0;
+
  protected:
   PageSource() = default;
   PageSource(const PageSource&) = default;
@@ -84,6 +115,18 @@ class PagePool final : public PageSource {
 
   // The arena, for registering with a transport.
   std::byte* arena() { return arena_.get(); }
+
+  // Host memory: every op is a plain memcpy, done at once.
+  bool host_accessible() const override { return true; }
+  void copy(std::byte* dst, const std::byte* src, int64_t bytes) override {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+  }
+  void write(std::byte* dst, const void* src, int64_t bytes) override {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+  }
+  void read(void* dst, const std::byte* src, int64_t bytes) override {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+  }
 
   int64_t page_bytes() const override { return page_bytes_; }
   int64_t n_pages() const { return n_pages_; }

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "common/crc32c.h"
 
@@ -35,6 +36,19 @@ struct WireAccess {
     for (auto& id : d.pos_pages) page(id);
     for (auto& id : d.gate_pages) page(id);
     for (int64_t r = 0; r < c.n_gate_ring_pages_; ++r) page(c.gate_ring_pages_[r * n_slots + s]);
+  }
+
+  // The retained positions of slot s into `out` (resized), one read() per
+  // position page: on a device source each read synchronizes, so a page at
+  // a time rather than a position at a time.
+  static void read_positions(const CompressedKvCache& c, int64_t s, std::vector<int32_t>& out) {
+    const auto& d = c.distant_[s];
+    out.resize(static_cast<size_t>(d.n_tokens));
+    const int64_t per_page = c.positions_per_page_;
+    for (int64_t i = 0; i < d.n_tokens; i += per_page) {
+      const int64_t n = std::min(per_page, d.n_tokens - i);
+      c.pool_->read(out.data() + i, c.pool_->data(d.pos_pages[i / per_page]), n * kPositionBytes);
+    }
   }
 
   static int64_t n_ring_pages(const CompressedKvCache& c) { return c.n_ring_pages_; }
@@ -506,10 +520,12 @@ Result<CompressedKvCache> adopt_wire_image(const KvLayout& layout, PageSource* s
   // land in wire order (or were corrupted past the segment CRCs).
   const int64_t n_sink = layout.n_sink_tokens;
   const int64_t window_begin = std::max(n_sink, parsed.n_tokens - layout.n_window_tokens);
+  std::vector<int32_t> positions;
   for (int64_t s = 0; s < layout.blocks.n_slots(); ++s) {
+    WireAccess::read_positions(cache, s, positions);
     int64_t prev = n_sink - 1;
     for (int64_t i = 0; i < cache.retained_tokens(s); ++i) {
-      const int64_t pos = cache.retained_position(s, i);
+      const int64_t pos = positions[static_cast<size_t>(i)];
       if (pos <= prev || pos >= window_begin) {
         WireAccess::disown(cache);
         return data_loss("wire image: slot " + num(s) + " retained token " + num(i) +

@@ -55,9 +55,10 @@
 // sizing anything, so a hostile descriptor never makes it allocate much or
 // crash.
 //
-// adopt_wire_image() reads the landed position pages through
-// PageSource::data() (host memory, as every pool is today; a device-memory
-// pool would need those pages staged or the check moved to a kernel).
+// adopt_wire_image() reads the landed position pages with PageSource::read()
+// (one read per position page: a plain memcpy on a host pool; on a device
+// pool each read flushes the pool's pending ops and synchronizes). Export
+// only lists page ids and never touches page bytes.
 //
 // Threading: the owner thread of the cache and its page source; no call
 // blocks.
