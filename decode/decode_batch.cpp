@@ -100,7 +100,9 @@ void DecodeEngine::step() {
   const int64_t n_vocab = model_.config().n_vocab;
   logits_.resize(step_items_.size() * static_cast<size_t>(n_vocab));
   step_status_.assign(step_items_.size(), Status());
-  if (Status s = batch_->step(step_items_, logits_, step_status_); !s.ok()) {
+  const Status run = options_.device ? options_.device->step(step_items_, logits_, step_status_)
+                                     : batch_->step(step_items_, logits_, step_status_);
+  if (Status s = run; !s.ok()) {
     for (Status& st : step_status_) st = s;
   }
   ++steps_;

@@ -94,8 +94,21 @@ Result<std::unique_ptr<DecodeEngine>> DecodeEngine::start(
   if (!addr.ok()) return addr.status();
   e->transport_address_ = std::move(*addr);
   e->transport_name_ = std::string(e->transport_->name());
-  e->forward_ = std::make_unique<engine::CpuForward>(model, e->options_.forward);
-  e->batch_ = std::make_unique<engine::BatchDecoder>(*e->forward_);
+  if (const auto& dev = e->options_.device) {
+    if (dev->pool == nullptr || !dev->step) {
+      return invalid_argument("decode engine: a device needs a page pool and a step");
+    }
+    if (dev->pool->page_bytes() != page_bytes || dev->pool->free_pages() < e->pool_->n_pages()) {
+      return invalid_argument(
+          "decode.pool_bytes: the device pool (" + std::to_string(dev->pool->free_pages()) +
+          " free pages of " + std::to_string(dev->pool->page_bytes()) +
+          " bytes) must hold the host pool's " + std::to_string(e->pool_->n_pages()) +
+          " pages of " + std::to_string(page_bytes) + " bytes");
+    }
+  } else {
+    e->forward_ = std::make_unique<engine::CpuForward>(model, e->options_.forward);
+    e->batch_ = std::make_unique<engine::BatchDecoder>(*e->forward_);
+  }
   e->publish_stats();
   // Everything above was made on this thread; from here the engine thread
   // owns it (the thread start orders those writes before its reads).
@@ -484,6 +497,18 @@ Status DecodeEngine::adopt_and_admit(Request& r) {
     return invalid_argument(what + "the descriptor holds " +
                             std::to_string(seq->cache->n_tokens()) + " tokens, prompt_tokens says " +
                             std::to_string(m.prompt_tokens));
+  }
+  if (const auto& dev = options_.device) {
+    // Decode runs on the device: the landed cache moves there, its pages
+    // charged to the same lease (decode/device_pages.h).
+    seq->device_pages = std::make_unique<LeaseChargedPages>(leases_.get(), r.lease, dev->pool);
+    auto moved = move_to_device(seq->cache, *seq->device_pages);
+    if (!moved.ok()) {
+      return Status(moved.status().code(), what + "moving the KV to the " + dev->name + " device: " +
+                                               moved.status().message());
+    }
+    seq->cache.emplace(std::move(*moved));
+    if (dev->after_move) KVGATE_RETURN_IF_ERROR(dev->after_move());
   }
   const auto info = leases_->info(r.lease);
   if (!info.ok()) return info.status();

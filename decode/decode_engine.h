@@ -56,8 +56,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -80,12 +82,34 @@ namespace kvgate::decode {
 
 using Clock = std::chrono::steady_clock;
 
+// The decode step on a device (engine.backend: cuda, decode_node.cpp; or,
+// in tests, any page source and stepper). Leases, the transport and adopt
+// stay on the host pool; each admitted cache is then moved into `pool`
+// (decode/device_pages.h: move_to_device, pages charged to the lease) and
+// stepped by `step` instead of the CPU's BatchDecoder.
+struct DecodeDevice {
+  // Device pages: the host pool's page size, and at least as many pages
+  // (so a device allocation never fails where the lease allows it).
+  kvstore::PageSource* pool = nullptr;
+  // engine::BatchDecoder::step's contract (CudaBatchDecoder::step).
+  std::function<Status(std::span<const engine::DecodeItem> items, std::span<float> logits,
+                       std::span<Status> statuses)>
+      step;
+  // Runs after every move_to_device, before the next step: a device pool's
+  // pending page writes enqueued (DevicePagePool::flush). May be empty.
+  std::function<Status()> after_move;
+  std::string name;                 // for the start-up line ("cuda")
+  std::shared_ptr<void> keep_alive;  // owns what pool and step use
+};
+
 struct DecodeEngineOptions {
   DecodeConfig decode;
   TransportConfig transport;
   std::string cluster_token;  // the transport's handshake secret
   int64_t context_tokens = 0;  // 0 = the model's training context
   engine::ForwardOptions forward;
+  // Null: the CPU engine decodes on the host pool's pages.
+  std::shared_ptr<DecodeDevice> device;
   std::string node_name = "decode";  // for log lines
   // Tests only: fault injection into the transport (before_verify, ...).
   transport::TestHooks transport_hooks;

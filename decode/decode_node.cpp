@@ -21,12 +21,80 @@
 #include "engine/gate_file.h"
 #include "engine/kv_policy_spec.h"
 
+#if KVGATE_HAVE_CUDA
+#include "engine/cuda/cuda_batch_decode.h"
+#include "engine/cuda/device_page_pool.h"
+#endif
+
 namespace kvgate::decode {
 
 namespace asio = boost::asio;
 using control::ConnectionPtr;
 
 namespace {
+
+// engine.backend: cuda — the decode step on the GPU: a DevicePagePool the
+// size of the host pool (decode.pool_bytes), the model on the device
+// (CudaForward) and CudaBatchDecoder; KV lands in host pages and moves to
+// the device at admission (decode/device_pages.h).
+Result<std::shared_ptr<DecodeDevice>> cuda_decode_device(const NodeConfig& config,
+                                                         const engine::LlamaModel& model) {
+#if KVGATE_HAVE_CUDA
+  const engine::LlamaConfig& c = model.config();
+  const int64_t page_bytes = config.decode.page_tokens * c.head_dim * kvstore::kKvElementBytes;
+  auto pool = engine::cuda::DevicePagePool::create(page_bytes, config.decode.pool_bytes);
+  if (!pool.ok()) {
+    return Status(pool.status().code(), "engine.backend: cuda: decode.pool_bytes on the device: " +
+                                            pool.status().message());
+  }
+  engine::cuda::CudaForwardOptions fo;
+  const int64_t context = config.model.max_context_tokens > 0
+                              ? std::min<int64_t>(config.model.max_context_tokens, c.n_ctx_train)
+                              : c.n_ctx_train;
+  fo.max_decode_batch = std::max<int64_t>(1, config.decode.max_batch_requests);
+  fo.max_prefill_tokens = std::max<int64_t>(64, fo.max_decode_batch);
+  // The forward's own dense cache is unused here (compressed steps only):
+  // keep it small.
+  fo.max_context_tokens = std::max<int64_t>(fo.max_prefill_tokens, 256);
+  auto fwd = engine::cuda::CudaForward::create(engine::cuda::HostWeights::of(model), fo);
+  if (!fwd.ok()) {
+    return Status(fwd.status().code(), "engine.backend: cuda: " + fwd.status().message());
+  }
+  struct Owned {
+    std::unique_ptr<engine::cuda::DevicePagePool> pool;
+    std::unique_ptr<engine::cuda::CudaForward> forward;
+    std::unique_ptr<engine::cuda::CudaBatchDecoder> batch;
+  };
+  auto owned = std::make_shared<Owned>();
+  owned->pool = std::move(*pool);
+  owned->forward = std::move(*fwd);
+  engine::cuda::DevicePagePool* p = owned->pool.get();
+  engine::cuda::CudaForward* f = owned->forward.get();
+  owned->batch = std::make_unique<engine::cuda::CudaBatchDecoder>(
+      *f, [p](cudaStream_t stream) { return p->flush(stream); });
+  auto dev = std::make_shared<DecodeDevice>();
+  dev->pool = p;
+  dev->step = [b = owned->batch.get()](std::span<const engine::DecodeItem> items,
+                                       std::span<float> logits, std::span<Status> statuses) {
+    return b->step(items, logits, statuses);
+  };
+  dev->after_move = [p, f] { return p->flush(f->stream()); };
+  dev->name = "cuda";
+  dev->keep_alive = owned;
+  log::info("decode engine on the GPU",
+            {{"backend", "cuda"},
+             {"device_pool_bytes", p->capacity_bytes()},
+             {"context_tokens", context},
+             {"kv_path", "transport -> host pages -> device pages at admission"}});
+  return dev;
+#else
+  (void)config;
+  (void)model;
+  return unimplemented(
+      "engine.backend: cuda: this build has no CUDA backend (configure with -DKVGATE_CUDA=ON "
+      "on a machine with the CUDA toolkit)");
+#endif
+}
 
 constexpr std::chrono::milliseconds kBackoffFirst{100};
 constexpr std::chrono::milliseconds kBackoffMax{2000};
@@ -261,8 +329,8 @@ Result<std::unique_ptr<DecodeNode>> DecodeNode::start(const NodeConfig& config,
     return invalid_argument("engine.isa: this CPU does not support " +
                             std::string(engine::cpu::isa_name(eo.forward.isa)));
   }
-  if (config.engine.backend != EngineBackend::kCpu) {
-    return unimplemented("engine.backend: the decode node runs the CPU engine only");
+  if (config.engine.backend == EngineBackend::kCuda) {
+    KVGATE_ASSIGN_OR_RETURN(eo.device, cuda_decode_device(config, *n.model));
   }
   eo.node_name = n.node_name;
   eo.transport_hooks = std::move(options.transport_hooks);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "decode/decode_engine.h"
+#include "decode/device_pages.h"
 #include "engine/policy_cache.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
@@ -26,6 +27,9 @@ struct DecodeEngine::Sequence {
 
   std::shared_ptr<const engine::PolicyPlan> plan;
   std::unique_ptr<kvstore::LeasePages> pages;  // stable address: the cache's page source
+  // With a DecodeDevice: the device cache's page source (charged to the
+  // same lease); declared after `pages`, before `cache`.
+  std::unique_ptr<LeaseChargedPages> device_pages;
   std::optional<kvstore::CompressedKvCache> cache;
   engine::Sampler sampler;
   engine::StreamDecoder decoder;

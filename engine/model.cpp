@@ -389,6 +389,11 @@ Status CpuForward::forward_compressed(std::span<const CompressedItem> items, flo
     const CompressedItem& it = items[i];
     if (it.cache == nullptr) return invalid_argument("batch item " + std::to_string(i) + " has no cache");
     KVGATE_RETURN_IF_ERROR(check_token_ids(std::span<const int32_t>(&it.token, 1), c.n_vocab, ""));
+    if (!it.cache->host_accessible()) {
+      return failed_precondition("batch item " + std::to_string(i) +
+                                 ": the cache's pages are in device memory (decode it with the "
+                                 "CUDA backend)");
+    }
     if (it.cache->layout().n_layers() != c.n_layers || it.cache->layout().n_kv_heads() != c.n_kv_heads ||
         it.cache->layout().head_dim != c.head_dim) {
       return invalid_argument("batch item " + std::to_string(i) + ": cache layout does not match the model");

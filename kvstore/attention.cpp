@@ -77,6 +77,10 @@ void finish_partial(const PartialAttention& state, const float* acc, float* out,
 
 Status attend(const CompressedKvCache& cache, int64_t layer, int64_t q_head, int64_t n_q_heads,
               const float* q, const float* q_base, float* out, Isa isa) {
+  if (!cache.host_accessible()) {
+    return failed_precondition(
+        "attention: the cache's pages are in device memory; attend on the device");
+  }
   const KvLayout& layout = cache.layout();
   const int64_t n_kv = layout.n_kv_heads();
   if (n_q_heads < n_kv || n_q_heads % n_kv != 0) {

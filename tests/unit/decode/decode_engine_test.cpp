@@ -87,6 +87,30 @@ class DecodeEngineTest : public ::testing::Test {
     o.cluster_token = "token";
     o.transport_hooks = std::move(hooks);
     o.node_name = "decode-test";
+    if (device_mode_) {
+      // A stand-in device: a second host pool (same page size, as many
+      // pages) and the CPU's BatchDecoder over it — the engine's device
+      // path (move at admission, pages charged to the lease, the device
+      // stepper) with arithmetic the test can compare exactly.
+      const int64_t pb = kPageTokens * L_->model->config().head_dim * 2;
+      device_pool_ = std::move(kvstore::PagePool::create(pb, pool_bytes)).value();
+      // Its own forward: the engine thread steps it while the test thread
+      // uses forward_ for references.
+      device_forward_ = std::make_unique<engine::CpuForward>(*L_->model, engine::ForwardOptions{});
+      device_batch_ = std::make_unique<engine::BatchDecoder>(*device_forward_);
+      auto dev = std::make_shared<DecodeDevice>();
+      dev->pool = device_pool_.get();
+      dev->step = [b = device_batch_.get()](std::span<const engine::DecodeItem> items,
+                                            std::span<float> logits, std::span<Status> st) {
+        return b->step(items, logits, st);
+      };
+      dev->after_move = [this] {
+        ++moves_;
+        return Status();
+      };
+      dev->name = "test";
+      o.device = dev;
+    }
     registry_ = std::make_shared<prometheus::Registry>();
     metrics_ = std::make_unique<DecodeMetrics>(registry_);
     auto e = DecodeEngine::start(*L_->model, *L_->tokenizer, std::move(gate), std::move(o),
@@ -169,6 +193,13 @@ class DecodeEngineTest : public ::testing::Test {
 
   const engine::testing::TestModel* L_ = nullptr;
   std::unique_ptr<engine::CpuForward> forward_;
+  // Device mode (start_engine reads it): declared before engine_, so the
+  // engine (and every cache on the device pool) is destroyed first.
+  bool device_mode_ = false;
+  std::unique_ptr<kvstore::PagePool> device_pool_;
+  std::unique_ptr<engine::CpuForward> device_forward_;
+  std::unique_ptr<engine::BatchDecoder> device_batch_;
+  std::atomic<int> moves_{0};
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<DecodeMetrics> metrics_;
   std::unique_ptr<DecodeEngine> engine_;
@@ -753,6 +784,108 @@ TEST_F(DecodeEngineTest, PoolFullMidDecodeFailsOnlyThatSequence) {
   const Streamed s = streamed(*coordinator_, RequestId(71));
   EXPECT_EQ(s.tokens, ref.tokens);
   EXPECT_EQ(s.finish, finish_of(ref.finish_reason));
+}
+
+// The device path (DecodeDevice: engine.backend cuda's structure, with a
+// host pool standing in for device memory): each admitted cache moves to
+// the device pool with its pages charged to the same lease; gate+pod and
+// dense requests batched there stream exactly what generate() produces,
+// the device pool holds pages while they decode, and afterwards both pools
+// and every lease are empty.
+TEST_F(DecodeEngineTest, DevicePathStreamsWhatGenerateProducesAndFreesBothPools) {
+  device_mode_ = true;
+  auto gate = engine::calibrated_or_random_gate(*L_->model, KVGATE_TEST_MODEL);
+  ASSERT_NE(gate, nullptr);
+  start_engine(int64_t{32} << 20, {}, 8, gate);
+  engine::KvPolicyConfig gp;
+  gp.policy = engine::KvPolicy::kGatePod;
+  gp.gate = gate;
+  gp.n_sink_tokens = 2;
+  gp.n_window_tokens = 8;
+  constexpr int32_t kMaxNew = 14;
+  const std::vector<std::pair<engine::KvPolicyConfig, std::vector<int32_t>>> cases = {
+      {gp, tokens(kPrompt1)}, {dense_policy(), tokens(kPrompt2)}, {h2o_policy(), tokens(kPrompt3)}};
+  for (size_t i = 0; i < cases.size(); ++i) {
+    auto p = prefill_of(cases[i].first, cases[i].second);
+    ASSERT_NE(p, nullptr);
+    const auto ref = reference(cases[i].first, cases[i].second, kMaxNew);
+    start_request(RequestId(90 + i), *p, kMaxNew);
+    ASSERT_TRUE(coordinator_->wait_finished(RequestId(90 + i)));
+    EXPECT_EQ(streamed(*coordinator_, RequestId(90 + i)).tokens, ref.tokens) << "request " << i;
+  }
+  EXPECT_EQ(moves_.load(), 3);
+  EXPECT_TRUE(wait_until([&] { return pool_all_free(); }));
+  EXPECT_EQ(device_pool_->used_pages(), 0);
+}
+
+// Device path, lease accounting: pages the device cache takes as it grows
+// are charged to the lease, so a lease that cannot grow fails only its own
+// sequence ("KV pool full") and the other finishes as generate() does.
+TEST_F(DecodeEngineTest, DevicePathChargesGrowthToTheLease) {
+  device_mode_ = true;
+  start_engine(int64_t{8} << 20);
+  const auto prompt_ok = tokens(kPrompt3);
+  const auto prompt_tight = tokens(kPrompt1);
+  constexpr uint32_t kMaxNew = 24;
+  auto ok = prefill_of(dense_policy(), prompt_ok);
+  auto tight = prefill_of(dense_policy(), prompt_tight);
+  ASSERT_NE(ok, nullptr);
+  ASSERT_NE(tight, nullptr);
+  const auto ref = reference(dense_policy(), prompt_ok, kMaxNew);
+  auto g_ok = reserve(RequestId(171), reservation_for(*ok, kMaxNew + 2 * kPageTokens));
+  ASSERT_TRUE(g_ok.has_value());
+  auto g_tight = reserve(RequestId(172), static_cast<uint64_t>(tight->image.total_bytes()));
+  ASSERT_TRUE(g_tight.has_value());
+  const int64_t held = static_cast<int64_t>(g_ok->granted_bytes + g_tight->granted_bytes);
+  ASSERT_TRUE(wait_until([&] {
+    const auto s = engine_->stats().leases;
+    return s.free_bytes == s.capacity_bytes - held;
+  }));
+  const auto left = static_cast<uint64_t>(engine_->stats().leases.free_bytes);
+  ASSERT_GT(left, 0u);
+  ASSERT_TRUE(reserve(RequestId(173), left).has_value());
+  ASSERT_TRUE(ship(*sender_, peer_, g_ok->pool_descriptor, *ok).ok());
+  ASSERT_TRUE(ship(*sender_, peer_, g_tight->pool_descriptor, *tight).ok());
+  engine_->post(prefill_conn_, manifest_for(*ok, RequestId(171), g_ok->lease_id, kMaxNew));
+  engine_->post(prefill_conn_, manifest_for(*tight, RequestId(172), g_tight->lease_id, kMaxNew));
+  ASSERT_TRUE(coordinator_->wait_finished(RequestId(172)));
+  EXPECT_EQ(streamed(*coordinator_, RequestId(172)).finish, FinishReason::kError);
+  const auto error = coordinator_->wait_for<control::Error>(RequestId(172));
+  ASSERT_TRUE(error.has_value());
+  EXPECT_NE(error->message.find("KV pool full"), std::string::npos) << error->message;
+  ASSERT_TRUE(coordinator_->wait_finished(RequestId(171)));
+  EXPECT_EQ(streamed(*coordinator_, RequestId(171)).tokens, ref.tokens);
+  // Only the third lease (never shipped) still holds bytes; no device page
+  // outlives its sequence.
+  EXPECT_EQ(device_pool_->used_pages(), 0);
+}
+
+// A device pool smaller than the host pool is refused at start, naming the
+// key: a lease could then allow what the device cannot hold.
+TEST_F(DecodeEngineTest, DevicePoolSmallerThanTheHostPoolIsRefused) {
+  engine_.reset();
+  sender_.reset();
+  const int64_t pb = kPageTokens * L_->model->config().head_dim * 2;
+  auto small = std::move(kvstore::PagePool::create(pb, int64_t{4} << 20)).value();
+  engine::BatchDecoder batch(*forward_);
+  DecodeEngineOptions o;
+  o.decode.pool_bytes = int64_t{8} << 20;
+  o.decode.page_tokens = kPageTokens;
+  o.decode.max_batch_requests = 4;
+  o.decode.lease_ttl = 30000ms;
+  o.transport.kind = TransportKind::kLoopback;
+  o.cluster_token = "token";
+  auto dev = std::make_shared<DecodeDevice>();
+  dev->pool = small.get();
+  dev->step = [&batch](std::span<const engine::DecodeItem> i, std::span<float> l,
+                       std::span<Status> s) { return batch.step(i, l, s); };
+  o.device = dev;
+  auto registry = std::make_shared<prometheus::Registry>();
+  DecodeMetrics metrics(registry);
+  auto e = DecodeEngine::start(*L_->model, *L_->tokenizer, nullptr, std::move(o), &metrics);
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(e.status().message().find("decode.pool_bytes"), std::string::npos);
 }
 
 }  // namespace
