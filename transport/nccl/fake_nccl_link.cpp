@@ -61,6 +61,23 @@ int FakeNcclFabric::next_free_rank() const {
   return -1;
 }
 
+Result<uint64_t> FakeNcclFabric::post_stray_send(int from, int to, size_t bytes) {
+  static const std::byte kStray[1] = {};
+  Op op;
+  op.send = true;
+  op.self = from;
+  op.peer = to;
+  op.src = kStray;
+  op.bytes = bytes;
+  if (bytes > sizeof kStray) return invalid_argument("fake nccl: a stray send carries at most 1 byte");
+  auto id = post(op);
+  if (id.ok()) {
+    std::lock_guard lock(mu_);
+    ops_[*id].self = -1;  // nobody polls it; dropped with no rank
+  }
+  return id;
+}
+
 Result<uint64_t> FakeNcclFabric::post(Op op) {
   std::lock_guard lock(mu_);
   if (op.peer < 0 || op.peer >= world_ || op.peer == op.self)
@@ -96,12 +113,13 @@ void FakeNcclFabric::match(std::pair<int, int> dir) {
       --f->second;
       error = internal_error("fake nccl: injected failure");
     } else if (a.bytes != b.bytes) {
-      error = internal_error("fake nccl: size mismatch: rank " + std::to_string(dir.first) + " sent " +
+      error = data_loss("fake nccl: size mismatch (the pair is out of step): rank " + std::to_string(dir.first) + " sent " +
                        std::to_string(a.bytes) + " bytes, rank " + std::to_string(dir.second) + " receives " +
                        std::to_string(b.bytes));
     }
-    if (hold_ && error.ok()) {
-      held_.emplace_back(send, recv);
+    if (hold_ != Hold::kNone && error.ok()) {
+      held_.push_back({send, recv, a.src, a.bytes});
+      if (hold_ == Hold::kReceives) ops_[send].state = NcclDataLink::OpState::kOk;
     } else {
       finish_pair(send, recv, error);
     }
@@ -120,12 +138,23 @@ void FakeNcclFabric::finish_pair(uint64_t send, uint64_t recv, Status error) {
 
 void FakeNcclFabric::hold_completions(bool hold) {
   std::lock_guard lock(mu_);
-  hold_ = hold;
+  hold_ = hold ? Hold::kBoth : Hold::kNone;
+}
+
+void FakeNcclFabric::hold_receives(bool hold) {
+  std::lock_guard lock(mu_);
+  hold_ = hold ? Hold::kReceives : Hold::kNone;
 }
 
 void FakeNcclFabric::release() {
   std::lock_guard lock(mu_);
-  for (auto [s, r] : held_) finish_pair(s, r, {});
+  for (const Held& h : held_) {
+    if (auto r = ops_.find(h.recv); r != ops_.end()) {
+      std::memcpy(r->second.dst, h.src, h.bytes);
+      r->second.state = NcclDataLink::OpState::kOk;
+    }
+    if (auto s = ops_.find(h.send); s != ops_.end()) s->second.state = NcclDataLink::OpState::kOk;
+  }
   held_.clear();
 }
 
@@ -166,13 +195,14 @@ void FakeNcclFabric::drop_rank(int rank) {
   alive_[rank] = false;
   const Status gone = unavailable("fake nccl: rank " + std::to_string(rank) + " is gone");
   // Held pairs with the rank: the other side fails, nothing is copied.
-  std::erase_if(held_, [&](const std::pair<uint64_t, uint64_t>& p) {
-    const Op& s = ops_[p.first];
-    if (s.self != rank && s.peer != rank) return false;
-    for (uint64_t id : {p.first, p.second}) {
-      Op& op = ops_[id];
-      op.state = NcclDataLink::OpState::kError;
-      op.error = gone;
+  std::erase_if(held_, [&](const Held& h) {
+    auto r = ops_.find(h.recv);
+    if (r == ops_.end() || (r->second.self != rank && r->second.peer != rank)) return r == ops_.end();
+    for (uint64_t id : {h.send, h.recv}) {
+      auto op = ops_.find(id);
+      if (op == ops_.end() || op->second.state != NcclDataLink::OpState::kPending) continue;
+      op->second.state = NcclDataLink::OpState::kError;
+      op->second.error = gone;
     }
     return true;
   });

@@ -7,8 +7,9 @@
 // copies the bytes (on match, or on release() while completions are held)
 // and both ops finish kOk; unequal sizes finish both kError ("size
 // mismatch"), where NCCL would hang or write garbage — the fake makes the
-// mistake visible. Test controls: hold_completions() keeps matched pairs
-// pending until release(); fail_next_match(from, to) fails the next pair
+// mistake visible (DATA_LOSS: the pair is out of step). Test controls: hold_completions() keeps matched pairs
+// pending until release() (hold_receives(): the receive alone);
+// fail_next_match(from, to) fails the next pair
 // of that direction. A destroyed link's rank is dead: its pending ops are
 // dropped (nothing is copied into its memory afterwards), the other ranks'
 // pending and later ops with it finish kError.
@@ -43,9 +44,17 @@ class FakeNcclFabric : public std::enable_shared_from_this<FakeNcclFabric> {
 
   int world() const { return world_; }
   void hold_completions(bool hold);
+  // Like hold_completions, for the receive alone: the send finishes on
+  // match (NCCL may finish a send before its bytes are in the peer's
+  // buffer), the receive and its bytes wait for release().
+  void hold_receives(bool hold);
   // Completes every held pair (copies, then kOk).
   void release();
   void fail_next_match(int from, int to);
+  // A send of `bytes` (at most 1) from rank `from` to `to` that no link
+  // posted: the pair falls out of step (the next receive of `to` from
+  // `from` meets it: a size mismatch, DATA_LOSS on the receive).
+  Result<uint64_t> post_stray_send(int from, int to, size_t bytes);
   // Pairs matched so far (both directions), and ops still unmatched.
   uint64_t matched() const;
   size_t unmatched() const;
@@ -73,11 +82,16 @@ class FakeNcclFabric : public std::enable_shared_from_this<FakeNcclFabric> {
   std::vector<bool> alive_;
   uint64_t next_id_ = 1;
   uint64_t matched_ = 0;
-  bool hold_ = false;
+  enum class Hold : uint8_t { kNone, kBoth, kReceives } hold_ = Hold::kNone;
   std::unordered_map<uint64_t, Op> ops_;
   // Unmatched op ids per direction (from, to).
   std::map<std::pair<int, int>, std::deque<uint64_t>> sends_, recvs_;
-  std::vector<std::pair<uint64_t, uint64_t>> held_;  // matched (send, recv)
+  struct Held {
+    uint64_t send = 0, recv = 0;
+    const void* src = nullptr;  // the send's bytes (its op may be gone)
+    size_t bytes = 0;
+  };
+  std::vector<Held> held_;  // matched, not finished
   std::map<std::pair<int, int>, int> fail_next_;
 };
 

@@ -101,6 +101,23 @@ Status LocalControlLink::send(ChannelId channel, Bytes frame) {
   return {};
 }
 
+void LocalControlLink::close(ChannelId channel) {
+  Registry& r = registry();
+  std::lock_guard lock(r.mu);
+  auto ch = state_->channels.find(channel);
+  if (ch == state_->channels.end()) return;
+  const auto [other, theirs] = ch->second;
+  state_->channels.erase(ch);
+  auto it = r.endpoints.find(other);
+  if (it == r.endpoints.end()) return;
+  it->second->channels.erase(theirs);
+  Event closed;
+  closed.kind = Event::kClosed;
+  closed.channel = theirs;
+  closed.status = unavailable("control link: the other endpoint closed the channel");
+  it->second->inbox.push_back(std::move(closed));
+}
+
 void LocalControlLink::poll(std::vector<Event>& out) {
   Registry& r = registry();
   std::vector<Event> got;

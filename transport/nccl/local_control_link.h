@@ -23,6 +23,7 @@ class LocalControlLink final : public NcclControlLink {
   Bytes address() const override;
   Result<ChannelId> open(std::span<const std::byte> address) override;
   Status send(ChannelId channel, Bytes frame) override;
+  void close(ChannelId channel) override;
   void poll(std::vector<Event>& out) override;
 
   struct State;  // the endpoint's queue and channels (local_control_link.cpp)

@@ -51,6 +51,9 @@ class NcclDataLink {
   // bytes; UNAVAILABLE: the link is broken (every later call fails too).
   virtual Result<OpId> post_send(int peer, const void* data, size_t bytes) = 0;
   // Posts a receive of exactly `bytes` into `data` from `peer`.
+  // An op that ends with DATA_LOSS tells that the pair is out of step (the
+  // fake: a size mismatch; NCCL itself cannot tell): no later op of that
+  // pair can be trusted.
   virtual Result<OpId> post_recv(int peer, void* data, size_t bytes) = 0;
   // Non-blocking. kOk / kError end the op (the id is forgotten; `error`
   // gets the reason of kError); a finished or unknown id is kError.
@@ -83,6 +86,9 @@ class NcclControlLink {
   virtual Result<ChannelId> open(std::span<const std::byte> address) = 0;
   // Queues one frame (non-blocking). UNAVAILABLE once the channel closed.
   virtual Status send(ChannelId channel, Bytes frame) = 0;
+  // Closes a channel (either kind); the other endpoint polls kClosed for
+  // its side. Frames already sent may still arrive there. Unknown: no-op.
+  virtual void close(ChannelId channel) = 0;
   // Non-blocking: appends the frames that arrived and the channels that
   // closed (either direction: the other endpoint went away) since the last call.
   virtual void poll(std::vector<Event>& out) = 0;

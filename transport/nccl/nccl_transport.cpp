@@ -205,6 +205,21 @@ void NcclTransport::lose_rank(int rank, const Status& why) {
   for (uint64_t p : peers) peer_lost(PeerId(p), why);
 }
 
+void NcclTransport::break_pair(NcclControlLink::ChannelId id, Inbound& in, const Status& why) {
+  in.broken = true;
+  in.queue.clear();
+  control_->close(id);
+  in.closed = true;
+  if (in.rank < 0) return;
+  if (auto out = out_.find(in.rank); out != out_.end()) {
+    control_->close(out->second.channel);  // the peer hears of it: its channel closes
+    out_.erase(out);
+  }
+  lose_rank(in.rank, data_loss("transport: nccl: rank " + std::to_string(in.rank) +
+                               " is out of step (every later transfer with it would mismatch): " +
+                               why.message()));
+}
+
 void NcclTransport::handle_ident(Inbound& in, std::span<const std::byte> body) {
   Reader r{body};
   uint64_t rank = 0, world = 0;
@@ -238,15 +253,13 @@ bool NcclTransport::handle_put(NcclControlLink::ChannelId id, Inbound& in, std::
     Status why = data_loss("transport: nccl: rank " + std::to_string(in.rank) +
                            " announced data outside the region or a malformed Put frame");
     count_malformed(why);
-    in.broken = true;
-    lose_rank(in.rank, why);
+    break_pair(id, in, why);
     return false;
   }
   for (const auto& [off, len] : pieces) {
     auto op = data_->post_recv(in.rank, region() + off, len);
     if (!op.ok()) {
-      in.broken = true;
-      lose_rank(in.rank, unavailable("transport: nccl: posting a receive failed: " + op.status().message()));
+      break_pair(id, in, unavailable("transport: nccl: posting a receive failed: " + op.status().message()));
       return false;
     }
     recvs_.push_back({id, *op});
@@ -276,7 +289,6 @@ void NcclTransport::drain(NcclControlLink::ChannelId id, Inbound& in) {
     }
     in.queue.pop_front();
   }
-  if (in.broken) in.queue.clear();
 }
 
 void NcclTransport::link_progress() {
@@ -309,10 +321,17 @@ void NcclTransport::link_progress() {
       ++it;
       continue;
     }
-    if (state == NcclDataLink::OpState::kError) count_malformed(error);
-    auto in = in_.find(it->channel);
-    if (in != in_.end() && in->second.outstanding > 0) --in->second.outstanding;
+    const NcclControlLink::ChannelId channel = it->channel;
     it = recvs_.erase(it);
+    auto in = in_.find(channel);
+    if (in == in_.end()) continue;
+    if (in->second.outstanding > 0) --in->second.outstanding;
+    if (state == NcclDataLink::OpState::kOk) continue;
+    count_malformed(error);
+    // Another failure is the sender's to report (its send failed too) and
+    // the manifest's CRC32C stands behind it. Out of step, every later
+    // receive of the pair would take another segment's bytes: cut it off.
+    if (error.code() == StatusCode::kDataLoss && !in->second.broken) break_pair(channel, in->second, error);
   }
   for (uint64_t cookie : std::exchange(flushes_, {})) flushed(cookie, {});
 

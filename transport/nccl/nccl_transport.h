@@ -42,11 +42,13 @@
 //
 // Failures: a send that fails fails its transfer (the core tells the
 // receiver: Stopped, "peer: …"); a receive that fails is counted as
-// malformed and left to the sender's report and the manifest's CRC32C; a
-// Put frame outside the region, or a malformed one, breaks the channel:
-// the peer is lost (kDataLoss) for every transfer with it, since the pair
-// can no longer be kept in step. A control channel that closes loses the
-// peer (kUnavailable).
+// malformed and left to the sender's report and the manifest's CRC32C —
+// unless the link says the pair is out of step (DATA_LOSS: a size
+// mismatch), or a Put frame is malformed or outside the region: then no
+// later receive of the pair can be trusted, both channels with that rank
+// are closed and the rank is lost (kDataLoss here; kUnavailable at the
+// peer, whose channel closed) for every transfer with it. A control
+// channel that closes loses the peer (kUnavailable).
 //
 // Threading: owner thread only, like every Transport; the links are used
 // from it alone. The destructor says goodbye (non-blocking) and drops the
@@ -116,6 +118,10 @@ class NcclTransport final : public TransportCore {
   // False: the frame broke the channel.
   bool handle_put(NcclControlLink::ChannelId id, Inbound& in, std::span<const std::byte> body);
   void lose_rank(int rank, const Status& why);
+  // The pair with the rank behind inbound channel `id` can no longer be
+  // kept in step: closes both channels (the peer loses us too) and loses
+  // the rank with DATA_LOSS naming `why`.
+  void break_pair(NcclControlLink::ChannelId id, Inbound& in, const Status& why);
 
   std::unique_ptr<NcclDataLink> data_;
   std::unique_ptr<NcclControlLink> control_;
