@@ -14,7 +14,9 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#if !defined(__CUDACC__)
 #include <span>
+#endif
 
 #if defined(__CUDACC__)
 #define KVGATE_HD __host__ __device__
@@ -41,6 +43,7 @@ KVGATE_HD inline uint32_t crc32c_chunk(const uint32_t* table, const uint8_t* p, 
   return ~reg;
 }
 
+#if !defined(__CUDACC__)  // host only (nvcc builds the kernel as C++17)
 std::array<uint32_t, 256> make_table();
 
 // crc32c(A ++ B) from crc1 = crc32c(A) (or any running seed), crc2 =
@@ -56,5 +59,6 @@ uint32_t fold_chunks(uint32_t seed, std::span<const uint32_t> chunk_crcs, uint64
 // The host reference of the device path: chunks checksummed with
 // crc32c_chunk, folded with fold_chunks (for the fake link and tests).
 uint32_t chunked_crc32c(const void* data, size_t bytes, uint32_t seed);
+#endif
 
 }  // namespace kvgate::transport::nccl_crc
