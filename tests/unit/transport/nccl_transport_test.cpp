@@ -18,6 +18,7 @@
 #include "transport/nccl/fake_nccl_link.h"
 #include "transport/nccl/local_control_link.h"
 #include "transport/nccl/nccl_transport.h"
+#include "transport/nccl/tcp_control_link.h"
 #include "transport/wire.h"
 
 namespace kvgate::transport::testing {
@@ -335,6 +336,112 @@ TEST_F(NcclTransportTest, PutFramesAreCheckedBeforeAnyReceiveIsPosted) {
   ship(TransferId(40), post(TransferId(40), {{0, kPage}}), src, kPage);
   ASSERT_TRUE(pump_until([&] { return !send_.events.empty() && !recv_.events.empty(); }));
   EXPECT_TRUE(recv_.events[0].status.ok()) << recv_.events[0].status.to_string();
+}
+
+// ---- the TCP control link
+
+// Polls both endpoints until `done` or 10 s.
+bool poll_until(NcclControlLink& a, NcclControlLink& b, std::vector<NcclControlLink::Event>& ea,
+                std::vector<NcclControlLink::Event>& eb, const std::function<bool()>& done) {
+  const auto end = Clock::now() + 10s;
+  while (!done()) {
+    if (Clock::now() > end) return false;
+    a.poll(ea);
+    b.poll(eb);
+  }
+  return true;
+}
+
+TEST(TcpControlLink, FramesArriveInOrderAndClosesAreSeen) {
+  auto a = TcpControlLink::create();
+  auto b = TcpControlLink::create({.max_frame_bytes = 1 << 20});
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status().to_string() << b.status().to_string();
+  auto ch = (*a)->open((*b)->address());
+  ASSERT_TRUE(ch.ok()) << ch.status().to_string();
+  // Queued before the connection completes; sizes from empty to 1 MiB.
+  const std::vector<size_t> sizes = {0, 1, 5, 70000, size_t{1} << 20};
+  for (size_t n : sizes) ASSERT_TRUE((*a)->send(*ch, random_bytes(n, n)).ok());
+  std::vector<NcclControlLink::Event> ea, eb;
+  ASSERT_TRUE(poll_until(**a, **b, ea, eb, [&] { return eb.size() >= sizes.size(); }));
+  ASSERT_EQ(eb.size(), sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    EXPECT_EQ(eb[i].kind, NcclControlLink::Event::kFrame);
+    EXPECT_TRUE(eb[i].frame == random_bytes(sizes[i], sizes[i])) << i;
+    EXPECT_EQ(eb[i].channel, eb[0].channel);
+  }
+  // Too large for the receiver: it closes its side, the sender sees it.
+  ASSERT_TRUE((*a)->send(*ch, Bytes((size_t{1} << 20) + 1)).ok());
+  ASSERT_TRUE(poll_until(**a, **b, ea, eb, [&] { return eb.size() > sizes.size() && !ea.empty(); }));
+  EXPECT_EQ(eb.back().kind, NcclControlLink::Event::kClosed);
+  EXPECT_EQ(eb.back().status.code(), StatusCode::kInvalidArgument) << eb.back().status.to_string();
+  EXPECT_EQ(ea.back().kind, NcclControlLink::Event::kClosed);
+  EXPECT_EQ(ea.back().channel, *ch);
+  EXPECT_EQ((*a)->send(*ch, Bytes(1)).code(), StatusCode::kUnavailable);
+  // Addresses of another kind, or malformed.
+  EXPECT_EQ((*a)->open(Bytes(11, std::byte{0})).status().code(), StatusCode::kInvalidArgument);
+  auto addr = (*b)->address();
+  addr.pop_back();
+  EXPECT_EQ((*a)->open(addr).status().code(), StatusCode::kInvalidArgument);
+  // A destroyed endpoint closes its channels.
+  auto ch2 = (*a)->open((*b)->address());
+  ASSERT_TRUE(ch2.ok());
+  ASSERT_TRUE((*a)->send(*ch2, Bytes(3)).ok());
+  ea.clear();
+  eb.clear();
+  ASSERT_TRUE(poll_until(**a, **b, ea, eb, [&] { return !eb.empty(); }));
+  b->reset();
+  const auto end = Clock::now() + 10s;
+  while (ea.empty() && Clock::now() < end) (*a)->poll(ea);
+  ASSERT_FALSE(ea.empty());
+  EXPECT_EQ(ea[0].kind, NcclControlLink::Event::kClosed);
+  EXPECT_EQ(ea[0].channel, *ch2);
+}
+
+// The transport over fake NCCL links with its control messages on TCP.
+TEST(NcclOverTcp, WholeTransferLands) {
+  auto fabric = FakeNcclFabric::create(2);
+  std::vector<std::byte> region(16 * kPage);
+  auto make = [&](int rank, bool with_region) {
+    TransportOptions o;
+    o.cluster_token = "tcp";
+    if (with_region) {
+      o.region = region.data();
+      o.region_bytes = region.size();
+    }
+    auto data = fabric->link(rank);
+    auto control = TcpControlLink::create();
+    EXPECT_TRUE(data.ok() && control.ok());
+    auto t = NcclTransport::create(o, NcclLinks{std::move(*data), std::move(*control)});
+    EXPECT_TRUE(t.ok()) << t.status().to_string();
+    return std::move(*t);
+  };
+  auto recv = make(1, true);
+  auto send = make(0, false);
+  auto peer = send->connect(*recv->address());
+  ASSERT_TRUE(peer.ok()) << peer.status().to_string();
+  const std::vector<DestRange> ranges = {{9 * kPage, kPage}, {kPage, 2 * kPage}};
+  const auto src = random_bytes(3 * kPage, 8);
+  auto grant = recv->post_receive({TransferId(3), ranges, Clock::now() + 20s});
+  ASSERT_TRUE(grant.ok());
+  ASSERT_TRUE(send->begin_send(*peer, TransferId(3), *grant, Clock::now() + 20s).ok());
+  ASSERT_TRUE(send->send_segment(*peer, TransferId(3), 0, src.data(), 100000, 0).ok());
+  ASSERT_TRUE(send->send_segment(*peer, TransferId(3), 1, src.data() + 100000, src.size() - 100000, 100000).ok());
+  ASSERT_TRUE(send->finish(*peer, TransferId(3)).ok());
+  std::vector<TransferEvent> se, re;
+  ASSERT_TRUE(pump({send.get(), recv.get()}, {&se, &re}, [&] { return !se.empty() && !re.empty(); }));
+  EXPECT_TRUE(re[0].status.ok()) << re[0].status.to_string();
+  EXPECT_TRUE(se[0].status.ok()) << se[0].status.to_string();
+  EXPECT_EQ(std::memcmp(region.data() + 9 * kPage, src.data(), kPage), 0);
+  EXPECT_EQ(std::memcmp(region.data() + kPage, src.data() + kPage, 2 * kPage), 0);
+  // The sender goes away: the receiver's next transfer fails kUnavailable.
+  auto g2 = recv->post_receive({TransferId(4), {{0, kPage}}, Clock::now() + 20s});
+  ASSERT_TRUE(g2.ok());
+  ASSERT_TRUE(send->begin_send(*peer, TransferId(4), *g2, Clock::now() + 20s).ok());
+  send->progress(se);  // Begin goes out; the destructor flushes it and its Goodbye
+  send.reset();
+  re.clear();
+  ASSERT_TRUE(pump({recv.get()}, {&re}, [&] { return !re.empty(); }));
+  EXPECT_EQ(re[0].status.code(), StatusCode::kUnavailable) << re[0].status.to_string();
 }
 
 TEST(NcclFactory, WithoutAProviderTheErrorNamesWhatIsNeeded) {
