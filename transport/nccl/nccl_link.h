@@ -14,9 +14,10 @@
 //                    transport's control messages (handshake, Begin,
 //                    Manifest, verdicts) and the announcements of data
 //                    (which receives to post, in which order).
-//                    Implementation: LocalControlLink (local_control_link.h,
-//                    in one process: tests, one process driving several GPUs).
-//                    A TCP one is not written yet (transport/README.md "nccl").
+//                    Implementations: TcpControlLink (tcp_control_link.h,
+//                    Boost.Asio, across processes and nodes) and
+//                    LocalControlLink (local_control_link.h, in one process:
+//                    tests, one process driving several GPUs).
 //
 // Threading: a link is used by the owner thread of its transport; the
 // implementations here may be shared by transports on different threads

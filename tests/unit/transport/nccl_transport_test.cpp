@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <random>
 
 #include "common/crc32c.h"
 #include "tests/unit/transport/transport_test_util.h"
@@ -336,6 +337,50 @@ TEST_F(NcclTransportTest, PutFramesAreCheckedBeforeAnyReceiveIsPosted) {
   ship(TransferId(40), post(TransferId(40), {{0, kPage}}), src, kPage);
   ASSERT_TRUE(pump_until([&] { return !send_.events.empty() && !recv_.events.empty(); }));
   EXPECT_TRUE(recv_.events[0].status.ok()) << recv_.events[0].status.to_string();
+}
+
+// Seeded mutations of the frames a peer may send (Ident, core message, Put,
+// unknown types; truncated, extended, random), on channels with and without
+// a valid Ident: never a crash, never a byte written into the region (no
+// rank 2 sends), and the real pair still delivers afterwards.
+TEST_F(NcclTransportTest, MutatedFramesNeverCrashOrWrite) {
+  auto addr = recv_.t->address();
+  ASSERT_TRUE(addr.ok());
+  const Bytes control(addr->begin() + 17, addr->end());
+  const std::vector<Bytes> seeds = {
+      ident(2, 4, "tok"),
+      frame(3, {u32s({2}, 4), u32s({0, kPage, 5 * kPage, 100}, 8)}),
+      frame(2, {wire::encode({wire::WireType::kManifest, 1, wire::Manifest{7, 0, {}}})}),
+      frame(3, {u32s({0xFFFFFFFFu}, 4)}),
+  };
+  std::mt19937_64 rng(2024);
+  std::vector<TransferEvent> none;
+  for (int round = 0; round < 40; ++round) {
+    auto impostor = LocalControlLink::create();
+    auto ch = impostor->open(control);
+    ASSERT_TRUE(ch.ok());
+    if (round % 2 == 0) ASSERT_TRUE(impostor->send(*ch, ident(2, 4, "tok")).ok());
+    for (int i = 0; i < 50; ++i) {
+      Bytes f = seeds[rng() % seeds.size()];
+      switch (rng() % 4) {
+        case 0: if (!f.empty()) f.resize(rng() % f.size()); break;                  // truncated
+        case 1: f.push_back(std::byte(static_cast<uint8_t>(rng()))); break;       // extended
+        case 2: for (int k = 0; k < 4 && !f.empty(); ++k) f[rng() % f.size()] ^= std::byte(1u << (rng() % 8)); break;
+        default: f = random_bytes(rng() % 64, rng()); break;                       // random
+      }
+      (void)impostor->send(*ch, f);  // a channel the receiver cut off refuses more
+    }
+    recv_.t->progress(none);
+  }
+  for (int i = 0; i < 3; ++i) recv_.t->progress(none);
+  EXPECT_TRUE(none.empty());
+  EXPECT_TRUE(std::all_of(region_.begin(), region_.end(), [](std::byte b) { return b == std::byte{0}; }));
+  EXPECT_GT(recv_.t->counters().malformed_messages, 0u);
+  const auto src = random_bytes(kPage, 6);
+  ship(TransferId(50), post(TransferId(50), {{3 * kPage, kPage}}), src, kPage);
+  ASSERT_TRUE(pump_until([&] { return !send_.events.empty() && !recv_.events.empty(); }));
+  EXPECT_TRUE(recv_.events[0].status.ok()) << recv_.events[0].status.to_string();
+  EXPECT_TRUE(gather({{3 * kPage, kPage}}, kPage) == src);
 }
 
 // ---- the TCP control link
