@@ -359,7 +359,9 @@ TEST_F(NcclTransportTest, MutatedFramesNeverCrashOrWrite) {
     auto impostor = LocalControlLink::create();
     auto ch = impostor->open(control);
     ASSERT_TRUE(ch.ok());
-    if (round % 2 == 0) ASSERT_TRUE(impostor->send(*ch, ident(2, 4, "tok")).ok());
+    if (round % 2 == 0) {
+      ASSERT_TRUE(impostor->send(*ch, ident(2, 4, "tok")).ok());
+    }
     for (int i = 0; i < 50; ++i) {
       Bytes f = seeds[rng() % seeds.size()];
       switch (rng() % 4) {
