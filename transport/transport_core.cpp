@@ -62,6 +62,10 @@ void TransportCore::send_control(PeerId peer, const Conn& c, wire::WireType type
 
 void TransportCore::count_malformed(const Status& why) { ++counters_.malformed_messages; }
 
+uint32_t TransportCore::link_crc32c(const std::byte* data, size_t bytes, uint32_t seed) {
+  return crc32c(data, bytes, seed);
+}
+
 // ------------------------------------------------------------ handshake
 
 Result<PeerId> TransportCore::connect(std::span<const std::byte> address) {
@@ -382,7 +386,7 @@ bool TransportCore::crc_step(uint64_t budget) {
       }
       SendSeg& s = it->second.segs[j.segment];
       const uint64_t n = std::min(budget, s.length - s.crc_bytes);
-      s.crc = crc32c(s.data + s.crc_bytes, n, s.crc);
+      s.crc = link_crc32c(s.data + s.crc_bytes, n, s.crc);
       s.crc_bytes += n;
       budget -= n;
       if (s.crc_bytes == s.length) ++crc_head_;
@@ -412,7 +416,7 @@ bool TransportCore::crc_step(uint64_t budget) {
       ++crc_head_;  // cannot happen: the segment was mapped when it arrived
       continue;
     }
-    for (const auto& p : pieces_scratch_) s.crc = crc32c(region_ + p.region_offset, p.length_bytes, s.crc);
+    for (const auto& p : pieces_scratch_) s.crc = link_crc32c(region_ + p.region_offset, p.length_bytes, s.crc);
     s.crc_bytes += n;
     budget -= n;
     if (s.crc_bytes == s.length) ++crc_head_;

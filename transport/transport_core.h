@@ -87,6 +87,11 @@ class TransportCore : public Transport {
   virtual Status link_flush(PeerId peer, uint64_t cookie) = 0;
   // Drives the backend; calls the hooks below.
   virtual void link_progress() = 0;
+  // CRC32C of `bytes` at `data` continuing `seed` (common/crc32c.h
+  // semantics), over a sent segment's bytes or landed region bytes. The
+  // default reads them on the host; a backend whose region and segments
+  // live in device memory overrides it (nccl: a device kernel).
+  virtual uint32_t link_crc32c(const std::byte* data, size_t bytes, uint32_t seed);
 
   // ---- called by the backend (from link_progress, or inside link_* calls)
   void on_control(std::span<const std::byte> message);

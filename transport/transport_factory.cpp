@@ -1,5 +1,6 @@
 // The registry of transports: the one place that knows which are built.
 #include "transport/loopback/loopback_transport.h"
+#include "transport/nccl/nccl_transport.h"
 #include "transport/transport.h"
 
 #if KVGATE_HAVE_UCX
@@ -29,9 +30,9 @@ Result<std::unique_ptr<Transport>> create_transport(const TransportConfig& confi
       return unimplemented("transport: ucx: this build has no UCX (configure with -DKVGATE_UCX=ON and libucx-dev)");
 #endif
     case TransportKind::kNccl:
-      return unimplemented(
-          "transport: nccl: not implemented yet (GPU-to-GPU KV shipping between ranks of one "
-          "communicator, DESIGN.md §6); use transport.kind ucx or loopback");
+      // Needs this rank's communicator, which a config cannot carry: the
+      // node registers it (set_nccl_link_provider); the error names it.
+      return create_nccl_transport_from_provider(options);
   }
   return invalid_argument("transport: unknown transport kind");
 }
