@@ -21,10 +21,11 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
   nccl=OFF
   targets=(kvgate_engine_cuda kvgate_engine_cuda_forward cuda_conformance_test cuda_forward_test
            cuda_gate_test staging_cuda_test cuda_prefill_test kvgate_engine_cuda_bench
-           engine_cuda_bench_json_test)
+           engine_cuda_bench_json_test kvgate_engine_cuda_pages device_page_pool_test
+           kvgate_compressed_decode_bench kvgate_decode kvgate_prefill)
   if [[ -f /usr/local/cuda/include/nccl.h || -f /usr/include/nccl.h ]]; then
     nccl=ON
-    targets+=(kvgate_engine_tp_nccl cuda_tp_test)
+    targets+=(kvgate_engine_tp_nccl cuda_tp_test kvgate_transport_nccl nccl_comm_link_test)
   fi
   # Configured every time (seconds when nothing changed) so an option added
   # here reaches a build directory made before it.
@@ -33,7 +34,7 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
   cmake --build "${cuda_build}" -j "${jobs}" --target "${targets[@]}"
   # The gpu tests, and the unit tests that exist only in a CUDA build.
   (cd "${cuda_build}" && ctest --output-on-failure --timeout 600 -L gpu &&
-     ctest --output-on-failure --timeout 600 -R '^engine_cuda_bench_json_test$')
+     ctest --output-on-failure --timeout 600 -R '^EngineCudaBenchJson\.')
 else
   echo "test: CUDA leg skipped (no ${nvcc}, or KVGATE_CUDA_LEG=0)"
 fi
