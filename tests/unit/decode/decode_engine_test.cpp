@@ -856,7 +856,9 @@ TEST_F(DecodeEngineTest, DevicePathChargesGrowthToTheLease) {
   ASSERT_TRUE(coordinator_->wait_finished(RequestId(171)));
   EXPECT_EQ(streamed(*coordinator_, RequestId(171)).tokens, ref.tokens);
   // Only the third lease (never shipped) still holds bytes; no device page
-  // outlives its sequence.
+  // outlives its sequence (the engine frees a request just after its last
+  // chunk: wait for the published state; the device pool is idle then).
+  ASSERT_TRUE(wait_until([&] { return engine_->stats().active_sequences == 0; }));
   EXPECT_EQ(device_pool_->used_pages(), 0);
 }
 
