@@ -368,7 +368,9 @@ inline const Table<N>& node_table() {
     t.integer("model.max_context_tokens", &N::model, &ModelConfig::max_context_tokens, 0, 1 << 24,
               "Longest prompt + completion accepted, in tokens; 0 = the model's own context.");
     t.choice("engine.backend", &N::engine, &EngineConfig::backend, kBackendNames,
-             "Compute backend of prefill and decode nodes.");
+             "Compute backend of prefill and decode nodes: cpu, or cuda (a build with "
+             "-DKVGATE_CUDA=ON and a GPU; not run on a GPU yet, engine/cuda/README.md); "
+             "serve runs cpu only.");
     t.integer("engine.threads", &N::engine, &EngineConfig::threads, 0, 4096,
               "CPU threads of the engine; 0 = all cores.");
     t.choice("engine.isa", &N::engine, &EngineConfig::isa, kIsaNames,
