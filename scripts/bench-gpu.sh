@@ -130,7 +130,7 @@ if ((!skip_build)); then
   fi
   step "build kvgate_engine_cuda_bench" "${out}/kvgate-build.log" \
     cmake --build "${bk}" --parallel "${jobs}" --target kvgate_engine_cuda_bench \
-      kvgate_make_synthetic_gguf || die "kvgate build failed"
+      kvgate_make_synthetic_gguf kvgate_compressed_decode_bench || die "kvgate build failed"
   step "build llama.cpp (CUDA arch ${arch})" "${out}/llama-cpp-build.log" \
     "${root}/scripts/build-llama-cpp-cuda.sh" "${src_args[@]}" --arch "${arch}" --jobs "${jobs}" ||
     die "llama.cpp build failed"
@@ -171,6 +171,23 @@ for m in "${model_list[@]}"; do
       --model "${file}" --out "${out}/llama_cpp_${m}.json" "${peer_args[@]}"; then
     peers+=("${m}=${out}/llama_cpp_${m}.json")
   fi
+done
+
+# ---- 3b. compressed decode: dense vs gate+pod steps at 16k, batch 1/8/64 ----
+# (issue 5's third target; also kvgate's batched decode, which
+# kvgate_engine_cuda_bench does not run). Logged, not in the table.
+cd_bin="${bk}/kvgate_compressed_decode_bench"
+for m in "${model_list[@]}"; do
+  case "${m}" in
+    smollm2) file="${smollm2}"; gate_args=() ;;
+    llama3-8b) file="${synthetic}"; gate_args=() ;;
+    *) continue ;;
+  esac
+  [[ -s "${file}" && -x "${cd_bin}" ]] || continue
+  # SmolLM2's calibrated gates where setup.sh made them; else a random gate.
+  [[ "${m}" == smollm2 && -s "${file%.gguf}.gate.gguf" ]] && gate_args=(--gate "${file%.gguf}.gate.gguf")
+  step "compressed decode ${m}" "${out}/compressed_decode_${m}.log" "${cd_bin}" --model "${file}" \
+    "${gate_args[@]}" --context 16384 --batch 1,8,64 --steps 32 --peak-gbps "${peak_gbps}" || true
 done
 
 # ---- 4. the table ----
