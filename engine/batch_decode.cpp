@@ -40,40 +40,69 @@ void BatchDecoder::forget_plan(const PolicyPlan* plan) {
   gate_decoders_.erase(plan);
 }
 
-Status BatchDecoder::step(std::span<const DecodeItem> items, std::span<float> logits,
-                          std::span<Status> statuses) {
-  const int64_t n_vocab = forward_.model().config().n_vocab;
+Status step_by_plan(std::span<const DecodeItem> items, std::span<float> logits, int64_t n_vocab,
+                    std::span<Status> statuses, size_t max_group, std::vector<size_t>& order,
+                    const char* what,
+                    const std::function<Status(std::span<const size_t> members)>& run_group) {
   if (statuses.size() != items.size()) {
-    return invalid_argument("batch decode: " + std::to_string(statuses.size()) +
+    return invalid_argument(std::string(what) + ": " + std::to_string(statuses.size()) +
                             " statuses for " + std::to_string(items.size()) + " items");
   }
   if (static_cast<int64_t>(logits.size()) < static_cast<int64_t>(items.size()) * n_vocab) {
-    return invalid_argument("batch decode: logits buffer smaller than items x vocabulary");
+    return invalid_argument(std::string(what) + ": logits buffer smaller than items x vocabulary");
   }
   for (size_t i = 0; i < items.size(); ++i) {
     if (items[i].plan == nullptr || items[i].cache == nullptr) {
-      return invalid_argument("batch decode: item " + std::to_string(i) + " has no plan or cache");
+      return invalid_argument(std::string(what) + ": item " + std::to_string(i) +
+                              " has no plan or cache");
     }
   }
   // Group by plan, keeping item order within a group (stable).
-  order_.resize(items.size());
-  for (size_t i = 0; i < items.size(); ++i) order_[i] = i;
-  std::stable_sort(order_.begin(), order_.end(),
+  order.resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
                    [&](size_t a, size_t b) { return items[a].plan < items[b].plan; });
-  const auto max_group = static_cast<size_t>(std::max<int64_t>(1, forward_.options().max_batch_tokens));
+  max_group = std::max<size_t>(1, max_group);
   size_t at = 0;
-  while (at < order_.size()) {
+  while (at < order.size()) {
     size_t end = at + 1;
-    while (end < order_.size() && items[order_[end]].plan == items[order_[at]].plan &&
+    while (end < order.size() && items[order[end]].plan == items[order[at]].plan &&
            end - at < max_group) {
       ++end;
     }
-    const std::span<const size_t> members(order_.data() + at, end - at);
-    const Status s = run_group(members, items, logits);
+    const std::span<const size_t> members(order.data() + at, end - at);
+    const Status s = run_group(members);
     for (size_t m : members) statuses[m] = s;
     at = end;
   }
   return Status();
+}
+
+Status decode_step_flags(const PolicyPlan& plan, const DecodeItem& item, std::vector<uint8_t>& flags) {
+  AttentionStats prompt_only;
+  prompt_only.n_tokens = item.prompt_tokens;
+  const AttentionStats* stats = policy_needs_stats(plan.config) ? &prompt_only : nullptr;
+  if (stats != nullptr && item.cache->n_tokens() < item.prompt_tokens) {
+    return invalid_argument("batch decode: a sequence shorter than its prompt");
+  }
+  return policy_flags(plan.config, plan.layout, item.cache->n_tokens(), 1, flags, stats);
+}
+
+void scatter_group_logits(std::span<const size_t> members, std::span<const float> group_logits,
+                          int64_t n_vocab, std::span<float> logits) {
+  const auto v = static_cast<size_t>(n_vocab);
+  for (size_t k = 0; k < members.size(); ++k) {
+    std::memcpy(logits.data() + members[k] * v, group_logits.data() + k * v, v * sizeof(float));
+  }
+}
+
+Status BatchDecoder::step(std::span<const DecodeItem> items, std::span<float> logits,
+                          std::span<Status> statuses) {
+  return step_by_plan(items, logits, forward_.model().config().n_vocab, statuses,
+                      static_cast<size_t>(forward_.options().max_batch_tokens), order_,
+                      "batch decode", [&](std::span<const size_t> members) {
+                        return run_group(members, items, logits);
+                      });
 }
 
 Status BatchDecoder::run_group(std::span<const size_t> members, std::span<const DecodeItem> items,
@@ -110,26 +139,13 @@ Status BatchDecoder::run_group(std::span<const size_t> members, std::span<const 
   } else {
     for (size_t k = 0; k < n; ++k) {
       const DecodeItem& item = items[members[k]];
-      // policy_flags reads only the prompt length for tokens past the prompt
-      // (no per-token statistics exist for them).
-      AttentionStats prompt_only;
-      prompt_only.n_tokens = item.prompt_tokens;
-      const AttentionStats* stats = policy_needs_stats(plan.config) ? &prompt_only : nullptr;
-      if (policy_needs_stats(plan.config) && item.cache->n_tokens() < item.prompt_tokens) {
-        return invalid_argument("batch decode: a sequence shorter than its prompt");
-      }
-      KVGATE_RETURN_IF_ERROR(
-          policy_flags(plan.config, plan.layout, item.cache->n_tokens(), 1, flags_[k], stats));
+      KVGATE_RETURN_IF_ERROR(decode_step_flags(plan, item, flags_[k]));
       batch_.push_back(CompressedItem{item.cache, item.token, flags_[k], true});
     }
     run = forward_.forward_compressed(batch_, group_logits_.data());
   }
   if (!run.ok()) return run;
-  for (size_t k = 0; k < n; ++k) {
-    std::memcpy(logits.data() + members[k] * static_cast<size_t>(n_vocab),
-                group_logits_.data() + k * static_cast<size_t>(n_vocab),
-                static_cast<size_t>(n_vocab) * sizeof(float));
-  }
+  scatter_group_logits(members, group_logits_, n_vocab, logits);
   return Status();
 }
 

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <span>
@@ -53,6 +54,28 @@ struct DecodeItem {
   int32_t token = 0;           // appended at cache->n_tokens()
   int64_t prompt_tokens = 0;   // h2o/snapkv: the prompt length their ranking covered
 };
+
+// The step's shape shared by the CPU and GPU batch decoders: checks the
+// arguments (INVALID_ARGUMENT, nothing run: sizes that do not match, an
+// item without plan or cache), then calls run_group(members) for each run
+// of items with the same plan (item order kept within a plan, at most
+// max_group members per call; `order` is scratch) and sets every member's
+// status to its group's result. `what` prefixes the errors.
+Status step_by_plan(std::span<const DecodeItem> items, std::span<float> logits, int64_t n_vocab,
+                    std::span<Status> statuses, size_t max_group, std::vector<size_t>& order,
+                    const char* what,
+                    const std::function<Status(std::span<const size_t> members)>& run_group);
+
+// The new token's flags (one per slot) of `item` under a policy without a
+// gate: policy_flags() at its position (h2o/snapkv read only the prompt
+// length for tokens past the prompt). INVALID_ARGUMENT for a sequence
+// shorter than its prompt.
+Status decode_step_flags(const PolicyPlan& plan, const DecodeItem& item, std::vector<uint8_t>& flags);
+
+// Copies a group's logits (n_vocab per member, member order) into the
+// step's rows (n_vocab per item, item order).
+void scatter_group_logits(std::span<const size_t> members, std::span<const float> group_logits,
+                          int64_t n_vocab, std::span<float> logits);
 
 class BatchDecoder {
  public:

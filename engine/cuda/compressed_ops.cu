@@ -12,14 +12,11 @@
 // from the CPU (see gate_plan.h).
 #include <cuda_fp16.h>
 
+#include "engine/cuda/gate_attend.cuh"
 #include "engine/cuda/kernels.h"
 
 namespace kvgate::engine::cuda::kernels {
 namespace {
-
-__device__ __forceinline__ float half_at(const uint16_t* p, int64_t i) {
-  return __half2float(__ushort_as_half(p[i]));
-}
 
 // Block (item, KV head): the new token's K and V row of this layer.
 __global__ void store_kv_rows_kernel(const float* __restrict__ k, const float* __restrict__ v,
@@ -59,36 +56,16 @@ __global__ void gate_decode_logits_kernel(const float* __restrict__ proj,
   const int64_t pair = blockIdx.x;  // item * n_slots + j
   const int64_t j = pair % n_slots;
   const int dim = heads * head_dim;
-  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
   const float* q = proj + pair * 3 * static_cast<int64_t>(dim);
   const GateRowTask t = tasks[pair];
   for (int a = threadIdx.x; a < heads; a += 32) {
-    float o[kGateMaxHeadDim];
-    for (int i = 0; i < head_dim; ++i) o[i] = 0.0f;
-    float mx = -INFINITY;
-    float sum = 0.0f;
-    const float* qa = q + a * head_dim;
-    for (int64_t r = 0; r < t.n_rows; ++r) {
+    const auto rows = [&](int64_t r) {
       const uint16_t* row = t.pages[r / t.rows_per_page] + (r % t.rows_per_page) * 2 * dim;
-      const uint16_t* kr = row + a * head_dim;
-      const uint16_t* vr = row + dim + a * head_dim;
-      float sc = 0.0f;
-      for (int i = 0; i < head_dim; ++i) sc += qa[i] * half_at(kr, i);
-      sc *= scale;
-      if (sc > mx) {
-        const float f = expf(mx - sc);  // 0 on the first row
-        sum *= f;
-        for (int i = 0; i < head_dim; ++i) o[i] *= f;
-        mx = sc;
-      }
-      const float p = expf(sc - mx);
-      sum += p;
-      for (int i = 0; i < head_dim; ++i) o[i] += p * half_at(vr, i);
-    }
-    const float* woa = wo + j * dim + a * head_dim;
-    float d = 0.0f;
-    for (int i = 0; i < head_dim; ++i) d += woa[i] * o[i];
-    contrib[a] = d / sum;
+      return GateRowPtrs<uint16_t>{row + a * head_dim, row + dim + a * head_dim};
+    };
+    contrib[a] = gate_head_contribution(q + a * head_dim, head_dim, t.n_rows,
+                                        wo + j * dim + a * head_dim, rows,
+                                        [](uint16_t h) { return __half2float(__ushort_as_half(h)); });
   }
   __syncwarp();
   if (threadIdx.x == 0) {

@@ -306,6 +306,12 @@ Status CudaForward::Impl::run_layer(int64_t l, int64_t n, bool decode, int64_t p
     KVGATE_RETURN_IF_ERROR(
         prefill_attention(prefill_plan, f(q), n, past, k_cache(l), v_cache(l), f(attn), s()));
   }
+  return output_and_mlp(w, n);
+}
+
+// The rest of a layer once `attn` holds its attention output for n rows:
+// wo, (all-reduce), residual, RMSNorm, SwiGLU MLP, (all-reduce), residual.
+Status CudaForward::Impl::output_and_mlp(const Layer& w, int64_t n) {
   KVGATE_RETURN_IF_ERROR(matmul(w.wo, f(attn), n, f(xn)));
   KVGATE_RETURN_IF_ERROR(reduce(f(xn), n));
   KVGATE_RETURN_IF_ERROR(

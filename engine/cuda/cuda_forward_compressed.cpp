@@ -186,17 +186,7 @@ Status CudaForward::Impl::run_compressed_layer(int64_t l, int64_t n, const Atten
       kernels::store_kv_rows(f(k), f(v), n, c.n_kv_heads, c.head_dim, k_rows, v_rows, s()),
       "store_kv_rows launch"));
   KVGATE_RETURN_IF_ERROR(decode_attention(plan, tasks, rows, f(cz.attn_ws), s()));
-  KVGATE_RETURN_IF_ERROR(matmul(w.wo, f(attn), n, f(xn)));
-  KVGATE_RETURN_IF_ERROR(reduce(f(xn), n));
-  KVGATE_RETURN_IF_ERROR(
-      launched(kernels::add_inplace(f(x), f(xn), n * c.n_embd, s()), "residual add launch"));
-  KVGATE_RETURN_IF_ERROR(rms_norm(f(x), f(w.ffn_norm), f(xn), n, c.n_embd, c.rms_eps, s()));
-  KVGATE_RETURN_IF_ERROR(matmul(w.w_gate, f(xn), n, f(gate)));
-  KVGATE_RETURN_IF_ERROR(matmul(w.w_up, f(xn), n, f(up)));
-  KVGATE_RETURN_IF_ERROR(swiglu(f(gate), f(up), f(gate), n * c.n_ff, s()));
-  KVGATE_RETURN_IF_ERROR(matmul(w.w_down, f(gate), n, f(xn)));
-  KVGATE_RETURN_IF_ERROR(reduce(f(xn), n));
-  return launched(kernels::add_inplace(f(x), f(xn), n * c.n_embd, s()), "residual add launch");
+  return output_and_mlp(w, n);
 }
 
 Status CudaForward::decode_compressed(std::span<const CompressedItem> items, float* logits_out,

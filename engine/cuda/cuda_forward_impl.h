@@ -114,6 +114,7 @@ struct CudaForward::Impl {
                        const std::string& name, detail::Matrix& m);
   Status matmul(const detail::Matrix& m, const float* x_in, int64_t n, float* y);
   Status run_layer(int64_t l, int64_t n, bool decode, int64_t past);
+  Status output_and_mlp(const detail::Layer& w, int64_t n);
   // Tensor parallelism: the ranks' sum of n rows of partial products.
   Status reduce(float* rows_dev, int64_t n) {
     if (!opt.all_reduce) return Status();

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "engine/cuda/gate_attend.cuh"
 #include "engine/cuda/kernels.h"
 
 namespace kvgate::engine::cuda::kernels {
@@ -44,40 +45,20 @@ __global__ void gate_logits_window_kernel(const float* __restrict__ proj, int64_
   const int64_t t = pair / n_slots;
   const int dim = heads * head_dim;
   const int64_t width = 3 * static_cast<int64_t>(dim);
-  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
   const float* q = proj + pair * width;
   const int64_t sinks = n_sink < t + 1 ? n_sink : t + 1;
   const int64_t first = n_sink > t + 1 - n_window ? n_sink : t + 1 - n_window;
+  // Context: sinks [0, sinks), then [first, t]; the second range starts
+  // at or after n_sink, so nothing repeats.
+  const int64_t n_ctx = sinks + (t >= first ? t - first + 1 : 0);
   for (int a = threadIdx.x; a < heads; a += 32) {
-    float o[kGateMaxHeadDim];
-    for (int i = 0; i < head_dim; ++i) o[i] = 0.0f;
-    float mx = -INFINITY;
-    float sum = 0.0f;
-    const float* qa = q + a * head_dim;
-    // Context: sinks [0, sinks), then [first, t]; the second range starts
-    // at or after n_sink, so nothing repeats.
-    const int64_t n_ctx = sinks + (t >= first ? t - first + 1 : 0);
-    for (int64_t j = 0; j < n_ctx; ++j) {
+    const auto rows = [&](int64_t j) {
       const int64_t c = j < sinks ? j : first + (j - sinks);
       const float* kr = proj + (c * n_slots + s) * width + dim + a * head_dim;
-      const float* vr = kr + dim;
-      float sc = 0.0f;
-      for (int i = 0; i < head_dim; ++i) sc += qa[i] * round_fp16(kr[i]);
-      sc *= scale;
-      if (sc > mx) {
-        const float f = expf(mx - sc);  // 0 on the first row
-        sum *= f;
-        for (int i = 0; i < head_dim; ++i) o[i] *= f;
-        mx = sc;
-      }
-      const float p = expf(sc - mx);
-      sum += p;
-      for (int i = 0; i < head_dim; ++i) o[i] += p * round_fp16(vr[i]);
-    }
-    const float* woa = wo + s * dim + a * head_dim;
-    float d = 0.0f;
-    for (int i = 0; i < head_dim; ++i) d += woa[i] * o[i];
-    contrib[a] = d / sum;
+      return GateRowPtrs<float>{kr, kr + dim};
+    };
+    contrib[a] = gate_head_contribution(q + a * head_dim, head_dim, n_ctx, wo + s * dim + a * head_dim,
+                                        rows, [](float v) { return round_fp16(v); });
   }
   __syncwarp();
   if (threadIdx.x == 0) {
