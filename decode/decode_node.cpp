@@ -70,6 +70,9 @@ Result<std::shared_ptr<DecodeDevice>> cuda_decode_device(const NodeConfig& confi
   owned->forward = std::move(*fwd);
   engine::cuda::DevicePagePool* p = owned->pool.get();
   engine::cuda::CudaForward* f = owned->forward.get();
+  // Reads (adopt's position check after a move) flush and copy on the
+  // forward's stream, ordered with its kernels.
+  p->set_read_stream(f->stream());
   owned->batch = std::make_unique<engine::cuda::CudaBatchDecoder>(
       *f, [p](cudaStream_t stream) { return p->flush(stream); });
   auto dev = std::make_shared<DecodeDevice>();
