@@ -22,7 +22,7 @@ if [[ "${KVGATE_CUDA_LEG:-1}" != "0" && -x "${nvcc}" ]]; then
   targets=(kvgate_engine_cuda kvgate_engine_cuda_forward cuda_conformance_test cuda_forward_test
            cuda_gate_test staging_cuda_test cuda_prefill_test kvgate_engine_cuda_bench
            engine_cuda_bench_json_test kvgate_engine_cuda_pages device_page_pool_test
-           kvgate_compressed_decode_bench kvgate_decode kvgate_prefill)
+           kvgate_compressed_decode_bench kvgate_decode kvgate_prefill cuda_compressed_decode_test)
   if [[ -f /usr/local/cuda/include/nccl.h || -f /usr/include/nccl.h ]]; then
     nccl=ON
     targets+=(kvgate_engine_tp_nccl cuda_tp_test kvgate_transport_nccl nccl_comm_link_test)
