@@ -78,14 +78,32 @@ Status step_by_plan(std::span<const DecodeItem> items, std::span<float> logits, 
   return Status();
 }
 
-Status decode_step_flags(const PolicyPlan& plan, const DecodeItem& item, std::vector<uint8_t>& flags) {
-  AttentionStats prompt_only;
-  prompt_only.n_tokens = item.prompt_tokens;
-  const AttentionStats* stats = policy_needs_stats(plan.config) ? &prompt_only : nullptr;
-  if (stats != nullptr && item.cache->n_tokens() < item.prompt_tokens) {
-    return invalid_argument("batch decode: a sequence shorter than its prompt");
+Status group_items(const PolicyPlan& plan, std::span<const size_t> members,
+                   std::span<const DecodeItem> items, std::vector<std::vector<uint8_t>>& flags,
+                   std::vector<CompressedItem>& batch, const char* what) {
+  batch.clear();
+  if (policy_uses_gate(plan.config)) {
+    if (!plan.config.gate) {
+      return failed_precondition(std::string(what) + ": policy '" + plan.name +
+                                 "' has no gate model");
+    }
+    for (size_t m : members) batch.push_back(CompressedItem{items[m].cache, items[m].token, {}, true});
+    return Status();
   }
-  return policy_flags(plan.config, plan.layout, item.cache->n_tokens(), 1, flags, stats);
+  if (flags.size() < members.size()) flags.resize(members.size());
+  for (size_t k = 0; k < members.size(); ++k) {
+    const DecodeItem& item = items[members[k]];
+    AttentionStats prompt_only;
+    prompt_only.n_tokens = item.prompt_tokens;
+    const AttentionStats* stats = policy_needs_stats(plan.config) ? &prompt_only : nullptr;
+    if (stats != nullptr && item.cache->n_tokens() < item.prompt_tokens) {
+      return invalid_argument(std::string(what) + ": a sequence shorter than its prompt");
+    }
+    KVGATE_RETURN_IF_ERROR(
+        policy_flags(plan.config, plan.layout, item.cache->n_tokens(), 1, flags[k], stats));
+    batch.push_back(CompressedItem{item.cache, item.token, flags[k], true});
+  }
+  return Status();
 }
 
 void scatter_group_logits(std::span<const size_t> members, std::span<const float> group_logits,
@@ -109,27 +127,16 @@ Status BatchDecoder::run_group(std::span<const size_t> members, std::span<const 
                                std::span<float> logits) {
   const int64_t n_vocab = forward_.model().config().n_vocab;
   const PolicyPlan& plan = *items[members[0]].plan;
-  const size_t n = members.size();
-  batch_.clear();
-  if (flags_.size() < n) flags_.resize(n);
-  group_logits_.resize(n * static_cast<size_t>(n_vocab));
-
+  group_logits_.resize(members.size() * static_cast<size_t>(n_vocab));
+  KVGATE_RETURN_IF_ERROR(group_items(plan, members, items, flags_, batch_, "batch decode"));
   Status run;
   if (policy_uses_gate(plan.config)) {
-    if (!plan.config.gate) {
-      return failed_precondition(std::string("batch decode: policy '") + plan.name +
-                                 "' has no gate model");
-    }
     auto& decoder = gate_decoders_[&plan];
     if (!decoder) {
       decoder = std::make_unique<GateDecoder>(*plan.config.gate, plan.layout, forward_.options().isa);
     }
     caches_.clear();
-    for (size_t m : members) {
-      caches_.push_back(items[m].cache);
-      // Empty flags: deferred, the gate decoder sets them at each base layer.
-      batch_.push_back(CompressedItem{items[m].cache, items[m].token, {}, true});
-    }
+    for (size_t m : members) caches_.push_back(items[m].cache);
     decoder->bind(caches_, plan.config.effective_gate_decision());
     {
       LayerObserverScope scope(forward_, decoder.get());
@@ -137,11 +144,6 @@ Status BatchDecoder::run_group(std::span<const size_t> members, std::span<const 
     }
     if (run.ok()) run = decoder->status();
   } else {
-    for (size_t k = 0; k < n; ++k) {
-      const DecodeItem& item = items[members[k]];
-      KVGATE_RETURN_IF_ERROR(decode_step_flags(plan, item, flags_[k]));
-      batch_.push_back(CompressedItem{item.cache, item.token, flags_[k], true});
-    }
     run = forward_.forward_compressed(batch_, group_logits_.data());
   }
   if (!run.ok()) return run;

@@ -66,11 +66,16 @@ Status step_by_plan(std::span<const DecodeItem> items, std::span<float> logits, 
                     const char* what,
                     const std::function<Status(std::span<const size_t> members)>& run_group);
 
-// The new token's flags (one per slot) of `item` under a policy without a
-// gate: policy_flags() at its position (h2o/snapkv read only the prompt
-// length for tokens past the prompt). INVALID_ARGUMENT for a sequence
-// shorter than its prompt.
-Status decode_step_flags(const PolicyPlan& plan, const DecodeItem& item, std::vector<uint8_t>& flags);
+// The forward's items of one group (members of `items`, all of `plan`):
+// for a gate policy every token's flags deferred (the gate sets them during
+// the step; FAILED_PRECONDITION without a gate model), else its flags from
+// policy_flags() at its position (h2o/snapkv read only the prompt length
+// for tokens past the prompt; INVALID_ARGUMENT for a sequence shorter than
+// its prompt). `flags` is scratch, one vector per member, borrowed by
+// `batch` until the next call. `what` prefixes the errors.
+Status group_items(const PolicyPlan& plan, std::span<const size_t> members,
+                   std::span<const DecodeItem> items, std::vector<std::vector<uint8_t>>& flags,
+                   std::vector<CompressedItem>& batch, const char* what);
 
 // Copies a group's logits (n_vocab per member, member order) into the
 // step's rows (n_vocab per item, item order).

@@ -27,16 +27,10 @@ Status CudaBatchDecoder::run_group(std::span<const size_t> members,
                                    std::span<const DecodeItem> items, std::span<float> logits) {
   const int64_t n_vocab = forward_.config().n_vocab;
   const PolicyPlan& plan = *items[members[0]].plan;
-  const size_t n = members.size();
-  batch_.clear();
-  if (flags_.size() < n) flags_.resize(n);
-  group_logits_.resize(n * static_cast<size_t>(n_vocab));
+  group_logits_.resize(members.size() * static_cast<size_t>(n_vocab));
+  KVGATE_RETURN_IF_ERROR(group_items(plan, members, items, flags_, batch_, "cuda batch decode"));
   Status run;
   if (policy_uses_gate(plan.config)) {
-    if (!plan.config.gate) {
-      return failed_precondition(std::string("cuda batch decode: policy '") + plan.name +
-                                 "' has no gate model");
-    }
     auto& weights = gates_[&plan];
     if (!weights) {
       auto made = CudaGateWeights::create(*plan.config.gate, plan.layout);
@@ -46,15 +40,9 @@ Status CudaBatchDecoder::run_group(std::span<const size_t> members,
       }
       weights = std::move(*made);
     }
-    for (size_t m : members) batch_.push_back(CompressedItem{items[m].cache, items[m].token, {}, true});
     run = forward_.decode_compressed(batch_, group_logits_.data(), flush_, weights.get(),
                                      plan.config.effective_gate_decision());
   } else {
-    for (size_t k = 0; k < n; ++k) {
-      const DecodeItem& item = items[members[k]];
-      KVGATE_RETURN_IF_ERROR(decode_step_flags(plan, item, flags_[k]));
-      batch_.push_back(CompressedItem{item.cache, item.token, flags_[k], true});
-    }
     run = forward_.decode_compressed(batch_, group_logits_.data(), flush_);
   }
   if (!run.ok()) return run;

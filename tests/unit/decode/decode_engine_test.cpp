@@ -191,6 +191,12 @@ class DecodeEngineTest : public ::testing::Test {
            s.active_sequences == 0;
   }
 
+  // Three leases take the whole pool: request id0 (dense) with room to
+  // grow, id0 + 1 with exactly its image, id0 + 2 every byte left (never
+  // shipped). id0 + 1 fails "KV pool full" when it must grow; id0 finishes
+  // as generate() does. The engine must be started (8 MiB pool).
+  void pool_full_mid_decode(uint64_t id0);
+
   const engine::testing::TestModel* L_ = nullptr;
   std::unique_ptr<engine::CpuForward> forward_;
   // Device mode (start_engine reads it): declared before engine_, so the
@@ -741,8 +747,7 @@ TEST_F(DecodeEngineTest, ExtendOfAFailedReceiveIsRefusedAndReturnsThePages) {
 
 // A sequence whose lease cannot grow (the pool is full) finishes with a
 // clear error; the other sequence decoding beside it is unaffected.
-TEST_F(DecodeEngineTest, PoolFullMidDecodeFailsOnlyThatSequence) {
-  start_engine(int64_t{8} << 20);
+void DecodeEngineTest::pool_full_mid_decode(uint64_t id0) {
   const auto prompt_ok = tokens(kPrompt3);
   const auto prompt_tight = tokens(kPrompt1);
   constexpr uint32_t kMaxNew = 24;
@@ -754,9 +759,9 @@ TEST_F(DecodeEngineTest, PoolFullMidDecodeFailsOnlyThatSequence) {
 
   // The healthy request reserves room to grow; the tight one exactly its
   // image; a third lease takes every byte left, so nothing can grow.
-  auto g_ok = reserve(RequestId(71), reservation_for(*ok, kMaxNew + 2 * kPageTokens));
+  auto g_ok = reserve(RequestId(id0), reservation_for(*ok, kMaxNew + 2 * kPageTokens));
   ASSERT_TRUE(g_ok.has_value());
-  auto g_tight = reserve(RequestId(72), static_cast<uint64_t>(tight->image.total_bytes()));
+  auto g_tight = reserve(RequestId(id0 + 1), static_cast<uint64_t>(tight->image.total_bytes()));
   ASSERT_TRUE(g_tight.has_value());
   const int64_t held = static_cast<int64_t>(g_ok->granted_bytes + g_tight->granted_bytes);
   ASSERT_TRUE(wait_until([&] {
@@ -765,25 +770,30 @@ TEST_F(DecodeEngineTest, PoolFullMidDecodeFailsOnlyThatSequence) {
   }));
   const auto left = static_cast<uint64_t>(engine_->stats().leases.free_bytes);
   ASSERT_GT(left, 0u);
-  ASSERT_TRUE(reserve(RequestId(73), left).has_value());
+  ASSERT_TRUE(reserve(RequestId(id0 + 2), left).has_value());
   ASSERT_TRUE(ship(*sender_, peer_, g_ok->pool_descriptor, *ok).ok());
   ASSERT_TRUE(ship(*sender_, peer_, g_tight->pool_descriptor, *tight).ok());
-  engine_->post(prefill_conn_, manifest_for(*ok, RequestId(71), g_ok->lease_id, kMaxNew));
-  engine_->post(prefill_conn_, manifest_for(*tight, RequestId(72), g_tight->lease_id, kMaxNew));
+  engine_->post(prefill_conn_, manifest_for(*ok, RequestId(id0), g_ok->lease_id, kMaxNew));
+  engine_->post(prefill_conn_, manifest_for(*tight, RequestId(id0 + 1), g_tight->lease_id, kMaxNew));
 
-  ASSERT_TRUE(coordinator_->wait_finished(RequestId(72)));
-  const Streamed t = streamed(*coordinator_, RequestId(72));
+  ASSERT_TRUE(coordinator_->wait_finished(RequestId(id0 + 1)));
+  const Streamed t = streamed(*coordinator_, RequestId(id0 + 1));
   EXPECT_EQ(t.finish, FinishReason::kError);
   EXPECT_LT(t.tokens.size(), kMaxNew);
-  const auto error = coordinator_->wait_for<control::Error>(RequestId(72));
+  const auto error = coordinator_->wait_for<control::Error>(RequestId(id0 + 1));
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->code, StatusCode::kResourceExhausted);
   EXPECT_NE(error->message.find("KV pool full"), std::string::npos) << error->message;
 
-  ASSERT_TRUE(coordinator_->wait_finished(RequestId(71)));
-  const Streamed s = streamed(*coordinator_, RequestId(71));
+  ASSERT_TRUE(coordinator_->wait_finished(RequestId(id0)));
+  const Streamed s = streamed(*coordinator_, RequestId(id0));
   EXPECT_EQ(s.tokens, ref.tokens);
   EXPECT_EQ(s.finish, finish_of(ref.finish_reason));
+}
+
+TEST_F(DecodeEngineTest, PoolFullMidDecodeFailsOnlyThatSequence) {
+  start_engine(int64_t{8} << 20);
+  ASSERT_NO_FATAL_FAILURE(pool_full_mid_decode(71));
 }
 
 // The device path (DecodeDevice: engine.backend cuda's structure, with a
@@ -824,37 +834,7 @@ TEST_F(DecodeEngineTest, DevicePathStreamsWhatGenerateProducesAndFreesBothPools)
 TEST_F(DecodeEngineTest, DevicePathChargesGrowthToTheLease) {
   device_mode_ = true;
   start_engine(int64_t{8} << 20);
-  const auto prompt_ok = tokens(kPrompt3);
-  const auto prompt_tight = tokens(kPrompt1);
-  constexpr uint32_t kMaxNew = 24;
-  auto ok = prefill_of(dense_policy(), prompt_ok);
-  auto tight = prefill_of(dense_policy(), prompt_tight);
-  ASSERT_NE(ok, nullptr);
-  ASSERT_NE(tight, nullptr);
-  const auto ref = reference(dense_policy(), prompt_ok, kMaxNew);
-  auto g_ok = reserve(RequestId(171), reservation_for(*ok, kMaxNew + 2 * kPageTokens));
-  ASSERT_TRUE(g_ok.has_value());
-  auto g_tight = reserve(RequestId(172), static_cast<uint64_t>(tight->image.total_bytes()));
-  ASSERT_TRUE(g_tight.has_value());
-  const int64_t held = static_cast<int64_t>(g_ok->granted_bytes + g_tight->granted_bytes);
-  ASSERT_TRUE(wait_until([&] {
-    const auto s = engine_->stats().leases;
-    return s.free_bytes == s.capacity_bytes - held;
-  }));
-  const auto left = static_cast<uint64_t>(engine_->stats().leases.free_bytes);
-  ASSERT_GT(left, 0u);
-  ASSERT_TRUE(reserve(RequestId(173), left).has_value());
-  ASSERT_TRUE(ship(*sender_, peer_, g_ok->pool_descriptor, *ok).ok());
-  ASSERT_TRUE(ship(*sender_, peer_, g_tight->pool_descriptor, *tight).ok());
-  engine_->post(prefill_conn_, manifest_for(*ok, RequestId(171), g_ok->lease_id, kMaxNew));
-  engine_->post(prefill_conn_, manifest_for(*tight, RequestId(172), g_tight->lease_id, kMaxNew));
-  ASSERT_TRUE(coordinator_->wait_finished(RequestId(172)));
-  EXPECT_EQ(streamed(*coordinator_, RequestId(172)).finish, FinishReason::kError);
-  const auto error = coordinator_->wait_for<control::Error>(RequestId(172));
-  ASSERT_TRUE(error.has_value());
-  EXPECT_NE(error->message.find("KV pool full"), std::string::npos) << error->message;
-  ASSERT_TRUE(coordinator_->wait_finished(RequestId(171)));
-  EXPECT_EQ(streamed(*coordinator_, RequestId(171)).tokens, ref.tokens);
+  ASSERT_NO_FATAL_FAILURE(pool_full_mid_decode(171));
   // Only the third lease (never shipped) still holds bytes; no device page
   // outlives its sequence (the engine frees a request just after its last
   // chunk: wait for the published state; the device pool is idle then).
