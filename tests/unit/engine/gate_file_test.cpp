@@ -19,6 +19,7 @@
 #include "engine/gguf.h"
 #include "engine/gguf_writer.h"
 #include "tests/unit/engine/test_model.h"
+#include "tests/unit/temp_dir.h"
 
 namespace kvgate::engine {
 namespace {
@@ -33,23 +34,8 @@ namespace fs = std::filesystem;
 }
 
 // A scratch directory per test, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            ("kvgate_gate_file_test_" + std::to_string(::getpid()) + "_" + info->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
+struct TempDir : kvgate::testing::TempDir {
+  TempDir() : kvgate::testing::TempDir("kvgate_gate_file_test") {}
 };
 
 ModelFingerprint small_model() {

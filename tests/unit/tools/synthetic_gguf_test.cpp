@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine/model.h"
+#include "tests/unit/temp_dir.h"
 
 namespace kvgate::tools {
 namespace {
@@ -26,23 +27,9 @@ namespace {
 namespace fs = std::filesystem;
 using engine::GgmlType;
 
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            ("kvgate_synthetic_gguf_test_" + std::to_string(::getpid()) + "_" + info->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
+// A scratch directory per test, removed afterwards.
+struct TempDir : kvgate::testing::TempDir {
+  TempDir() : kvgate::testing::TempDir("kvgate_synthetic_gguf_test") {}
 };
 
 std::vector<char> slurp(const std::string& path) {
